@@ -1,0 +1,210 @@
+"""The ``insid3-fast`` command: segment, match (keypoints), eval, bench.
+
+Every error insid3_fast expects (bad input, missing weights, unavailable backend) ends as one
+line on stderr and a non-zero exit, never a traceback; outputs are written atomically, so a
+failed run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Callable, Sequence
+
+from .errors import InputError, Insid3Error
+
+PROG = "insid3-fast"
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write ``path`` through ``write(tmp_path)`` then rename, so no half-written file remains."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise InputError(f"output folder does not exist: '{directory}'")
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix, prefix=".insid3-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda requested but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="DINOv3 checkpoint (Meta .pth, HF folder or .safetensors); "
+                                     "default: $INSID3_WEIGHTS or pretrain/")
+    p.add_argument("--model-size", default=None,
+                   help="small, small_plus, base, large, huge_plus or 7b (default: inferred from the weights, else large)")
+    p.add_argument("--image-size", type=int, default=1024, help="side images are resized to (multiple of 16)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
+
+
+def _build_model(args: argparse.Namespace, **kwargs):
+    from .model import build_insid3
+
+    return build_insid3(model_size=args.model_size, weights=args.weights, image_size=args.image_size,
+                        device=_device(args.device), backend=args.backend, **kwargs)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .inputs import check_image_size_multiple, load_image, load_mask, open_image_file
+
+    if len(args.ref_image) != len(args.ref_mask):
+        raise InputError(f"give one --ref-mask per --ref-image (got {len(args.ref_image)} images, "
+                         f"{len(args.ref_mask)} masks)")
+    check_image_size_multiple(args.image_size)
+    # Validate every input before the (slow) model load.
+    for image, mask in zip(args.ref_image, args.ref_mask):
+        _, orig = load_image(image, 16)
+        load_mask(mask, 16, expected_hw=orig)
+    load_image(args.target, 16)
+
+    model = _build_model(args, mask_refiner="crf" if args.crf else "bilinear",
+                         connectivity=args.connectivity)
+    for image, mask in zip(args.ref_image, args.ref_mask):
+        model.set_reference(image, mask)
+    model.set_target(args.target)
+    mask = model.segment().cpu().numpy()
+
+    _atomic_write(args.output, lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG"))
+    if args.overlay:
+        from .visualize import overlay_mask
+
+        target = open_image_file(args.target)
+        _atomic_write(args.overlay, lambda tmp: overlay_mask(target, mask).save(tmp, format="PNG"))
+    print(f"{args.output}: {int(mask.sum())} of {mask.size} pixels in the mask "
+          f"({100.0 * mask.mean():.1f}%)")
+    return 0
+
+
+def _read_keypoints(path: str):
+    import torch
+
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise InputError(f"keypoints file not found: '{path}'") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read keypoints file '{path}': {exc}") from None
+    points = data.get("keypoints") if isinstance(data, dict) else data
+    try:
+        kps = torch.tensor(points, dtype=torch.float32)
+    except (TypeError, ValueError):
+        kps = None
+    if kps is None or kps.ndim != 2 or kps.shape[1] != 2 or kps.shape[0] == 0:
+        raise InputError(f"keypoints file '{path}' must hold a non-empty list of [x, y] pairs "
+                         "(or {\"keypoints\": [[x, y], ...]})")
+    return kps
+
+
+def _match(args: argparse.Namespace) -> int:
+    from .inputs import check_image_size_multiple, load_image
+
+    check_image_size_multiple(args.image_size)
+    kps = _read_keypoints(args.keypoints)
+    load_image(args.ref_image, 16)
+    load_image(args.target, 16)
+    model = _build_model(args)
+    model.set_reference(args.ref_image)
+    model.set_target(args.target)
+    pred = model.match(kps, use_debiased=not args.original_features).cpu().tolist()
+    result = {"reference": args.ref_image, "target": args.target, "debiased": not args.original_features,
+              "source_keypoints": kps.tolist(), "keypoints": pred}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+    if args.output == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        _atomic_write(args.output, write)
+        print(f"{args.output}: {len(pred)} keypoints transferred")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``insid3-fast``."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Fast INSID3 in-context segmentation with DINOv3.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment a target given reference image(s) and mask(s)")
+    seg.add_argument("--ref-image", action="append", required=True, help="reference image (repeat per shot)")
+    seg.add_argument("--ref-mask", action="append", required=True, help="reference mask (repeat per shot)")
+    seg.add_argument("--target", required=True, help="image to segment")
+    seg.add_argument("--output", required=True, help="output mask PNG (0/255, the target's size)")
+    seg.add_argument("--overlay", help="also write the target with the mask overlaid (PNG)")
+    seg.add_argument("--crf", action="store_true", help="refine the boundary with the dense CRF")
+    seg.add_argument("--connectivity", type=int, choices=[4, 8], default=None,
+                     help="grid-constrained clustering (default: the published unconstrained one)")
+    _add_model_arguments(seg)
+    seg.set_defaults(func=_segment)
+
+    match = sub.add_parser("match", help="transfer keypoints from a reference image to a target")
+    match.add_argument("--ref-image", required=True)
+    match.add_argument("--target", required=True)
+    match.add_argument("--keypoints", required=True, help="JSON: [[x, y], ...] in reference pixels")
+    match.add_argument("--output", default="-", help="output JSON (default: stdout)")
+    match.add_argument("--original-features", action="store_true", help="match without debiasing")
+    _add_model_arguments(match)
+    match.set_defaults(func=_match)
+
+    try:
+        from .eval.cli import add_eval_arguments, run_eval
+    except ImportError:
+        pass
+    else:
+        ev = sub.add_parser("eval", help="evaluate on a published benchmark")
+        add_eval_arguments(ev)
+        ev.set_defaults(func=lambda a: (run_eval(a), 0)[1])
+
+    try:
+        from .bench import add_bench_arguments, run_bench
+    except ImportError:
+        pass
+    else:
+        bench = sub.add_parser("bench", help="time each stage against the reference path")
+        add_bench_arguments(bench)
+        bench.set_defaults(func=run_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a subcommand; expected errors become one line and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Insid3Error as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError, MemoryError) as exc:
+        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Exceptions raised by insid3_fast. Each message says what went wrong and what to do."""
+
+
+class Insid3Error(Exception):
+    """Base class of every error insid3_fast raises on purpose."""
+
+
+class InputError(Insid3Error, ValueError):
+    """An image, mask, keypoint file or argument that cannot be used."""
+
+
+class WeightsError(Insid3Error):
+    """A DINOv3 checkpoint that is missing, unreadable or of an unknown layout."""
+
+
+class BackendError(Insid3Error):
+    """A requested backend (native ops, CUDA, CRF dependency) that is not available."""

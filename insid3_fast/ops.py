@@ -1,0 +1,130 @@
+"""Typed wrappers of the native ops in ``insid3_fast._C`` and their fake (meta) kernels.
+
+Each wrapper validates its inputs, makes them contiguous and calls ``torch.ops.insid3_fast.*``.
+The fake kernels let the ops trace under ``torch.compile``. ``native_available()`` says whether
+the extension was built and loaded; the pipeline falls back to the reference path otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import BackendError
+
+_LOAD_ERROR: str | None = None
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as exc:  # not built: the reference path still works
+    _LOAD_ERROR = str(exc)
+
+
+def native_available(device: torch.device | str | None = None) -> bool:
+    """True when the native ops are loaded (and, for a CUDA device, built with CUDA kernels)."""
+    if _LOAD_ERROR is not None:
+        return False
+    if device is not None and torch.device(device).type == "cuda":
+        return torch._C._dispatch_has_kernel_for_dispatch_key("insid3_fast::nn_vote", "CUDA")
+    return True
+
+
+def load_error() -> str | None:
+    """Why the extension did not load, or None when it did."""
+    return _LOAD_ERROR
+
+
+def _require(device: torch.device) -> None:
+    if not native_available(device):
+        why = _LOAD_ERROR or f"it was built without {device.type.upper()} kernels"
+        raise BackendError(
+            f"insid3_fast native ops are unavailable on {device.type} ({why}); "
+            "rebuild with `pip install --no-build-isolation -e .` or use backend='reference'"
+        )
+
+
+def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
+            active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reverse nearest-neighbour voting.
+
+    Args:
+        queries: (Q, C) float32 target features (debiased, L2-normalised).
+        keys: (S, M, C) float32 reference features per shot.
+        key_mask: (S, M) bool reference masks at feature resolution.
+        active: (Q,) bool, the queries to compute (default: all).
+
+    Returns:
+        votes (Q,) int32, the number of shots whose nearest reference patch lies inside that
+        shot's mask; argmax (S, Q) int64, the nearest reference patch of each query per shot
+        (exact argmax of the dot product, ties to the lowest index; -1 for inactive queries).
+    """
+    if queries.dim() != 2 or keys.dim() != 3 or keys.shape[-1] != queries.shape[-1]:
+        raise ValueError(f"nn_vote expects queries (Q, C) and keys (S, M, C); got "
+                         f"{tuple(queries.shape)} and {tuple(keys.shape)}")
+    if key_mask.shape != keys.shape[:2]:
+        raise ValueError(f"key_mask must be (S, M) = {tuple(keys.shape[:2])}, got {tuple(key_mask.shape)}")
+    if active is None:
+        active = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device)
+    _require(queries.device)
+    return torch.ops.insid3_fast.nn_vote(
+        queries.float().contiguous(), keys.float().contiguous(),
+        key_mask.bool().contiguous(), active.bool().contiguous())
+
+
+def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Exact average-linkage clustering of a precomputed (N, N) distance matrix.
+
+    Every merge whose linkage distance is < ``threshold`` is made (scikit-learn's
+    ``distance_threshold`` cut). Returns (N,) int64 labels numbered by first appearance.
+    """
+    if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
+        raise ValueError(f"dist must be a square (N, N) matrix, got {tuple(dist.shape)}")
+    _require(dist.device)
+    return torch.ops.insid3_fast.average_linkage_precomputed(dist.float().contiguous(), float(threshold))
+
+
+def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Exact average-linkage clustering of L2-normalised features (N, C), cosine distance.
+
+    Same partition as scikit-learn's ``AgglomerativeClustering(metric='precomputed',
+    linkage='average', distance_threshold=threshold)`` on ``1 - clamp(X Xᵀ, -1, 1)``.
+    Returns (N,) int64 labels numbered by first appearance.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"features must be (N, C), got {tuple(features.shape)}")
+    _require(features.device)
+    return torch.ops.insid3_fast.average_linkage(features.float().contiguous(), float(threshold))
+
+
+def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: int,
+                         threshold: float) -> torch.Tensor:
+    """Connectivity-constrained average linkage on an h x w grid of features (h*w, C).
+
+    Only clusters that touch (4- or 8-neighbourhood) merge; the linkage is the true average
+    cosine distance between all their members. Returns (h*w,) int64 labels.
+    """
+    if features.dim() != 2 or features.shape[0] != h * w:
+        raise ValueError(f"features must be (h*w, C) = ({h * w}, C), got {tuple(features.shape)}")
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    _require(features.device)
+    return torch.ops.insid3_fast.grid_average_linkage(
+        features.float().contiguous(), int(h), int(w), int(connectivity), float(threshold))
+
+
+if _LOAD_ERROR is None:
+    @torch.library.register_fake("insid3_fast::nn_vote")
+    def _nn_vote_fake(queries, keys, key_mask, active):
+        q = queries.shape[0]
+        return (queries.new_empty((q,), dtype=torch.int32),
+                queries.new_empty((keys.shape[0], q), dtype=torch.int64))
+
+    @torch.library.register_fake("insid3_fast::average_linkage_precomputed")
+    def _alp_fake(dist, threshold):
+        return dist.new_empty((dist.shape[0],), dtype=torch.int64)
+
+    @torch.library.register_fake("insid3_fast::average_linkage")
+    def _al_fake(features, threshold):
+        return features.new_empty((features.shape[0],), dtype=torch.int64)
+
+    @torch.library.register_fake("insid3_fast::grid_average_linkage")
+    def _gal_fake(features, h, w, connectivity, threshold):
+        return features.new_empty((features.shape[0],), dtype=torch.int64)

@@ -1,0 +1,241 @@
+"""The stateless core: encode a reference once, segment any number of targets against it.
+
+``Segmenter`` owns the backbone, the debiasing projector and the configuration. A reference
+(one or more shots) is encoded once into an ``EncodedReference``; each target then costs one
+backbone pass (batched over targets) plus the post-backbone steps, on the native ops
+(``backend="native"``) or on the readable reference path (``backend="reference"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops, reference
+from .debias import debias, orthogonal_projector, positional_basis
+from .errors import BackendError, InputError
+from .inputs import check_image_size_multiple
+from .refine import REFINERS, refine_with_crf, upsample_mask
+
+log = logging.getLogger("insid3_fast")
+BACKENDS = ("auto", "native", "reference")
+_announced: set[str] = set()
+
+
+@dataclass
+class EncodedReference:
+    """A reference (S shots) ready to be matched against targets.
+
+    features: (S, C, h, w) L2-normalised backbone features; masks: (S, size, size) bool;
+    features_deb: debiased features; masks_down: (S, h, w) bool masks at feature resolution;
+    prototype: (C,) the normalised reference prototype; keys: (S, h*w, C) contiguous
+    debiased features, the layout of the native nearest-neighbour op.
+    """
+
+    features: torch.Tensor
+    masks: torch.Tensor
+    features_deb: torch.Tensor
+    masks_down: torch.Tensor
+    prototype: torch.Tensor
+    keys: torch.Tensor
+
+    @property
+    def shots(self) -> int:
+        """Number of reference shots."""
+        return int(self.features.shape[0])
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``native`` or ``reference`` for ``backend`` on ``device`` (``auto``: native when built)."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "native" if ops.native_available(device) else "reference"
+        if backend == "reference" and device.type not in _announced:
+            _announced.add(device.type)
+            log.warning("insid3_fast: native ops unavailable on %s (%s); using the slower reference "
+                        "path. Build them with `pip install --no-build-isolation -e .`.", device.type,
+                        ops.load_error() or "built without these kernels")
+    elif backend == "native" and not ops.native_available(device):
+        raise BackendError(f"backend='native' requested but the native ops are unavailable on "
+                           f"{device.type} ({ops.load_error() or 'built without these kernels'}); "
+                           "rebuild with `pip install --no-build-isolation -e .` or use backend='reference'")
+    return backend
+
+
+class Segmenter:
+    """INSID3 without state: the backbone, the debiasing projector and the thresholds.
+
+    Args:
+        encoder: a module with Meta's ``get_intermediate_layers(x, n, reshape, norm)``.
+        image_size: side of the square the images are resized to (multiple of 16).
+        svd_components: rank of the positional subspace.
+        tau: clustering similarity threshold (cut at distance 1 - tau).
+        merge_threshold: score above which a cluster joins the mask (alpha).
+        mask_refiner: ``bilinear`` or ``crf``.
+        connectivity: None (the published clustering) or 4 / 8 (grid-constrained merging).
+        backend: ``auto``, ``native`` or ``reference``.
+        device: where everything runs.
+        noise: ``constant`` (published) or ``gaussian`` input for the positional SVD.
+        cache_key: identifies the weights for the on-disk positional-basis cache (None: no cache).
+    """
+
+    def __init__(self, encoder: torch.nn.Module, image_size: int = 1024, svd_components: int = 500,
+                 tau: float = 0.6, merge_threshold: float = 0.2, mask_refiner: str = "bilinear",
+                 connectivity: int | None = None, backend: str = "auto",
+                 device: torch.device | str = "cpu", noise: str = "constant",
+                 cache_key: str | None = None, cache_dir: str | None = None) -> None:
+        check_image_size_multiple(image_size)
+        if mask_refiner not in REFINERS:
+            raise InputError(f"mask_refiner must be one of {REFINERS}, got {mask_refiner!r}")
+        if connectivity not in (None, 4, 8):
+            raise InputError(f"connectivity must be None, 4 or 8, got {connectivity!r}")
+        if svd_components < 0:
+            raise InputError(f"svd_components must be >= 0, got {svd_components}")
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval()
+        self.image_size = image_size
+        self.svd_components = svd_components
+        self.tau = tau
+        self.merge_threshold = merge_threshold
+        self.mask_refiner = mask_refiner
+        self.connectivity = connectivity
+        self.backend = resolve_backend(backend, self.device)
+        self.basis = positional_basis(self.encoder, image_size, svd_components, noise, self.device,
+                                      cache_key=cache_key, cache_dir=cache_dir)
+        self.projector = orthogonal_projector(self.basis)
+
+    # ---- backbone ----
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features (B, C, h, w) of normalised images (B, 3, size, size), one batch."""
+        fmap = self.encoder.get_intermediate_layers(images.to(self.device), n=1, reshape=True, norm=True)[0]
+        return F.normalize(fmap.float(), p=2, dim=1)
+
+    # ---- reference ----
+    @torch.no_grad()
+    def encode_reference(self, images: torch.Tensor, masks: torch.Tensor,
+                         features: torch.Tensor | None = None) -> EncodedReference:
+        """Encode S shots: images (S, 3, size, size) normalised, masks (S, size, size) bool.
+
+        ``features`` (S, C, h, w), when given, skips the backbone pass.
+        """
+        masks = masks.to(self.device).bool()
+        if not bool(masks.flatten(1).any(dim=1).all()):
+            raise InputError("a reference mask is empty (no foreground pixel); every shot needs a mask")
+        feats = self.features(images) if features is None else features.to(self.device)
+        return self.encode_reference_features(feats, masks)
+
+    def encode_reference_features(self, feats: torch.Tensor, masks: torch.Tensor) -> EncodedReference:
+        """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size)."""
+        S, C, h, w = feats.shape
+        deb = debias(feats, self.projector)
+        masks_down = torch.stack([reference.downsample_mask(masks[s], h, w) for s in range(S)])
+        prototype = reference.reference_prototype(deb, masks_down)
+        keys = deb.reshape(S, C, h * w).transpose(1, 2).contiguous()
+        return EncodedReference(feats, masks, deb, masks_down, prototype, keys)
+
+    # ---- target ----
+    @torch.no_grad()
+    def segment_patches(self, ref: EncodedReference, tgt_feat: torch.Tensor) -> torch.Tensor:
+        """The (h, w) bool patch mask of one target given its normalised features (C, h, w)."""
+        if self.backend == "reference":
+            if self.connectivity is not None:
+                return reference.segment_patches_grid(
+                    ref.features, ref.masks, tgt_feat, self.projector, self.tau,
+                    self.merge_threshold, self.connectivity)
+            return reference.segment_patches(ref.features, ref.masks, tgt_feat, self.projector,
+                                             self.tau, self.merge_threshold)
+        return self._segment_patches_native(ref, tgt_feat)
+
+    def _segment_patches_native(self, ref: EncodedReference, tgt_feat: torch.Tensor) -> torch.Tensor:
+        # Written without host synchronisation: fallbacks are selected with torch.where.
+        C, h, w = tgt_feat.shape
+        N = h * w
+        tgt_deb = debias(tgt_feat[None], self.projector)[0]
+        sim = torch.einsum("bchw,cd->bhw", tgt_deb[None], ref.prototype[:, None]).squeeze(0)
+        fwd = sim > 0
+        fwd = torch.where(fwd.any(), fwd, sim > torch.quantile(sim, 0.9))
+
+        queries = tgt_deb.reshape(C, N).T.contiguous()
+        votes, _ = ops.nn_vote(queries, ref.keys, ref.masks_down.reshape(ref.shots, N), fwd.reshape(N))
+        candidates = fwd.reshape(N) & (votes >= math.ceil(ref.shots / 2))
+
+        feats = tgt_feat.reshape(C, N).T.contiguous()
+        if self.connectivity is None:
+            labels = ops.average_linkage(feats, 1.0 - self.tau)
+        else:
+            labels = ops.grid_average_linkage(feats, h, w, self.connectivity, 1.0 - self.tau)
+        mask = aggregate_clusters(labels, candidates, queries, feats, sim.reshape(N),
+                                  ref.prototype, self.merge_threshold)
+        return mask.reshape(h, w)
+
+    def finalize(self, patch_mask: torch.Tensor, image: torch.Tensor | None,
+                 out_size: tuple[int, int] | None) -> torch.Tensor:
+        """Upsample a patch mask to the image size, refine (CRF), resize to ``out_size``."""
+        mask = upsample_mask(patch_mask, self.image_size, self.image_size)
+        if self.mask_refiner == "crf":
+            if image is None:
+                raise InputError("CRF refinement needs the target image")
+            mask = refine_with_crf(image.to(mask.device), mask)
+        if out_size is not None:
+            mask = upsample_mask(mask, *out_size)
+        return mask
+
+    @torch.no_grad()
+    def segment(self, ref: EncodedReference, images: torch.Tensor,
+                out_sizes: Sequence[tuple[int, int] | None] | None = None,
+                features: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Segment B targets (B, 3, size, size) in one backbone pass; a bool mask per target.
+
+        ``out_sizes[b]`` is the size to resize each mask to (None: size x size).
+        """
+        feats = self.features(images) if features is None else features.to(self.device)
+        if out_sizes is None:
+            out_sizes = [None] * feats.shape[0]
+        return [self.finalize(self.segment_patches(ref, feats[b]),
+                              images[b:b + 1] if images is not None else None, out_sizes[b])
+                for b in range(feats.shape[0])]
+
+
+def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb: torch.Tensor,
+                       feats: torch.Tensor, sim: torch.Tensor, prototype: torch.Tensor,
+                       merge_threshold: float) -> torch.Tensor:
+    """Seed selection and aggregation (SPEC step 7) with per-cluster reductions, no Python loop.
+
+    Args:
+        labels: (N,) int64 cluster labels in [0, N).
+        candidates: (N,) bool candidate patches.
+        feats_deb, feats: (N, C) debiased and original normalised target features.
+        sim: (N,) patch similarity to the prototype, <t_deb, p>.
+        prototype: (C,) reference prototype.
+
+    Returns:
+        (N,) bool patch mask (all False when there is no candidate).
+    """
+    N = labels.shape[0]
+    dev = labels.device
+    # Sums in float64 so that the order of accumulation (atomics on CUDA) does not matter.
+    area = torch.zeros(N, dtype=torch.float64, device=dev).index_add_(0, labels, torch.ones_like(sim, dtype=torch.float64))
+    n_match = torch.zeros(N, dtype=torch.float64, device=dev).index_add_(0, labels, candidates.double())
+    safe_area = area.clamp(min=1.0)[:, None]
+    sums_deb = torch.zeros(N, feats.shape[1], dtype=torch.float64, device=dev).index_add_(0, labels, feats_deb.double())
+    sums = torch.zeros(N, feats.shape[1], dtype=torch.float64, device=dev).index_add_(0, labels, feats.double())
+    protos_deb = F.normalize((sums_deb / safe_area).float(), p=2, dim=1)
+    protos = F.normalize((sums / safe_area).float(), p=2, dim=1)
+
+    cross_proto = protos_deb @ prototype
+    seed = torch.argmax(torch.where(n_match > 0, cross_proto, torch.full_like(cross_proto, -math.inf)))
+    intra = protos @ protos[seed]
+    cross = (torch.zeros(N, dtype=torch.float64, device=dev).index_add_(0, labels, sim.double())
+             / area.clamp(min=1.0)).float()
+    weights = (n_match / area.clamp(min=1.0)).float()
+    weights = torch.where(torch.arange(N, device=dev) == seed, torch.ones_like(weights), weights)
+    score = cross * intra * weights
+    mask = score[labels] > merge_threshold
+    return mask & candidates.any()
