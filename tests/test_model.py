@@ -1,0 +1,163 @@
+"""The drop-in INSID3 API and the stateless core: backends agree, caching, batching, streaming."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from insid3_fast import INSID3, ops
+from insid3_fast.errors import BackendError, InputError
+from synthetic import SyntheticEncoder, make_episode
+
+needs_native = pytest.mark.skipif(not ops.native_available(), reason="native ops not built")
+
+
+def segment(model, refs, masks, target):
+    for image, mask in zip(refs, masks):
+        model.set_reference(image, mask)
+    model.set_target(target)
+    return model.segment().cpu().numpy()
+
+
+def test_native_ops_are_built_in_ci():
+    if os.environ.get("CI") != "true":
+        pytest.skip("only enforced in CI, where the extension must build")
+    assert ops.native_available(), ops.load_error()
+
+
+@needs_native
+@pytest.mark.parametrize("size,dim,shots,seed", [
+    (256, 32, 1, 0), (256, 64, 1, 1), (384, 64, 2, 2), (512, 128, 3, 3), (512, 64, 5, 4),
+    (512, 256, 1, 5), (768, 64, 2, 6), (1024, 64, 1, 7),
+])
+def test_native_masks_equal_reference(size, dim, shots, seed):
+    encoder = SyntheticEncoder(dim, seed=seed)
+    refs, masks, target, _ = make_episode(seed, shots)
+    kw = dict(image_size=size, svd_components=dim // 2, device="cpu")
+    expected = segment(INSID3(encoder, backend="reference", **kw), refs, masks, target)
+    got = segment(INSID3(encoder, backend="native", **kw), refs, masks, target)
+    assert np.array_equal(expected, got), f"{(expected != got).sum()} pixels differ"
+
+
+@needs_native
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_native_grid_masks_equal_reference(connectivity):
+    encoder = SyntheticEncoder(32, seed=3)
+    refs, masks, target, _ = make_episode(3, 2)
+    kw = dict(image_size=256, svd_components=16, device="cpu", connectivity=connectivity)
+    expected = segment(INSID3(encoder, backend="reference", **kw), refs, masks, target)
+    got = segment(INSID3(encoder, backend="native", **kw), refs, masks, target)
+    assert np.array_equal(expected, got)
+
+
+def test_synthetic_episodes_are_segmented_well():
+    """The synthetic benchmark does real work: the reference path recovers the concept."""
+    encoder = SyntheticEncoder(64)
+    model = INSID3(encoder, image_size=512, svd_components=32, device="cpu", backend="reference")
+    ious = []
+    for seed in range(3):
+        refs, masks, target, truth = make_episode(seed, 1)
+        pred = segment(model, refs, masks, target)
+        ious.append((pred & truth).sum() / (pred | truth).sum())
+    assert np.mean(ious) > 0.6, ious
+
+
+def test_tensor_and_file_inputs_agree(tmp_path):
+    encoder = SyntheticEncoder(32)
+    refs, masks, target, _ = make_episode(11, 1)
+    model = INSID3(encoder, image_size=256, svd_components=16, device="cpu")
+    paths = []
+    for i, (image, mask) in enumerate(zip(refs, masks)):
+        image.save(tmp_path / f"r{i}.png")
+        from PIL import Image
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / f"m{i}.png")
+        paths.append((tmp_path / f"r{i}.png", tmp_path / f"m{i}.png"))
+    target.save(tmp_path / "t.png")
+    from_files = segment(model, [p for p, _ in paths], [m for _, m in paths], tmp_path / "t.png")
+    from_objects = segment(model, refs, masks, target)
+    assert np.array_equal(from_files, from_objects)
+    assert from_files.shape == (target.height, target.width)
+
+
+def test_resize_to_orig_size_off_gives_model_size():
+    encoder = SyntheticEncoder(32)
+    refs, masks, target, _ = make_episode(1, 1)
+    model = INSID3(encoder, image_size=256, svd_components=16, device="cpu", resize_to_orig_size=False)
+    assert segment(model, refs, masks, target).shape == (256, 256)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native)])
+def test_batched_and_streamed_targets_equal_one_by_one(backend):
+    encoder = SyntheticEncoder(32, seed=2)
+    refs, masks, _, _ = make_episode(5, 2)
+    targets = [make_episode(100 + i, 1)[2] for i in range(5)]
+    model = INSID3(encoder, image_size=256, svd_components=16, device="cpu", backend=backend)
+    one_by_one = [segment(model, refs, masks, t) for t in targets]
+    ref = model.encode_reference(refs, masks)
+    batched = [m.numpy() for m in model.segment_targets(ref, targets, batch_size=3)]
+    streamed = [m.numpy() for m in model.stream(ref, iter(targets), batch_size=2)]
+    for a, b, c in zip(one_by_one, batched, streamed):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+
+
+class CountingEncoder(SyntheticEncoder):
+    calls = 0
+
+    def get_intermediate_layers(self, *args, **kwargs):
+        CountingEncoder.calls += 1
+        return super().get_intermediate_layers(*args, **kwargs)
+
+
+def test_positional_basis_cached_on_disk(tmp_path):
+    enc = CountingEncoder(32)
+    first = INSID3(enc, image_size=128, svd_components=8, device="cpu", cache_key="w1", cache_dir=str(tmp_path))
+    assert CountingEncoder.calls == 1
+    second = INSID3(enc, image_size=128, svd_components=8, device="cpu", cache_key="w1", cache_dir=str(tmp_path))
+    assert CountingEncoder.calls == 1  # no backbone pass, no SVD
+    assert torch.equal(first.positional_basis, second.positional_basis)
+    INSID3(enc, image_size=160, svd_components=8, device="cpu", cache_key="w1", cache_dir=str(tmp_path))
+    INSID3(enc, image_size=128, svd_components=8, device="cpu", cache_key="w2", cache_dir=str(tmp_path))
+    assert CountingEncoder.calls == 3  # keyed by size and weights
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_state_errors_and_reset():
+    model = INSID3(SyntheticEncoder(16), image_size=128, svd_components=8, device="cpu")
+    with pytest.raises(RuntimeError, match="requires"):
+        model.segment()
+    refs, masks, target, _ = make_episode(0, 1)
+    model.set_reference(refs[0])  # no mask: matching only
+    model.set_target(target)
+    with pytest.raises(RuntimeError, match="mask"):
+        model.segment()
+    with pytest.raises(RuntimeError):
+        model.segment()  # the failed call cleared the state
+
+
+def test_bad_configuration():
+    enc = SyntheticEncoder(16)
+    with pytest.raises(InputError, match="multiple of 16"):
+        INSID3(enc, image_size=100, device="cpu")
+    with pytest.raises(InputError, match="mask_refiner"):
+        INSID3(enc, image_size=128, mask_refiner="nope", device="cpu")
+    with pytest.raises(InputError, match="connectivity"):
+        INSID3(enc, image_size=128, connectivity=6, device="cpu")
+    if not ops.native_available():
+        with pytest.raises(BackendError, match="reference"):
+            INSID3(enc, image_size=128, backend="native", device="cpu")
+
+
+def test_match_keypoints_identity():
+    """Matching an image with itself returns (about) the same keypoints."""
+    encoder = SyntheticEncoder(64, pos_weight=0.0)
+    refs, _, _, _ = make_episode(4, 1, size_hw=(256, 256))
+    model = INSID3(encoder, image_size=256, svd_components=8, device="cpu")
+    kps = torch.tensor([[60.0, 70.0], [200.0, 180.0], [128.0, 30.0]])
+    model.set_reference(refs[0])
+    model.set_target(refs[0])
+    pred = model.match(kps, use_debiased=False)
+    assert pred.shape == (3, 2)
+    assert (pred - kps).abs().max() < 16  # within one patch
