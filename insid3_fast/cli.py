@@ -19,11 +19,17 @@ from .errors import InputError, Insid3Error
 PROG = "insid3-fast"
 
 
+def _check_output(path: str | None) -> None:
+    if path and path != "-":
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise InputError(f"output folder does not exist: '{directory}'")
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Write ``path`` through ``write(tmp_path)`` then rename, so no half-written file remains."""
+    _check_output(path)
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"output folder does not exist: '{directory}'")
     suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix, prefix=".insid3-")
     os.close(fd)
@@ -73,6 +79,8 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError(f"give one --ref-mask per --ref-image (got {len(args.ref_image)} images, "
                          f"{len(args.ref_mask)} masks)")
     check_image_size_multiple(args.image_size)
+    _check_output(args.output)
+    _check_output(args.overlay)
     # Validate every input before the (slow) model load.
     for image, mask in zip(args.ref_image, args.ref_mask):
         _, orig = load_image(image, 16)
@@ -122,6 +130,7 @@ def _match(args: argparse.Namespace) -> int:
     from .inputs import check_image_size_multiple, load_image
 
     check_image_size_multiple(args.image_size)
+    _check_output(args.output)
     kps = _read_keypoints(args.keypoints)
     load_image(args.ref_image, 16)
     load_image(args.target, 16)
