@@ -1,0 +1,221 @@
+"""``insid3-fast bench``: per-stage timings of the fast path against the reference path, same run.
+
+Features come from a deterministic synthetic encoder (no weights needed), at the embedding
+size of ViT-L (C = 1024) by default, so every stage does real work: debiasing, reverse-NN
+voting, clustering, aggregation, upsampling, whole episodes, cached references, batched
+targets. Times are medians over ``--repeats`` runs; the ratio is reference / ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+STAGES = ("debias", "votes", "clustering", "aggregation", "upsampling", "episode", "cached_target",
+          "batched_targets")
+DEFAULT_STAGES = STAGES
+
+
+@dataclass
+class Case:
+    """Inputs of one benchmark configuration, with the native segmenter built on them."""
+
+    size: int
+    shots: int
+    dim: int
+    device: torch.device
+    connectivity: int | None = None
+    data: dict = field(default_factory=dict)
+
+
+def _synthetic_encoder(dim: int):
+    here = os.path.dirname(os.path.abspath(__file__))
+    tests = os.path.join(os.path.dirname(here), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from synthetic import SyntheticEncoder, make_episode  # the test double, shipped with the repo
+
+    return SyntheticEncoder(dim, hidden=256), make_episode
+
+
+def build_case(size: int, shots: int, dim: int = 1024, device: str = "cpu", connectivity: int | None = None,
+               targets: int = 4, seed: int = 0) -> Case:
+    """Features and masks of one synthetic episode (plus extra targets), and a native Segmenter."""
+    from .inputs import load_image, load_mask
+    from .pipeline import Segmenter
+
+    encoder, make_episode = _synthetic_encoder(dim)
+    refs, masks, target, _ = make_episode(seed, shots, size_hw=(480, 640))
+    extra = [make_episode(seed + 100 + i, 1, size_hw=(480, 640))[2] for i in range(targets - 1)]
+    case = Case(size, shots, dim, torch.device(device), connectivity)
+    seg = Segmenter(encoder, size, min(500, dim // 2), connectivity=connectivity, backend="native", device=device)
+    images = torch.cat([load_image(x, size)[0] for x in refs + [target] + extra]).to(device)
+    feats = seg.features(images)
+    case.data = dict(segmenter=seg, encoder=encoder, images=images,
+                     ref_feats=feats[:shots], tgt_feats=feats[shots:],
+                     ref_masks=torch.cat([load_mask(m, size) for m in masks]).to(device))
+    return case
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def stage_functions(case: Case) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """(ours, reference) callables per stage, sharing the same inputs."""
+    from . import ops, reference
+    from .debias import debias
+    from .pipeline import aggregate_clusters
+    from .refine import upsample_mask
+
+    d = case.data
+    seg = d["segmenter"]
+    S, size = case.shots, case.size
+    ref_feats, tgt, masks = d["ref_feats"], d["tgt_feats"][0], d["ref_masks"]
+    C, h, w = tgt.shape
+    N = h * w
+    P = seg.projector
+    enc = seg.encode_reference_features(ref_feats, masks)
+    tgt_deb = debias(tgt[None], P)[0]
+    sim, fwd = reference.forward_mask(tgt_deb, enc.prototype)
+    queries = tgt_deb.reshape(C, N).T.contiguous()
+    feats = tgt.reshape(C, N).T.contiguous()
+    votes, _ = ops.nn_vote(queries, enc.keys, enc.masks_down.reshape(S, N), fwd.reshape(N))
+    cands = (fwd.reshape(N) & (votes >= math.ceil(S / 2)))
+    labels = ops.average_linkage(feats, 1 - seg.tau)
+    patch_mask = seg.segment_patches(enc, tgt)
+    all_feats = torch.cat([ref_feats, tgt[None]])
+
+    def ours_votes():
+        return ops.nn_vote(queries, enc.keys, enc.masks_down.reshape(S, N), fwd.reshape(N))
+
+    def ours_cluster():
+        if case.connectivity:
+            return ops.grid_average_linkage(feats, h, w, case.connectivity, 1 - seg.tau)
+        return ops.average_linkage(feats, 1 - seg.tau)
+
+    def ref_cluster():
+        if case.connectivity:
+            return reference.grid_average_linkage(feats, h, w, case.connectivity, 1 - seg.tau)
+        return reference.agglomerative_labels(feats, 1 - seg.tau)
+
+    def ours_episode():
+        e = seg.encode_reference_features(ref_feats, masks)
+        return seg.finalize(seg.segment_patches(e, tgt), None, None)
+
+    def ref_episode():
+        if case.connectivity:
+            m = reference.segment_patches_grid(ref_feats, masks, tgt, P, seg.tau, seg.merge_threshold, case.connectivity)
+        else:
+            m = reference.segment_patches(ref_feats, masks, tgt, P, seg.tau, seg.merge_threshold)
+        return upsample_mask(m, size, size)
+
+    def ours_batched():
+        return seg.segment(enc, None, features=d["tgt_feats"])
+
+    def ref_batched():
+        return [ref_episode_for(t) for t in d["tgt_feats"]]
+
+    def ref_episode_for(t):
+        return upsample_mask(reference.segment_patches(ref_feats, masks, t, P, seg.tau, seg.merge_threshold), size, size)
+
+    stages = {
+        "debias": (lambda: debias(all_feats, P), lambda: debias(all_feats, P)),
+        "votes": (ours_votes, lambda: reference.backward_votes(tgt_deb, enc.features_deb, enc.masks_down)),
+        "clustering": (ours_cluster, ref_cluster),
+        "aggregation": (lambda: aggregate_clusters(labels, cands, queries, feats, sim.reshape(N), enc.prototype, seg.merge_threshold),
+                        lambda: reference.seed_and_aggregate(cands.reshape(h, w), labels.reshape(h, w), enc.prototype, tgt, tgt_deb, seg.merge_threshold)),
+        "upsampling": (lambda: upsample_mask(patch_mask, size, size), lambda: upsample_mask(patch_mask, size, size)),
+        "episode": (ours_episode, ref_episode),
+        "cached_target": (lambda: seg.finalize(seg.segment_patches(enc, tgt), None, None), ref_episode),
+        "batched_targets": (ours_batched, ref_batched),
+    }
+    return stages
+
+
+def measure(case: Case, stages: list[str], repeats: int, progress=None) -> list[dict]:
+    """Time every stage of ``case``; one record per stage."""
+    fns = stage_functions(case)
+    rows = []
+    for stage in stages:
+        ours, ref = fns[stage]
+        per = case.data["tgt_feats"].shape[0] if stage == "batched_targets" else 1
+        t_ours = time_fn(ours, case.device, repeats) / per
+        t_ref = time_fn(ref, case.device, max(1, repeats // 2 + 1)) / per
+        rows.append(dict(stage=stage, size=case.size, shots=case.shots, dim=case.dim,
+                         connectivity=case.connectivity, device=str(case.device),
+                         ours_ms=1e3 * t_ours, reference_ms=1e3 * t_ref, ratio=t_ref / t_ours))
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: stage, size, shots, ours, reference, ratio."""
+    header = f"{'stage':<16}{'size':>6}{'shots':>6}{'conn':>6}{'ours ms':>11}{'reference ms':>14}{'ratio':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['stage']:<16}{r['size']:>6}{r['shots']:>6}{str(r['connectivity'] or '-'):>6}"
+                     f"{r['ours_ms']:>11.1f}{r['reference_ms']:>14.1f}{r['ratio']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``insid3-fast bench``."""
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 768, 1024])
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=list(DEFAULT_STAGES))
+    p.add_argument("--dim", type=int, default=1024, help="embedding size (1024 = ViT-L)")
+    p.add_argument("--connectivity", type=int, choices=[4, 8], default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", help="also write the records to this JSON file")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark grid with a progress bar, print the table, optionally write JSON."""
+    from tqdm import tqdm
+
+    from .errors import InputError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda requested but no CUDA device is available")
+    rows: list[dict] = []
+    total = len(args.sizes) * len(args.shots) * len(args.stages)
+    with tqdm(total=total, desc="bench", unit="stage", file=sys.stderr) as bar:
+        for size in args.sizes:
+            for shots in args.shots:
+                bar.set_postfix(size=size, shots=shots)
+                case = build_case(size, shots, args.dim, args.device, args.connectivity)
+                rows += measure(case, args.stages, args.repeats, bar)
+    print(format_table(rows))
+    if args.json:
+        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                    device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+    return 0
