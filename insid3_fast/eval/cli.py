@@ -1,0 +1,131 @@
+"""``insid3-fast eval``: argument parsing and the entry point that builds model and benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from . import distributed
+from .correspondence import SPair71k, evaluate_correspondence
+from .datasets import SEGMENTATION_DATASETS, build_dataset
+from .records import clear_run
+from .runner import evaluate_segmentation
+
+DATASET_CHOICES = [*SEGMENTATION_DATASETS, "spair"]
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the evaluation options (dataset, model, episodes, output) to ``parser``."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="coco", choices=DATASET_CHOICES, help="benchmark to evaluate")
+    data.add_argument("--data-root", default="data", help="folder holding the datasets (published layout)")
+    data.add_argument("--fold", type=int, default=0, help="fold (coco 0-3, lvis 0-9, pascal_part/paco_part 0-3, isaid 0-2)")
+    data.add_argument("--shots", type=int, default=1, help="reference images per episode")
+    data.add_argument("--episodes", type=int, default=None, help="episodes to run (default: the published count)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the episode draw")
+    data.add_argument("--split", default="test", help="SPair-71k split (spair only)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-size", default="large", choices=["small", "base", "large"], help="DINOv3 backbone size")
+    model.add_argument("--weights", default=None, help="DINOv3 checkpoint file")
+    model.add_argument("--image-size", type=int, default=1024, help="model input resolution")
+    model.add_argument("--svd-components", "--svd-comps", dest="svd_components", type=int, default=500,
+                       help="SVD components for positional debiasing")
+    model.add_argument("--tau", type=float, default=0.6, help="clustering distance threshold")
+    model.add_argument("--merge-threshold", "--merge-thresh", dest="merge_threshold", type=float, default=0.2,
+                       help="cluster aggregation threshold")
+    model.add_argument("--mask-refiner", default="bilinear", choices=["bilinear", "crf"], help="mask upsampling")
+    model.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    model.add_argument("--backend", default="auto", help="kernel backend passed to build_insid3")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", default=None, help="output folder (default: output/<dataset>-fold<f>-<k>shot)")
+    run.add_argument("--save-overlays", type=int, default=0, metavar="K", help="save PNG overlays of the first K episodes")
+    run.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir instead of resuming")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _model_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model_size": args.model_size, "weights": args.weights, "image_size": args.image_size,
+        "svd_components": args.svd_components, "tau": args.tau, "merge_threshold": args.merge_threshold,
+        "mask_refiner": args.mask_refiner, "resize_to_orig_size": False,
+    }
+
+
+def build_model(args: argparse.Namespace, device: str | None) -> Any:
+    """The INSID3 model as the published evaluation builds it (prediction at image_size x image_size)."""
+    from .. import build_insid3  # imported late: the evaluation code does not need the model to load
+
+    cfg = _model_config(args)
+    return build_insid3(device=device, backend=args.backend, **cfg)
+
+
+def default_output_dir(args: argparse.Namespace) -> str:
+    """``output/<dataset>-fold<f>-<k>shot-seed<s>`` (or ``output/spair-<split>``)."""
+    if args.dataset == "spair":
+        return os.path.join("output", f"spair-{args.split}")
+    return os.path.join("output", f"{args.dataset}-fold{args.fold}-{args.shots}shot-seed{args.seed}")
+
+
+def run_eval(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
+    """Run the evaluation ``args`` describe and return the results dict.
+
+    ``model`` replaces the INSID3 model (any object with set_reference/set_target/segment, or
+    match for spair). Under torchrun the episodes are sharded over the ranks.
+    """
+    rank, world, device = distributed.init_from_env(args.device)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    output_dir = args.output_dir or default_output_dir(args)
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        if args.overwrite:
+            clear_run(output_dir, ("results.json", "log.txt"))
+            shutil.rmtree(os.path.join(output_dir, "overlays"), ignore_errors=True)
+    distributed.barrier()
+
+    config = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()}
+    config["model"] = _model_config(args)
+    config["world_size"] = world
+    progress = not getattr(args, "no_progress", False)
+
+    if args.dataset == "spair":
+        dataset = SPair71k(args.data_root, split=args.split)
+        model = model if model is not None else build_model(args, device)
+        return evaluate_correspondence(model, dataset, output_dir, num_pairs=args.episodes, config=config,
+                                       rank=rank, world_size=world, progress=progress, device=device)
+
+    if args.episodes is not None and args.episodes < 1:
+        raise InputError(f"--episodes must be at least 1, got {args.episodes}")
+    dataset = build_dataset(args.dataset, args.data_root, fold=args.fold, shots=args.shots)
+    model = model if model is not None else build_model(args, device)
+    return evaluate_segmentation(model, dataset, output_dir, num_episodes=args.episodes, seed=args.seed,
+                                 config=config, save_overlays=args.save_overlays, rank=rank, world_size=world,
+                                 progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m insid3_fast.eval``: parse, run, print the headline numbers."""
+    parser = argparse.ArgumentParser("insid3-fast eval", description="Evaluate INSID3 on the published benchmarks")
+    add_eval_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        results = run_eval(args)
+    except InputError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    if int(os.environ.get("RANK", "0")) == 0:
+        if results["task"] == "segmentation":
+            print(f"{results['dataset']} fold {results['fold']} {results['shots']}-shot: "
+                  f"mIoU {results['miou']:.1f}  FB-IoU {results['fb_iou']:.1f}")
+        else:
+            for version in ("original", "debiased"):
+                vals = results[version]["all"]
+                print(f"spair {version}: " + "  ".join(f"{k} {v:.1f}" for k, v in vals.items()))
+    return 0
