@@ -153,6 +153,65 @@ def _match(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _list_targets(args: argparse.Namespace) -> list[str]:
+    targets = list(args.target or [])
+    if args.target_dir:
+        if not os.path.isdir(args.target_dir):
+            raise InputError(f"target folder not found: '{args.target_dir}'")
+        targets += sorted(os.path.join(args.target_dir, f) for f in os.listdir(args.target_dir)
+                          if f.lower().endswith(IMAGE_SUFFIXES))
+    if not targets:
+        raise InputError("no targets: give --target (repeatable) or --target-dir with images")
+    stems = [os.path.splitext(os.path.basename(t))[0] for t in targets]
+    if len(set(stems)) != len(stems):
+        raise InputError("two targets share a file name; their masks would overwrite each other")
+    return targets
+
+
+def _segment_many(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from . import distributed
+    from .inputs import check_image_size_multiple
+
+    check_image_size_multiple(args.image_size)
+    if len(args.ref_image) != len(args.ref_mask):
+        raise InputError("give one --ref-mask per --ref-image")
+    targets = _list_targets(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    rank, world = distributed.init_from_env()
+    try:
+        outputs = {t: os.path.join(args.output_dir, os.path.splitext(os.path.basename(t))[0] + ".png")
+                   for t in targets}
+        # Resumable: masks already written are not recomputed.
+        todo = [t for t in distributed.shard(targets, rank, world) if not os.path.exists(outputs[t])]
+        args.device = str(distributed.local_device(args.device)) if args.device != "cpu" else "cpu"
+        model = _build_model(args, connectivity=args.connectivity)
+        ref = model.encode_reference(args.ref_image, args.ref_mask)
+        done = 0
+        with tqdm(total=len(todo), desc="segment", unit="img", disable=rank != 0 or not todo) as bar:
+            for start in range(0, len(todo), args.batch_size):
+                chunk = todo[start:start + args.batch_size]
+                for target, mask in zip(chunk, model.segment_targets(ref, chunk, args.batch_size)):
+                    arr = mask.cpu().numpy().astype(np.uint8) * 255
+                    _atomic_write(outputs[target], lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+                    done += 1
+                bar.update(len(chunk))
+        total_done, total_skipped = distributed.all_sum([done, len(distributed.shard(targets, rank, world)) - done])
+        distributed.barrier()
+        if rank == 0:
+            print(f"{args.output_dir}: {total_done} masks written, {total_skipped} already there "
+                  f"({world} process{'es' if world > 1 else ''})")
+    finally:
+        distributed.finish()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``insid3-fast``."""
     parser = argparse.ArgumentParser(prog=PROG, description="Fast INSID3 in-context segmentation with DINOv3.")
@@ -169,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="grid-constrained clustering (default: the published unconstrained one)")
     _add_model_arguments(seg)
     seg.set_defaults(func=_segment)
+
+    many = sub.add_parser("segment-many", help="segment many targets against one reference "
+                                               "(batched; torchrun spreads them over GPUs)")
+    many.add_argument("--ref-image", action="append", required=True)
+    many.add_argument("--ref-mask", action="append", required=True)
+    many.add_argument("--target", action="append", help="target image (repeatable)")
+    many.add_argument("--target-dir", help="folder of target images")
+    many.add_argument("--output-dir", required=True, help="one <target name>.png mask per target")
+    many.add_argument("--batch-size", type=int, default=8)
+    many.add_argument("--connectivity", type=int, choices=[4, 8], default=None)
+    _add_model_arguments(many)
+    many.set_defaults(func=_segment_many)
 
     match = sub.add_parser("match", help="transfer keypoints from a reference image to a target")
     match.add_argument("--ref-image", required=True)
