@@ -32,7 +32,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--seed", type=int, default=0, help="seed of the episode draw")
     data.add_argument("--split", default="test", help="SPair-71k split (spair only)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model-size", default="large", choices=["small", "base", "large"], help="DINOv3 backbone size")
+    model.add_argument("--model-size", default="large", choices=["small", "small_plus", "base", "large", "huge_plus", "7b"], help="DINOv3 backbone size")
     model.add_argument("--weights", default=None, help="DINOv3 checkpoint file")
     model.add_argument("--image-size", type=int, default=1024, help="model input resolution")
     model.add_argument("--svd-components", "--svd-comps", dest="svd_components", type=int, default=500,
