@@ -36,7 +36,7 @@ def _extensions() -> tuple[list, dict]:
         and cpp_extension.CUDA_HOME is not None
         and bool(cuda_sources)
     )
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]
     kwargs = dict(
         name="insid3_fast._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -47,7 +47,7 @@ def _extensions() -> tuple[list, dict]:
         ext = cpp_extension.CUDAExtension(
             sources=sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DINSID3_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "-DINSID3_WITH_CUDA",
+                                "nvcc": ["-O3", "-std=c++20", "-DINSID3_WITH_CUDA",
                                          "--expt-relaxed-constexpr"]},
             **kwargs,
         )

@@ -1,0 +1,101 @@
+// Small device helpers shared by the CUDA kernels of insid3_fast (header only, all inline).
+#pragma once
+#include <cstdint>
+#include <cmath>
+#include <cuda_runtime.h>
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "common/exact_dot.h"
+#include "common/linkage.h"
+
+namespace insid3_cuda {
+
+constexpr int kWarp = 32;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid sizes are host-known (shapes only): no kernel reads a device value to size a launch.
+inline unsigned int grid_1d(int64_t n, int threads) {
+  const int64_t g = ceil_div(n, threads);
+  return static_cast<unsigned int>(g < 1 ? 1 : (g > 2147483647LL ? 2147483647LL : g));
+}
+
+inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+                              int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+// insid3::average_update with every operation rounded on its own. nvcc contracts
+// `nx*a + ny*b` into an fma by default, which the (x86-64 baseline) CPU build and scipy do
+// not; the _rn intrinsics are never contracted, so the device value is the CPU value.
+__device__ __forceinline__ double average_update_rn(double d_xi, double d_yi, double nx, double ny) {
+  return __ddiv_rn(__dadd_rn(__dmul_rn(nx, d_xi), __dmul_rn(ny, d_yi)), __dadd_rn(nx, ny));
+}
+
+// ---- block reductions (blockDim.x a multiple of 32, at most 1024) ----------------------------
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Max over the block; every thread gets the result.
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float sh[32];
+  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+  v = warp_max(v);
+  __syncthreads();  // sh may still be read from a previous call
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  v = lane < nw ? sh[lane] : -INFINITY;
+  v = warp_max(v);  // every warp reduces the partials itself: no third barrier
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+
+// Pair reductions with the tie rules of exact_dot.h / linkage.h. Because better_max and
+// better_min define a total order on (value, index) pairs (NaN values never win), the
+// result does not depend on the reduction tree.
+template <bool kMax>
+__device__ __forceinline__ bool better(double v, int64_t j, double bv, int64_t bj) {
+  return kMax ? insid3::better_max(v, j, bv, bj) : insid3::better_min(v, j, bv, bj);
+}
+
+template <bool kMax>
+__device__ __forceinline__ void warp_best(double& v, int64_t& j) {
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const double ov = __shfl_down_sync(0xffffffffu, v, o);
+    const long long oj = __shfl_down_sync(0xffffffffu, static_cast<long long>(j), o);
+    if (better<kMax>(ov, oj, v, j)) { v = ov; j = oj; }
+  }
+}
+
+// Best (value, index) pair over the block; the result is valid in every thread.
+// Empty contributions must be passed as (kMax ? -inf : +inf, INT64_MAX).
+template <bool kMax>
+__device__ __forceinline__ void block_best(double& v, int64_t& j) {
+  __shared__ double shv[32];
+  __shared__ long long shj[32];
+  const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
+  warp_best<kMax>(v, j);
+  __syncthreads();
+  if (lane == 0) { shv[wid] = v; shj[wid] = j; }
+  __syncthreads();
+  if (lane < nw) { v = shv[lane]; j = shj[lane]; }
+  else { v = kMax ? -INFINITY : INFINITY; j = INT64_MAX; }
+  warp_best<kMax>(v, j);
+  v = __shfl_sync(0xffffffffu, v, 0);
+  j = __shfl_sync(0xffffffffu, static_cast<long long>(j), 0);
+}
+
+// Labels numbered by first appearance from a parent forest whose roots are the smallest
+// member of their cluster (both clustering ops merge into the lower index), so a cluster
+// first appears at its root and its label is the number of roots before it. Defined in
+// average_linkage.cu. parent: (N,) int32 on the device, parent[root] == root.
+at::Tensor labels_from_parent(const at::Tensor& parent);
+
+}  // namespace insid3_cuda

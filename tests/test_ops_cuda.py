@@ -1,0 +1,440 @@
+"""CUDA kernels of insid3_fast._C against the CPU kernels (exact equality) and small references.
+
+Runs only where a GPU is visible and the extension was built with CUDA kernels; elsewhere every
+test is reported as skipped (never as passed). Comparisons with the CPU op are skipped when the
+CPU kernels are not registered.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from insid3_fast import ops
+
+HAS_CUDA_OPS = torch.cuda.is_available() and ops.native_available("cuda")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA_OPS,
+                       reason="needs a CUDA device and insid3_fast._C built with CUDA kernels "
+                              f"(cuda available: {torch.cuda.is_available()}, "
+                              f"load error: {ops.load_error()})"),
+]
+
+
+def _has_cpu_kernel(name: str) -> bool:
+    if ops.load_error() is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"insid3_fast::{name}", "CPU")
+
+
+def _need_cpu(name: str) -> None:
+    if not _has_cpu_kernel(name):
+        pytest.skip(f"CPU kernel of insid3_fast::{name} is not registered: nothing to compare with")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Labels numbered by first appearance are equal iff the partitions are."""
+    a, b = a.cpu().numpy(), b.cpu().numpy()
+    if a.shape != b.shape:
+        return False
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def _first_appearance(labels: torch.Tensor) -> bool:
+    seen, nxt = {}, 0
+    for v in labels.tolist():
+        if v not in seen:
+            if v != nxt:
+                return False
+            seen[v] = v
+            nxt += 1
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# nn_vote
+# --------------------------------------------------------------------------------------------
+
+def _nn_vote_reference(queries, keys, key_mask, active):
+    """Float64 argmax (ties to the lowest index) and votes, on the CPU."""
+    q64, k64 = queries.double().cpu(), keys.double().cpu()
+    scores = torch.einsum("smc,qc->sqm", k64, q64)
+    argmax = scores.argmax(dim=2)  # first maximal index
+    act = active.cpu()
+    argmax[:, ~act] = -1
+    S = keys.shape[0]
+    votes = torch.zeros(queries.shape[0], dtype=torch.int32)
+    for s in range(S):
+        a = argmax[s]
+        ok = a >= 0
+        hit = torch.zeros_like(ok)
+        hit[ok] = key_mask[s].cpu()[a[ok]]
+        votes += hit.int()
+    return votes, argmax
+
+
+def _nn_case(seed, Q, S, M, C, kind="random", inactive_frac=0.2):
+    g = _gen(seed)
+    if kind == "random":
+        queries = _unit(torch.randn(Q, C, generator=g))
+        keys = _unit(torch.randn(S, M, C, generator=g))
+    elif kind == "ties":
+        # few distinct quantised keys, repeated: exact ties between different indices
+        base = torch.randint(-2, 3, (S, max(1, M // 4), C), generator=g).float() / 4
+        idx = torch.randint(0, base.shape[1], (M,), generator=g)
+        keys = base[:, idx]
+        queries = torch.randint(-2, 3, (Q, C), generator=g).float() / 4
+    elif kind == "duplicates":
+        keys = _unit(torch.randn(S, M, C, generator=g))
+        keys[:, 1::2] = keys[:, 0::2][:, : keys[:, 1::2].shape[1]]
+        queries = _unit(torch.randn(Q, C, generator=g))
+        queries[1::2] = queries[0::2][: queries[1::2].shape[0]]
+    elif kind == "near":
+        # keys that differ by a few ulps in score: the fp32 GEMM cannot separate them
+        base = _unit(torch.randn(S, 1, C, generator=g))
+        keys = base + 1e-7 * torch.randn(S, M, C, generator=g)
+        queries = _unit(base[0].expand(Q, C) + 1e-3 * torch.randn(Q, C, generator=g))
+    else:
+        raise ValueError(kind)
+    key_mask = torch.rand(S, M, generator=g) < 0.5
+    active = torch.rand(Q, generator=g) >= inactive_frac
+    return queries.contiguous(), keys.contiguous(), key_mask, active
+
+
+NN_CASES = [
+    dict(seed=0, Q=300, S=1, M=200, C=64, kind="random"),
+    dict(seed=1, Q=257, S=5, M=129, C=96, kind="random"),
+    dict(seed=2, Q=200, S=3, M=64, C=16, kind="ties"),
+    dict(seed=3, Q=128, S=5, M=100, C=32, kind="duplicates"),
+    dict(seed=4, Q=64, S=2, M=300, C=384, kind="near"),
+    dict(seed=5, Q=1, S=1, M=1, C=8, kind="random", inactive_frac=0.0),
+    dict(seed=6, Q=1, S=5, M=7, C=3, kind="random", inactive_frac=0.0),
+    dict(seed=7, Q=50, S=2, M=40, C=8, kind="random", inactive_frac=1.0),  # all inactive
+]
+
+
+@pytest.mark.parametrize("case", NN_CASES, ids=lambda c: f"{c['kind']}-Q{c['Q']}-S{c['S']}-M{c['M']}")
+def test_nn_vote_matches_cpu(case):
+    _need_cpu("nn_vote")
+    q, k, km, act = _nn_case(**case)
+    v_cpu, a_cpu = ops.nn_vote(q, k, km, act)
+    v_gpu, a_gpu = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+    assert v_gpu.dtype == torch.int32 and a_gpu.dtype == torch.int64
+    assert v_gpu.is_cuda and a_gpu.is_cuda
+    assert torch.equal(a_gpu.cpu(), a_cpu)
+    assert torch.equal(v_gpu.cpu(), v_cpu)
+
+
+@pytest.mark.parametrize("case", [c for c in NN_CASES if c["kind"] in ("random", "ties", "duplicates")],
+                         ids=lambda c: f"{c['kind']}-Q{c['Q']}-S{c['S']}")
+def test_nn_vote_matches_float64_reference(case):
+    q, k, km, act = _nn_case(**case)
+    v_ref, a_ref = _nn_vote_reference(q, k, km, act)
+    v_gpu, a_gpu = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+    assert torch.equal(a_gpu.cpu(), a_ref)
+    assert torch.equal(v_gpu.cpu(), v_ref)
+    assert torch.all(a_gpu.cpu()[:, ~act] == -1) and torch.all(v_gpu.cpu()[~act] == 0)
+
+
+def test_nn_vote_exact_under_tf32():
+    """The exact argmax must not depend on the user's TF32 / matmul precision setting."""
+    q, k, km, act = _nn_case(seed=11, Q=128, S=3, M=256, C=768, kind="near")
+    _, a_ref = _nn_vote_reference(q, k, km, act)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        _, a_tf32 = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    _, a_ieee = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+    assert torch.equal(a_tf32.cpu(), a_ieee.cpu())
+    assert torch.equal(a_ieee.cpu(), a_ref)
+    if _has_cpu_kernel("nn_vote"):
+        _, a_cpu = ops.nn_vote(q, k, km, act)
+        assert torch.equal(a_ieee.cpu(), a_cpu)
+
+
+def test_nn_vote_large_tiled():
+    """Q * S * M above the score-buffer budget: several query tiles."""
+    q, k, km, act = _nn_case(seed=12, Q=3000, S=5, M=2500, C=32, kind="random")
+    v_gpu, a_gpu = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+    v_ref, a_ref = _nn_vote_reference(q, k, km, act)
+    assert torch.equal(a_gpu.cpu(), a_ref)
+    assert torch.equal(v_gpu.cpu(), v_ref)
+
+
+def test_nn_vote_rejects_empty_shots_like_cpu():
+    q = torch.randn(3, 4, device="cuda")
+    k = torch.randn(2, 0, 4, device="cuda")
+    km = torch.zeros(2, 0, dtype=torch.bool, device="cuda")
+    act = torch.ones(3, dtype=torch.bool, device="cuda")
+    with pytest.raises(RuntimeError, match="at least one key"):
+        torch.ops.insid3_fast.nn_vote(q, k, km, act)
+
+
+def test_nn_vote_rejects_cpu_mixed_devices():
+    q, k, km, act = _nn_case(seed=13, Q=4, S=1, M=4, C=4)
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.ops.insid3_fast.nn_vote(q.cuda(), k, km.cuda(), act.cuda())
+
+
+# --------------------------------------------------------------------------------------------
+# average linkage (dense)
+# --------------------------------------------------------------------------------------------
+
+def _greedy_average_linkage(dist: np.ndarray, thr: float) -> np.ndarray:
+    """Naive scipy-style reference: merge the closest pair (ties: lowest (i, j)) while < thr."""
+    n = dist.shape[0]
+    D = np.triu(dist.astype(np.float64), 1)
+    D = D + D.T
+    active = np.ones(n, bool)
+    size = np.ones(n)
+    parent = np.arange(n)
+    while active.sum() > 1:
+        idx = np.flatnonzero(active)
+        sub = D[np.ix_(idx, idx)].copy()
+        np.fill_diagonal(sub, np.inf)
+        flat = int(np.argmin(sub))
+        a, b = divmod(flat, len(idx))
+        i, j = sorted((idx[a], idx[b]))
+        if not D[i, j] < thr:
+            break
+        for x in idx:
+            if x != i and x != j:
+                D[i, x] = D[x, i] = (size[i] * D[i, x] + size[j] * D[j, x]) / (size[i] + size[j])
+        size[i] += size[j]
+        active[j] = False
+        parent[j] = i
+    root = np.array([_root(parent, x) for x in range(n)])
+    _, first = np.unique(root, return_index=True)
+    order = {r: k for k, r in enumerate(root[np.sort(first)])}
+    return np.array([order[r] for r in root], dtype=np.int64)
+
+
+def _root(parent, x):
+    while parent[x] != x:
+        x = parent[x]
+    return x
+
+
+def _clustered_features(seed, n, c, k=6, noise=0.35, duplicates=False):
+    g = _gen(seed)
+    centers = _unit(torch.randn(k, c, generator=g))
+    assign = torch.randint(0, k, (n,), generator=g)
+    x = _unit(centers[assign] + noise * torch.randn(n, c, generator=g) / math.sqrt(c) * 4)
+    if duplicates:
+        x[1::3] = x[0::3][: x[1::3].shape[0]]
+    return x.contiguous()
+
+
+def _dist_of(x: torch.Tensor) -> torch.Tensor:
+    return (1 - (x @ x.T).clamp(-1, 1)).float().contiguous()
+
+
+DENSE_CASES = [
+    dict(seed=20, n=1, c=8, thr=0.4),
+    dict(seed=21, n=2, c=8, thr=1.5),
+    dict(seed=22, n=37, c=16, thr=0.4),
+    dict(seed=23, n=300, c=32, thr=0.4),
+    dict(seed=24, n=500, c=64, thr=0.6),
+    dict(seed=25, n=200, c=32, thr=0.4, duplicates=True),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: f"n{c['n']}-thr{c['thr']}-dup{c.get('duplicates', False)}")
+def test_average_linkage_precomputed_matches_cpu_and_reference(case):
+    x = _clustered_features(case["seed"], case["n"], case["c"], duplicates=case.get("duplicates", False))
+    dist = _dist_of(x)
+    lab_gpu = ops.average_linkage_precomputed(dist.cuda(), case["thr"]).cpu()
+    assert lab_gpu.dtype == torch.int64 and lab_gpu.shape == (case["n"],)
+    assert _first_appearance(lab_gpu)
+    if _has_cpu_kernel("average_linkage_precomputed"):
+        lab_cpu = ops.average_linkage_precomputed(dist, case["thr"])
+        assert torch.equal(lab_gpu, lab_cpu)
+    if case["n"] <= 300:
+        ref = torch.from_numpy(_greedy_average_linkage(dist.numpy(), case["thr"]))
+        assert _same_partition(lab_gpu, ref)
+
+
+def test_average_linkage_precomputed_tie_heavy():
+    """Quantised distances (many exact ties) and an asymmetric input (upper triangle is used)."""
+    g = _gen(30)
+    n = 160
+    d = torch.randint(0, 6, (n, n), generator=g).float() / 10
+    d = torch.triu(d, 1)
+    d = d + d.T
+    d_asym = d.clone()
+    d_asym[torch.tril(torch.ones(n, n, dtype=torch.bool), -1)] = 5.0  # lower triangle ignored
+    lab = ops.average_linkage_precomputed(d.cuda(), 0.25).cpu()
+    lab_asym = ops.average_linkage_precomputed(d_asym.cuda(), 0.25).cpu()
+    assert torch.equal(lab, lab_asym)
+    assert _first_appearance(lab)
+    # deterministic run to run (atomics only build an unordered pair list)
+    assert torch.equal(lab, ops.average_linkage_precomputed(d.cuda(), 0.25).cpu())
+    # Not compared with the CPU kernel: with exact ties between *different* candidate merges
+    # the partition is not unique; the CPU runs scipy's NN-chain (its own tie preferences),
+    # the GPU reciprocal-NN rounds (ties to the lowest index).
+
+
+@pytest.mark.parametrize("n,thr", [(1, 0.4), (64, 0.4), (400, 0.4), (300, 0.8)])
+def test_average_linkage_features_matches_cpu(n, thr):
+    x = _clustered_features(40 + n, n, 48)
+    lab_gpu = ops.average_linkage(x.cuda(), thr).cpu()
+    assert _first_appearance(lab_gpu)
+    if _has_cpu_kernel("average_linkage"):
+        assert _same_partition(lab_gpu, ops.average_linkage(x, thr))
+    # precomputed path on the same (GPU-computed) distances gives the same labels
+    xg = x.cuda()
+    dist = (1 - (xg @ xg.T).clamp(-1, 1)).float()
+    assert _same_partition(lab_gpu, ops.average_linkage_precomputed(dist, thr).cpu())
+
+
+def test_average_linkage_everything_merges_and_nothing_merges():
+    x = _clustered_features(50, 120, 16)
+    assert ops.average_linkage(x.cuda(), 10.0).cpu().max().item() == 0
+    assert torch.equal(ops.average_linkage(x.cuda(), -1.0).cpu(), torch.arange(120))
+
+
+@pytest.mark.slow
+def test_average_linkage_paper_size():
+    """N = 4096, C = 1024 structured features (the paper's grid): CUDA == CPU."""
+    _need_cpu("average_linkage_precomputed")
+    x = _clustered_features(60, 4096, 1024, k=40, noise=0.5)
+    dist = _dist_of(x)
+    assert torch.equal(ops.average_linkage_precomputed(dist.cuda(), 0.4).cpu(),
+                       ops.average_linkage_precomputed(dist, 0.4))
+
+
+# --------------------------------------------------------------------------------------------
+# grid average linkage
+# --------------------------------------------------------------------------------------------
+
+def _grid_reference(x: np.ndarray, h: int, w: int, conn: int, thr: float) -> np.ndarray:
+    """Plain RNN rounds with sum vectors (the documented semantics), float64 numpy."""
+    n = h * w
+    rep = np.arange(n)
+    sums = x.astype(np.float64).copy()
+    cnt = np.ones(n)
+    dirs = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if conn == 8 else [])
+    edges = []
+    for y in range(h):
+        for xx in range(w):
+            for dy, dx in dirs:
+                ny, nx = y + dy, xx + dx
+                if 0 <= ny < h and 0 <= nx < w:
+                    edges.append((y * w + xx, ny * w + nx))
+    while True:
+        best = {}
+        for p, q in edges:
+            a, b = rep[p], rep[q]
+            if a == b:
+                continue
+            d = 1.0 - float(sums[a] @ sums[b]) / (cnt[a] * cnt[b])
+            for u, v in ((a, b), (b, a)):
+                cur = best.get(u)
+                if cur is None or d < cur[0] or (d == cur[0] and v < cur[1]):
+                    best[u] = (d, v)
+        merged = False
+        for a, (d, b) in best.items():
+            if a < b and best[b][1] == a and d < thr:
+                sums[a] = sums[a] + sums[b]
+                cnt[a] += cnt[b]
+                rep[rep == b] = a
+                merged = True
+        if not merged:
+            break
+    _, first = np.unique(rep, return_index=True)
+    order = {r: k for k, r in enumerate(rep[np.sort(first)])}
+    return np.array([order[r] for r in rep], dtype=np.int64)
+
+
+GRID_CASES = [
+    dict(h=1, w=1, conn=4, thr=0.4),
+    dict(h=1, w=9, conn=4, thr=0.4),
+    dict(h=8, w=8, conn=4, thr=0.4),
+    dict(h=8, w=8, conn=8, thr=0.4),
+    dict(h=16, w=12, conn=4, thr=0.6),
+    dict(h=16, w=12, conn=8, thr=0.3),
+]
+
+
+def _grid_features(seed, h, w, c=24, duplicates=False):
+    g = _gen(seed)
+    # smooth-ish field: a few regions plus noise, so that clusters grow over several rounds
+    k = 4
+    centers = _unit(torch.randn(k, c, generator=g))
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    region = ((yy * 2 // max(h, 1)) * 2 + (xx * 2 // max(w, 1))).reshape(-1) % k
+    x = _unit(centers[region] + 0.6 * torch.randn(h * w, c, generator=g) / math.sqrt(c) * 3)
+    if duplicates:
+        x = torch.round(x * 2) / 2  # quantised: many identical vectors and exact linkage ties
+        x = _unit(x + (x.norm(dim=1, keepdim=True) == 0).float())
+    return x.contiguous()
+
+
+@pytest.mark.parametrize("case", GRID_CASES, ids=lambda c: f"{c['h']}x{c['w']}-c{c['conn']}-thr{c['thr']}")
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_grid_average_linkage_matches_cpu_and_reference(case, duplicates):
+    h, w, conn, thr = case["h"], case["w"], case["conn"], case["thr"]
+    x = _grid_features(70 + h * w + conn, h, w, duplicates=duplicates)
+    lab_gpu = ops.grid_average_linkage(x.cuda(), h, w, conn, thr).cpu()
+    assert lab_gpu.dtype == torch.int64 and lab_gpu.shape == (h * w,)
+    assert _first_appearance(lab_gpu)
+    if _has_cpu_kernel("grid_average_linkage"):
+        assert torch.equal(lab_gpu, ops.grid_average_linkage(x, h, w, conn, thr))
+    if not duplicates:  # float64 numpy dot differs from the sequential fma only on exact ties
+        ref = torch.from_numpy(_grid_reference(x.numpy(), h, w, conn, thr))
+        assert _same_partition(lab_gpu, ref)
+
+
+def test_grid_clusters_are_connected():
+    h, w = 20, 20
+    x = _grid_features(90, h, w)
+    for conn in (4, 8):
+        lab = ops.grid_average_linkage(x.cuda(), h, w, conn, 0.5).cpu().reshape(h, w)
+        for k in lab.unique().tolist():
+            cells = {tuple(p) for p in (lab == k).nonzero().tolist()}
+            start = next(iter(cells))
+            seen, stack = {start}, [start]
+            nbrs = [(0, 1), (1, 0), (0, -1), (-1, 0)] + ([(1, 1), (1, -1), (-1, 1), (-1, -1)] if conn == 8 else [])
+            while stack:
+                y, xx = stack.pop()
+                for dy, dx in nbrs:
+                    nb = (y + dy, xx + dx)
+                    if nb in cells and nb not in seen:
+                        seen.add(nb)
+                        stack.append(nb)
+            assert seen == cells, f"cluster {k} is not {conn}-connected"
+
+
+@pytest.mark.slow
+def test_grid_average_linkage_paper_size():
+    _need_cpu("grid_average_linkage")
+    x = _grid_features(91, 64, 64, c=1024)
+    for conn in (4, 8):
+        assert torch.equal(ops.grid_average_linkage(x.cuda(), 64, 64, conn, 0.4).cpu(),
+                           ops.grid_average_linkage(x, 64, 64, conn, 0.4))
+
+
+def test_ops_run_on_current_stream_without_sync_errors():
+    """Ops on a side stream give the same results (stream handling)."""
+    x = _clustered_features(95, 256, 32)
+    ref = ops.average_linkage(x.cuda(), 0.4).cpu()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        out = ops.average_linkage(x.cuda(), 0.4)
+    s.synchronize()
+    assert torch.equal(out.cpu(), ref)
