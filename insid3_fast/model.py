@@ -39,20 +39,23 @@ class INSID3(torch.nn.Module):
         noise: input of the positional SVD, ``constant`` (published) or ``gaussian``.
         cache_key: identifies the weights for the positional-basis disk cache; default: the
             encoder's ``weights_fingerprint`` attribute when it has one.
+        precision: ``fp32`` (parity) or ``bf16`` (backbone under autocast; for GPUs).
+        compile: ``torch.compile`` the backbone pass.
     """
 
     def __init__(self, encoder: torch.nn.Module, image_size: int = 1024, svd_components: int = 500,
                  tau: float = 0.6, merge_threshold: float = 0.2, mask_refiner: str = "bilinear",
                  resize_to_orig_size: bool = True, device: torch.device | str | None = None, *,
                  backend: str = "auto", connectivity: int | None = None, noise: str = "constant",
-                 cache_key: str | None = None, cache_dir: str | None = None) -> None:
+                 cache_key: str | None = None, cache_dir: str | None = None,
+                 precision: str = "fp32", compile: bool = False) -> None:
         super().__init__()
         device = torch.device(device) if device is not None else default_device()
         self.encoder = encoder
         self.core = Segmenter(encoder, image_size, svd_components, tau, merge_threshold, mask_refiner,
                               connectivity, backend, device, noise,
                               cache_key if cache_key is not None else getattr(encoder, "weights_fingerprint", None),
-                              cache_dir)
+                              cache_dir, precision, compile)
         self.image_size = image_size
         self.resize_to_orig_size = resize_to_orig_size
         self.reset_state()
@@ -154,23 +157,47 @@ class INSID3(torch.nn.Module):
         """Segment targets against an encoded reference, ``batch_size`` per backbone pass."""
         return list(self.stream(ref, targets, batch_size))
 
-    def stream(self, ref: EncodedReference, targets: Iterable[ImageLike], batch_size: int = 8) -> Iterator[torch.Tensor]:
-        """Yield one mask per target (e.g. video frames), batching the backbone passes."""
+    def stream(self, ref: EncodedReference, targets: Iterable[ImageLike], batch_size: int = 8,
+               prefetch: int = 2) -> Iterator[torch.Tensor]:
+        """Yield one mask per target (e.g. video frames), batching the backbone passes.
+
+        Images are decoded and resized in a background thread, ``prefetch`` batches ahead, so
+        loading overlaps the compute; on CUDA the batch is pinned and copied asynchronously.
+        """
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        batch: list[tuple[torch.Tensor, tuple[int, int]]] = []
-        for target in targets:
-            batch.append(load_image(target, self.image_size))
-            if len(batch) == batch_size:
-                yield from self._segment_batch(ref, batch)
-                batch = []
-        if batch:
-            yield from self._segment_batch(ref, batch)
+        from concurrent.futures import ThreadPoolExecutor
 
-    def _segment_batch(self, ref: EncodedReference, batch: list[tuple[torch.Tensor, tuple[int, int]]]) -> list[torch.Tensor]:
-        images = torch.cat([t for t, _ in batch]).to(self.device)
-        sizes = [orig if self.resize_to_orig_size else None for _, orig in batch]
-        return self.core.segment(ref, images, sizes)
+        pin = self.device.type == "cuda"
+
+        def load(chunk: list[ImageLike]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+            loaded = [load_image(t, self.image_size) for t in chunk]
+            images = torch.cat([t for t, _ in loaded])
+            return (images.pin_memory() if pin else images), [orig for _, orig in loaded]
+
+        def chunks() -> Iterator[list[ImageLike]]:
+            chunk: list[ImageLike] = []
+            for target in targets:
+                chunk.append(target)
+                if len(chunk) == batch_size:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = []
+            for chunk in chunks():
+                pending.append(pool.submit(load, chunk))
+                if len(pending) > prefetch:
+                    yield from self._segment_batch(ref, *pending.pop(0).result())
+            for future in pending:
+                yield from self._segment_batch(ref, *future.result())
+
+    def _segment_batch(self, ref: EncodedReference, images: torch.Tensor,
+                       sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        out = [s if self.resize_to_orig_size else None for s in sizes]
+        return self.core.segment(ref, images.to(self.device, non_blocking=True), out)
 
 
 def find_weights(model_size: str, weights: str | os.PathLike | None = None) -> str:
@@ -199,7 +226,7 @@ def build_insid3(model_size: str | None = "large", weights: str | os.PathLike | 
                  mask_refiner: str = "bilinear", resize_to_orig_size: bool = True,
                  device: torch.device | str | None = None, *, backend: str = "auto",
                  connectivity: int | None = None, dtype: torch.dtype | None = None,
-                 cache_dir: str | None = None) -> INSID3:
+                 cache_dir: str | None = None, precision: str = "fp32", compile: bool = False) -> INSID3:
     """Load DINOv3 weights and build an ``INSID3`` (the published ``build_insid3``, plus ``weights``)."""
     from .backbone import load_dinov3, weights_fingerprint
 
@@ -208,6 +235,7 @@ def build_insid3(model_size: str | None = "large", weights: str | os.PathLike | 
     encoder = load_dinov3(path, model_size=model_size, device=device, dtype=dtype)
     model = INSID3(encoder, image_size, svd_components, tau, merge_threshold, mask_refiner,
                    resize_to_orig_size, device, backend=backend, connectivity=connectivity,
-                   cache_key=f"{weights_fingerprint(path)}|{dtype}", cache_dir=cache_dir)
+                   cache_key=f"{weights_fingerprint(path)}|{dtype}|{precision}", cache_dir=cache_dir,
+                   precision=precision, compile=compile)
     model.requires_grad_(False)
     return model

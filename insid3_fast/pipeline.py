@@ -24,6 +24,7 @@ from .refine import REFINERS, refine_with_crf, upsample_mask
 
 log = logging.getLogger("insid3_fast")
 BACKENDS = ("auto", "native", "reference")
+PRECISIONS = ("fp32", "bf16")
 _announced: set[str] = set()
 
 
@@ -83,14 +84,20 @@ class Segmenter:
         device: where everything runs.
         noise: ``constant`` (published) or ``gaussian`` input for the positional SVD.
         cache_key: identifies the weights for the on-disk positional-basis cache (None: no cache).
+        precision: ``fp32`` (the parity mode) or ``bf16`` (autocast for the backbone pass only;
+            everything after it stays float32).
+        compile: compile the backbone pass with ``torch.compile`` (fixed shapes recompile once).
     """
 
     def __init__(self, encoder: torch.nn.Module, image_size: int = 1024, svd_components: int = 500,
                  tau: float = 0.6, merge_threshold: float = 0.2, mask_refiner: str = "bilinear",
                  connectivity: int | None = None, backend: str = "auto",
                  device: torch.device | str = "cpu", noise: str = "constant",
-                 cache_key: str | None = None, cache_dir: str | None = None) -> None:
+                 cache_key: str | None = None, cache_dir: str | None = None,
+                 precision: str = "fp32", compile: bool = False) -> None:
         check_image_size_multiple(image_size)
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if mask_refiner not in REFINERS:
             raise InputError(f"mask_refiner must be one of {REFINERS}, got {mask_refiner!r}")
         if connectivity not in (None, 4, 8):
@@ -106,16 +113,27 @@ class Segmenter:
         self.mask_refiner = mask_refiner
         self.connectivity = connectivity
         self.backend = resolve_backend(backend, self.device)
+        self.precision = precision
+        self._backbone = self._backbone_pass
+        if compile:
+            self._backbone = torch.compile(self._backbone_pass, dynamic=False)
         self.basis = positional_basis(self.encoder, image_size, svd_components, noise, self.device,
                                       cache_key=cache_key, cache_dir=cache_dir)
         self.projector = orthogonal_projector(self.basis)
 
     # ---- backbone ----
+    def _backbone_pass(self, images: torch.Tensor) -> torch.Tensor:
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                fmap = self.encoder.get_intermediate_layers(images, n=1, reshape=True, norm=True)[0]
+        else:
+            fmap = self.encoder.get_intermediate_layers(images, n=1, reshape=True, norm=True)[0]
+        return F.normalize(fmap.float(), p=2, dim=1)
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised features (B, C, h, w) of normalised images (B, 3, size, size), one batch."""
-        fmap = self.encoder.get_intermediate_layers(images.to(self.device), n=1, reshape=True, norm=True)[0]
-        return F.normalize(fmap.float(), p=2, dim=1)
+        """L2-normalised float32 features (B, C, h, w) of normalised images (B, 3, size, size), one batch."""
+        return self._backbone(images.to(self.device, non_blocking=True))
 
     # ---- reference ----
     @torch.no_grad()
