@@ -157,7 +157,30 @@ def stage_functions(case: Case) -> dict[str, tuple[Callable[[], object], Callabl
     return stages
 
 
-def measure(case: Case, stages: list[str], repeats: int, progress=None) -> list[dict]:
+def published_episode(case: Case, checkout: str) -> Callable[[], object]:
+    """The published implementation's ``predict_mask`` on the case's features (backbone skipped).
+
+    ``checkout`` is a clone of github.com/visinf/INSID3 (imported from there, never bundled).
+    """
+    sys.path.insert(0, checkout)
+    try:
+        from models.insid3 import INSID3 as Published
+    finally:
+        sys.path.remove(checkout)
+    d = case.data
+    seg = d["segmenter"]
+    model = Published(d["encoder"], image_size=case.size, svd_components=seg.svd_components,
+                      resize_to_orig_size=False, device=str(case.device))
+    feats = torch.cat([d["ref_feats"], d["tgt_feats"][:1]])[None]
+    model._extract_features = lambda imgs: feats  # features given: the same ones ours use
+    S = case.shots
+    images, masks = d["images"][:S], d["ref_masks"]
+    target = d["images"][S:S + 1]
+    return lambda: model.predict_mask(images, masks, target)
+
+
+def measure(case: Case, stages: list[str], repeats: int, progress=None,
+            published: str | None = None) -> list[dict]:
     """Time every stage of ``case``; one record per stage."""
     fns = stage_functions(case)
     rows = []
@@ -171,7 +194,55 @@ def measure(case: Case, stages: list[str], repeats: int, progress=None) -> list[
                          ours_ms=1e3 * t_ours, reference_ms=1e3 * t_ref, ratio=t_ref / t_ours))
         if progress is not None:
             progress.update(1)
+    if published:
+        t_ours = time_fn(fns["episode"][0], case.device, repeats)
+        t_pub = time_fn(published_episode(case, published), case.device, max(1, repeats // 2 + 1))
+        rows.append(dict(stage="vs_published", size=case.size, shots=case.shots, dim=case.dim,
+                         connectivity=case.connectivity, device=str(case.device),
+                         ours_ms=1e3 * t_ours, reference_ms=1e3 * t_pub, ratio=t_pub / t_ours))
     return rows
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_child(size: int, shots: int, dim: int, connectivity: int | None, path: str, queue) -> None:
+    import gc
+
+    torch.set_num_threads(int(os.environ.get("INSID3_BENCH_THREADS", torch.get_num_threads())))
+    case = build_case(size, shots, dim, "cpu", connectivity, targets=1)
+    ours, ref = stage_functions(case)["episode"]
+    fn = ours if path == "ours" else ref
+    fn()  # warm up: one-time allocations (thread pools, BLAS buffers) are not the episode's
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = _rss_kib("VmRSS")
+    fn()
+    queue.put((_rss_kib("VmHWM") - before) / 1024.0)
+
+
+def peak_memory_mib(size: int, shots: int, dim: int = 1024, connectivity: int | None = None) -> dict[str, float]:
+    """Peak extra resident memory (MiB) of one CPU episode, ours and reference, each in a fresh process.
+
+    Linux only (reads /proc). The features and inputs are allocated before the measurement.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for path in ("ours", "reference"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_peak_child, args=(size, shots, dim, connectivity, path, queue))
+        proc.start()
+        out[path] = queue.get()
+        proc.join()
+    return out
 
 
 def format_table(rows: list[dict]) -> str:
@@ -194,6 +265,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", help="also write the records to this JSON file")
+    p.add_argument("--published", metavar="CHECKOUT",
+                   help="also time the published code (a clone of visinf/INSID3) on the same features")
+    p.add_argument("--memory", action="store_true", help="also measure the peak memory of one CPU episode")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -211,11 +285,19 @@ def run_bench(args: argparse.Namespace) -> int:
             for shots in args.shots:
                 bar.set_postfix(size=size, shots=shots)
                 case = build_case(size, shots, args.dim, args.device, args.connectivity)
-                rows += measure(case, args.stages, args.repeats, bar)
+                rows += measure(case, args.stages, args.repeats, bar, args.published)
     print(format_table(rows))
+    memory = []
+    if args.memory:
+        for size in args.sizes:
+            for shots in args.shots:
+                mem = peak_memory_mib(size, shots, args.dim, args.connectivity)
+                memory.append(dict(size=size, shots=shots, **{f"{k}_mib": v for k, v in mem.items()}))
+                print(f"peak memory, episode {size} px, {shots} shot(s): ours {mem['ours']:.0f} MiB, "
+                      f"reference {mem['reference']:.0f} MiB ({mem['reference'] / max(mem['ours'], 1e-9):.1f}x less)")
     if args.json:
         meta = dict(torch=torch.__version__, threads=torch.get_num_threads(),
                     device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
         with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+            json.dump({"meta": meta, "rows": rows, "memory": memory}, fh, indent=2)
     return 0

@@ -59,6 +59,8 @@ def test_segment_two_shots_and_reference_backend(weights, tmp_path, capsys):
     args = seg_args(weights, tmp_path / "a.png") + ["--ref-image", str(REF), "--ref-mask", str(MASK)]
     assert run(args, capsys)[0] == 0
     assert run(seg_args(weights, tmp_path / "b.png", **{"--backend": "reference"}), capsys)[0] == 0
+    assert run(seg_args(weights, tmp_path / "c.png") + ["--crf"], capsys)[0] == 0
+    assert np.array(Image.open(tmp_path / "c.png")).shape == np.array(Image.open(tmp_path / "a.png")).shape
     assert np.array_equal(np.array(Image.open(tmp_path / "a.png")), np.array(Image.open(tmp_path / "b.png")))
 
 

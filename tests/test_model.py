@@ -161,3 +161,18 @@ def test_match_keypoints_identity():
     pred = model.match(kps, use_debiased=False)
     assert pred.shape == (3, 2)
     assert (pred - kps).abs().max() < 16  # within one patch
+
+
+def test_crf_refiner_refines_the_bilinear_mask():
+    from insid3_fast.crf import crf_refine
+    from insid3_fast.inputs import denormalize, load_image
+
+    encoder = SyntheticEncoder(32)
+    refs, masks, target, truth = make_episode(0, 1)
+    kw = dict(image_size=256, svd_components=16, device="cpu", resize_to_orig_size=False)
+    plain = segment(INSID3(encoder, **kw), refs, masks, target)
+    refined = segment(INSID3(encoder, mask_refiner="crf", **kw), refs, masks, target)
+    image = load_image(target, 256)[0]
+    expected = crf_refine(denormalize(image[0]), torch.from_numpy(plain)).numpy()
+    assert np.array_equal(refined, expected)
+    assert not np.array_equal(refined, plain)
