@@ -100,15 +100,18 @@ def stage_functions(case: Case) -> dict[str, tuple[Callable[[], object], Callabl
     N = h * w
     P = seg.projector
     enc = seg.encode_reference_features(ref_feats, masks)
+    ref_deb = debias(ref_feats, P)
     tgt_deb = debias(tgt[None], P)[0]
-    sim, fwd = reference.forward_mask(tgt_deb, enc.prototype)
-    queries = tgt_deb.reshape(C, N).T.contiguous()
+    queries = seg.debiased_coordinates(tgt[None])[0]
+    sim = queries @ enc.prototype
+    fwd = sim > 0
     feats = tgt.reshape(C, N).T.contiguous()
     votes, _ = ops.nn_vote(queries, enc.keys, enc.masks_down.reshape(S, N), fwd.reshape(N))
     cands = (fwd.reshape(N) & (votes >= math.ceil(S / 2)))
     labels = ops.average_linkage(feats, 1 - seg.tau)
     patch_mask = seg.segment_patches(enc, tgt)
     all_feats = torch.cat([ref_feats, tgt[None]])
+    ref_proto = reference.reference_prototype(ref_deb, enc.masks_down)
 
     def ours_votes():
         return ops.nn_vote(queries, enc.keys, enc.masks_down.reshape(S, N), fwd.reshape(N))
@@ -144,11 +147,11 @@ def stage_functions(case: Case) -> dict[str, tuple[Callable[[], object], Callabl
         return upsample_mask(reference.segment_patches(ref_feats, masks, t, P, seg.tau, seg.merge_threshold), size, size)
 
     stages = {
-        "debias": (lambda: debias(all_feats, P), lambda: debias(all_feats, P)),
-        "votes": (ours_votes, lambda: reference.backward_votes(tgt_deb, enc.features_deb, enc.masks_down)),
+        "debias": (lambda: seg.debiased_coordinates(all_feats), lambda: debias(all_feats, P)),
+        "votes": (ours_votes, lambda: reference.backward_votes(tgt_deb, ref_deb, enc.masks_down)),
         "clustering": (ours_cluster, ref_cluster),
-        "aggregation": (lambda: aggregate_clusters(labels, cands, queries, feats, sim.reshape(N), enc.prototype, seg.merge_threshold),
-                        lambda: reference.seed_and_aggregate(cands.reshape(h, w), labels.reshape(h, w), enc.prototype, tgt, tgt_deb, seg.merge_threshold)),
+        "aggregation": (lambda: aggregate_clusters(labels, cands, queries, feats, sim, enc.prototype, seg.merge_threshold),
+                        lambda: reference.seed_and_aggregate(cands.reshape(h, w), labels.reshape(h, w), ref_proto, tgt, tgt_deb, seg.merge_threshold)),
         "upsampling": (lambda: upsample_mask(patch_mask, size, size), lambda: upsample_mask(patch_mask, size, size)),
         "episode": (ours_episode, ref_episode),
         "cached_target": (lambda: seg.finalize(seg.segment_patches(enc, tgt), None, None), ref_episode),

@@ -104,3 +104,15 @@ def debias(features: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
     X = features.reshape(T, C, h * w)
     X = torch.matmul(projector.unsqueeze(0), X).reshape(T, C, h, w)
     return F.normalize(X, p=2, dim=1)
+
+
+def complement_basis(basis: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis Q (C, C - r) of the complement of span(B).
+
+    For unit-norm x, ``normalize(Qᵀ x)`` are the coordinates of the debiased feature
+    ``normalize(P x)`` in that basis: every inner product between debiased features is the
+    same, computed in C - r instead of C dimensions.
+    """
+    C, r = basis.shape
+    U = torch.linalg.svd(basis.double(), full_matrices=True)[0]
+    return U[:, r:].to(basis.dtype).contiguous()

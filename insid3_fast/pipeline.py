@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops, reference
-from .debias import debias, orthogonal_projector, positional_basis
+from .debias import complement_basis, orthogonal_projector, positional_basis
 from .errors import BackendError, InputError
 from .inputs import check_image_size_multiple
 from .refine import REFINERS, refine_with_crf, upsample_mask
@@ -33,14 +33,14 @@ class EncodedReference:
     """A reference (S shots) ready to be matched against targets.
 
     features: (S, C, h, w) L2-normalised backbone features; masks: (S, size, size) bool;
-    features_deb: debiased features; masks_down: (S, h, w) bool masks at feature resolution;
-    prototype: (C,) the normalised reference prototype; keys: (S, h*w, C) contiguous
-    debiased features, the layout of the native nearest-neighbour op.
+    masks_down: (S, h, w) bool masks at feature resolution; keys: (S, h*w, D) the debiased
+    features in the D = C - r coordinates of the complement of the positional subspace
+    (``Segmenter.debiased_coordinates``), the layout of the native nearest-neighbour op;
+    prototype: (D,) the normalised reference prototype in the same coordinates.
     """
 
     features: torch.Tensor
     masks: torch.Tensor
-    features_deb: torch.Tensor
     masks_down: torch.Tensor
     prototype: torch.Tensor
     keys: torch.Tensor
@@ -104,6 +104,11 @@ class Segmenter:
             raise InputError(f"connectivity must be None, 4 or 8, got {connectivity!r}")
         if svd_components < 0:
             raise InputError(f"svd_components must be >= 0, got {svd_components}")
+        embed_dim = getattr(encoder, "embed_dim", None)
+        if isinstance(embed_dim, int) and svd_components >= embed_dim:
+            raise InputError(f"svd_components ({svd_components}) must be smaller than the embedding size "
+                             f"({embed_dim}): nothing would be left after removing the positional "
+                             f"subspace; use e.g. svd_components={embed_dim // 2}")
         self.device = torch.device(device)
         self.encoder = encoder.to(self.device).eval()
         self.image_size = image_size
@@ -119,7 +124,11 @@ class Segmenter:
             self._backbone = torch.compile(self._backbone_pass, dynamic=False)
         self.basis = positional_basis(self.encoder, image_size, svd_components, noise, self.device,
                                       cache_key=cache_key, cache_dir=cache_dir)
+        if self.basis.shape[1] >= self.basis.shape[0]:
+            raise InputError(f"svd_components ({svd_components}) must be smaller than the embedding size "
+                             f"({self.basis.shape[0]}); use e.g. svd_components={self.basis.shape[0] // 2}")
         self.projector = orthogonal_projector(self.basis)
+        self.complement = complement_basis(self.basis)
 
     # ---- backbone ----
     def _backbone_pass(self, images: torch.Tensor) -> torch.Tensor:
@@ -149,14 +158,24 @@ class Segmenter:
         feats = self.features(images) if features is None else features.to(self.device)
         return self.encode_reference_features(feats, masks)
 
+    def debiased_coordinates(self, feats: torch.Tensor) -> torch.Tensor:
+        """Debiased features (T, h*w, D) of normalised features (T, C, h, w), in complement coordinates.
+
+        ``normalize(Qᵀ x)``: the same inner products as the published ``normalize(P x)``, in
+        D = C - r dimensions, so matching and aggregation cost about half.
+        """
+        T, C, h, w = feats.shape
+        y = torch.matmul(feats.reshape(T, C, h * w).transpose(1, 2), self.complement)
+        return F.normalize(y, p=2, dim=2)
+
     def encode_reference_features(self, feats: torch.Tensor, masks: torch.Tensor) -> EncodedReference:
         """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size)."""
         S, C, h, w = feats.shape
-        deb = debias(feats, self.projector)
+        keys = self.debiased_coordinates(feats)
         masks_down = torch.stack([reference.downsample_mask(masks[s], h, w) for s in range(S)])
-        prototype = reference.reference_prototype(deb, masks_down)
-        keys = deb.reshape(S, C, h * w).transpose(1, 2).contiguous()
-        return EncodedReference(feats, masks, deb, masks_down, prototype, keys)
+        shot_protos = [keys[s][masks_down[s].reshape(-1)].mean(dim=0) for s in range(S)]
+        prototype = F.normalize(torch.stack(shot_protos).mean(dim=0), p=2, dim=0)
+        return EncodedReference(feats, masks, masks_down, prototype, keys)
 
     # ---- target ----
     @torch.no_grad()
@@ -175,22 +194,20 @@ class Segmenter:
         # Written without host synchronisation: fallbacks are selected with torch.where.
         C, h, w = tgt_feat.shape
         N = h * w
-        tgt_deb = debias(tgt_feat[None], self.projector)[0]
-        sim = torch.einsum("bchw,cd->bhw", tgt_deb[None], ref.prototype[:, None]).squeeze(0)
+        queries = self.debiased_coordinates(tgt_feat[None])[0]
+        sim = queries @ ref.prototype
         fwd = sim > 0
         fwd = torch.where(fwd.any(), fwd, sim > torch.quantile(sim, 0.9))
 
-        queries = tgt_deb.reshape(C, N).T.contiguous()
-        votes, _ = ops.nn_vote(queries, ref.keys, ref.masks_down.reshape(ref.shots, N), fwd.reshape(N))
-        candidates = fwd.reshape(N) & (votes >= math.ceil(ref.shots / 2))
+        votes, _ = ops.nn_vote(queries, ref.keys, ref.masks_down.reshape(ref.shots, N), fwd)
+        candidates = fwd & (votes >= math.ceil(ref.shots / 2))
 
         feats = tgt_feat.reshape(C, N).T.contiguous()
         if self.connectivity is None:
             labels = ops.average_linkage(feats, 1.0 - self.tau)
         else:
             labels = ops.grid_average_linkage(feats, h, w, self.connectivity, 1.0 - self.tau)
-        mask = aggregate_clusters(labels, candidates, queries, feats, sim.reshape(N),
-                                  ref.prototype, self.merge_threshold)
+        mask = aggregate_clusters(labels, candidates, queries, feats, sim, ref.prototype, self.merge_threshold)
         return mask.reshape(h, w)
 
     def finalize(self, patch_mask: torch.Tensor, image: torch.Tensor | None,
@@ -229,31 +246,40 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
     Args:
         labels: (N,) int64 cluster labels in [0, N).
         candidates: (N,) bool candidate patches.
-        feats_deb, feats: (N, C) debiased and original normalised target features.
+        feats_deb: (N, D) debiased normalised target features (any coordinates).
+        feats: (N, C) original normalised target features.
         sim: (N,) patch similarity to the prototype, <t_deb, p>.
-        prototype: (C,) reference prototype.
+        prototype: (D,) reference prototype, in the coordinates of ``feats_deb``.
 
     Returns:
         (N,) bool patch mask (all False when there is no candidate).
     """
     N = labels.shape[0]
     dev = labels.device
-    # Sums in float64 so that the order of accumulation (atomics on CUDA) does not matter.
-    area = torch.zeros(N, dtype=torch.float64, device=dev).index_add_(0, labels, torch.ones_like(sim, dtype=torch.float64))
-    n_match = torch.zeros(N, dtype=torch.float64, device=dev).index_add_(0, labels, candidates.double())
-    safe_area = area.clamp(min=1.0)[:, None]
-    sums_deb = torch.zeros(N, feats.shape[1], dtype=torch.float64, device=dev).index_add_(0, labels, feats_deb.double())
-    sums = torch.zeros(N, feats.shape[1], dtype=torch.float64, device=dev).index_add_(0, labels, feats.double())
-    protos_deb = F.normalize((sums_deb / safe_area).float(), p=2, dim=1)
-    protos = F.normalize((sums / safe_area).float(), p=2, dim=1)
+    if dev.type == "cpu":
+        # On the CPU the number of clusters is free to read and the sums are sequential.
+        K, acc = int(labels.max()) + 1, torch.float32
+    else:
+        # On a GPU: no host sync (K = N bounds the labels) and float64 sums, so that the
+        # order of the atomic additions cannot change the float32 results.
+        K, acc = N, torch.float64
+
+    def per_cluster(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((K,) + values.shape[1:], dtype=acc, device=dev)
+        return out.index_add_(0, labels, values.to(acc))
+
+    area = per_cluster(torch.ones_like(sim))
+    safe_area = area.clamp(min=1.0)
+    n_match = per_cluster(candidates.to(sim.dtype))
+    protos_deb = F.normalize((per_cluster(feats_deb) / safe_area[:, None]).float(), p=2, dim=1)
+    protos = F.normalize((per_cluster(feats) / safe_area[:, None]).float(), p=2, dim=1)
+    cross = (per_cluster(sim) / safe_area).float()
+    weights = (n_match / safe_area).float()
 
     cross_proto = protos_deb @ prototype
     seed = torch.argmax(torch.where(n_match > 0, cross_proto, torch.full_like(cross_proto, -math.inf)))
     intra = protos @ protos[seed]
-    cross = (torch.zeros(N, dtype=torch.float64, device=dev).index_add_(0, labels, sim.double())
-             / area.clamp(min=1.0)).float()
-    weights = (n_match / area.clamp(min=1.0)).float()
-    weights = torch.where(torch.arange(N, device=dev) == seed, torch.ones_like(weights), weights)
+    weights = torch.where(torch.arange(K, device=dev) == seed, torch.ones_like(weights), weights)
     score = cross * intra * weights
     mask = score[labels] > merge_threshold
     return mask & candidates.any()
