@@ -60,13 +60,19 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=1024, help="side images are resized to (multiple of 16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
+    p.add_argument("--svd-components", type=int, default=500, help="rank of the positional subspace removed")
+    p.add_argument("--tau", type=float, default=0.6, help="clustering similarity threshold")
+    p.add_argument("--merge-threshold", type=float, default=0.2, help="cluster score threshold (alpha)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="backbone precision (bf16: autocast, for GPUs; fp32 is the parity mode)")
 
 
 def _build_model(args: argparse.Namespace, **kwargs):
     from .model import build_insid3
 
     return build_insid3(model_size=args.model_size, weights=args.weights, image_size=args.image_size,
-                        device=_device(args.device), backend=args.backend, **kwargs)
+                        svd_components=args.svd_components, tau=args.tau, merge_threshold=args.merge_threshold,
+                        device=_device(args.device), backend=args.backend, precision=args.precision, **kwargs)
 
 
 def _segment(args: argparse.Namespace) -> int:

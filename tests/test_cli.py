@@ -37,7 +37,7 @@ def run(args, capsys):
 
 def seg_args(weights, out, **over):
     args = {"--ref-image": REF, "--ref-mask": MASK, "--target": TARGET, "--output": out,
-            "--weights": weights, "--image-size": 128, "--device": "cpu"}
+            "--weights": weights, "--image-size": 128, "--device": "cpu", "--svd-components": 32}
     args.update(over)
     return ["segment"] + [x for k, v in args.items() if v is not None for x in (k, v)]
 
@@ -69,7 +69,8 @@ def test_match_end_to_end(weights, tmp_path, capsys):
     kps.write_text(json.dumps({"keypoints": [[100, 120], [300, 200]]}))
     out = tmp_path / "out.json"
     code, _, err = run(["match", "--ref-image", REF, "--target", TARGET, "--keypoints", kps, "--output", out,
-                        "--weights", weights, "--image-size", 128, "--device", "cpu"], capsys)
+                        "--weights", weights, "--image-size", 128, "--device", "cpu",
+                        "--svd-components", 32], capsys)
     assert code == 0, err
     result = json.loads(out.read_text())
     assert len(result["keypoints"]) == 2
@@ -140,7 +141,8 @@ def test_bad_keypoints_file(weights, tmp_path, capsys):
     kps = tmp_path / "k.json"
     kps.write_text("[[1, 2, 3]]")
     code, _, err = run(["match", "--ref-image", REF, "--target", TARGET, "--keypoints", kps,
-                        "--weights", weights, "--image-size", 128, "--device", "cpu"], capsys)
+                        "--weights", weights, "--image-size", 128, "--device", "cpu",
+                        "--svd-components", 32], capsys)
     assert code == 2 and "[x, y] pairs" in err
 
 

@@ -145,6 +145,8 @@ def test_bad_configuration():
         INSID3(enc, image_size=128, mask_refiner="nope", device="cpu")
     with pytest.raises(InputError, match="connectivity"):
         INSID3(enc, image_size=128, connectivity=6, device="cpu")
+    with pytest.raises(InputError, match="smaller than the embedding size"):
+        INSID3(enc, image_size=128, svd_components=16, device="cpu")
     if not ops.native_available():
         with pytest.raises(BackendError, match="reference"):
             INSID3(enc, image_size=128, backend="native", device="cpu")

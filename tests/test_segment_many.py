@@ -33,7 +33,8 @@ def setup(tmp_path_factory):
 def _cmd(root, weights, out, launcher):
     return launcher + ["segment-many", "--ref-image", str(root / "ref.png"), "--ref-mask", str(root / "ref_mask.png"),
                        "--target-dir", str(root / "targets"), "--output-dir", str(out), "--weights", str(weights),
-                       "--image-size", "128", "--device", "cpu", "--batch-size", "2"]
+                       "--image-size", "128", "--device", "cpu", "--batch-size", "2",
+                       "--svd-components", "32"]
 
 
 def _free_port() -> int:
