@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/huge_buffer.h"
 #include "cpu/nn_chain.h"
 
 namespace {
@@ -18,7 +19,7 @@ namespace {
 // Row blocks of the Gram matrix; each block only computes its columns j >= first row.
 constexpr int64_t kRowBlock = 512;
 
-at::Tensor cluster_condensed(std::vector<double>& D, int64_t n, double threshold, const at::TensorOptions& opt) {
+at::Tensor cluster_condensed(insid3_cpu::HugeBuffer& D, int64_t n, double threshold, const at::TensorOptions& opt) {
   at::Tensor labels = at::empty({n}, opt.dtype(at::kLong));
   if (n == 0) return labels;
   const std::vector<insid3_cpu::Merge> merges = insid3_cpu::nn_chain_average(D.data(), n);
@@ -26,10 +27,10 @@ at::Tensor cluster_condensed(std::vector<double>& D, int64_t n, double threshold
   return labels;
 }
 
-void check_finite(const std::vector<double>& D, const char* op) {
+void check_finite(const insid3_cpu::HugeBuffer& D, const char* op) {
   bool finite = true;
 #pragma omp parallel for reduction(&& : finite)
-  for (int64_t i = 0; i < static_cast<int64_t>(D.size()); ++i) finite = finite && std::isfinite(D[i]);
+  for (int64_t i = 0; i < D.size(); ++i) finite = finite && std::isfinite(D.data()[i]);
   TORCH_CHECK(finite, op, ": the distances must be finite (scipy's linkage rejects NaN/inf)");
 }
 
@@ -43,7 +44,7 @@ at::Tensor average_linkage_precomputed_cpu(const at::Tensor& dist, double thresh
   const at::Tensor d = dist.contiguous();
   const float* dp = d.data_ptr<float>();
   const std::vector<int64_t> off = insid3_cpu::condensed_row_offsets(n);
-  std::vector<double> D(n > 1 ? n * (n - 1) / 2 : 0);
+  insid3_cpu::HugeBuffer D(n > 1 ? n * (n - 1) / 2 : 0);
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = i + 1; j < n; ++j) D[off[i] + j] = static_cast<double>(dp[i * n + j]);
@@ -59,7 +60,7 @@ at::Tensor average_linkage_cpu(const at::Tensor& features, double threshold) {
   const int64_t n = features.size(0);
   const at::Tensor X = features.contiguous();
   const std::vector<int64_t> off = insid3_cpu::condensed_row_offsets(n);
-  std::vector<double> D(n > 1 ? n * (n - 1) / 2 : 0);
+  insid3_cpu::HugeBuffer D(n > 1 ? n * (n - 1) / 2 : 0);
   // dist = 1 - clamp(X X^T, -1, 1) in float32, as torch computes it. Each block is at::mm of
   // rows [i0, i1) against rows [i0, n): the same GEMM torch runs for X @ X.T restricted to
   // those rows and columns (bitwise equal to the full product with MKL, checked in the tests).
