@@ -17,6 +17,20 @@ from hypothesis import strategies as st
 from insid3_fast import ops
 
 
+@pytest.fixture(autouse=True, scope="module", params=["fp32", "bf16"])
+def gemm_mode(request):
+    """Every test runs on both pre-filters of the kernel: the fp32 GEMM and the bf16 GEMM."""
+    import os
+
+    old = os.environ.get("INSID3_NN_VOTE")
+    os.environ["INSID3_NN_VOTE"] = request.param
+    yield request.param
+    if old is None:
+        del os.environ["INSID3_NN_VOTE"]
+    else:
+        os.environ["INSID3_NN_VOTE"] = old
+
+
 def _exact_dots(keys: np.ndarray, q: np.ndarray) -> list[float]:
     prods = keys.astype(np.float64) * q.astype(np.float64)  # float32 products are exact in float64
     return [math.fsum(row) for row in prods]

@@ -28,6 +28,19 @@ INSID3_HD float fp32_dot_error_bound(float na, float nb, int64_t C) {
   return static_cast<float>(2.0 * cu / (1.0 - cu) * static_cast<double>(na) * static_cast<double>(nb)) + 1e-30f;
 }
 
+// The same bound for a GEMM on bf16-rounded inputs with float32 accumulation and a bf16
+// result (torch's CPU bf16 matmul): input rounding (2b + b^2, b = 2^-9), accumulation
+// (gamma_C), output rounding (b), for both compared scores, with a further factor 2 of
+// margin for the GEMM's internals.
+INSID3_HD float bf16_dot_error_bound(float na, float nb, int64_t C) {
+  const double b = 1.0 / 512.0;
+  const double cu = static_cast<double>(C) * 5.9604644775390625e-08;
+  const double gamma = cu / (1.0 - cu);
+  const double in = 2.0 * b + b * b;
+  const double rel = in + gamma * (1.0 + in) + b * (1.0 + in) * (1.0 + gamma);
+  return static_cast<float>(4.0 * rel * static_cast<double>(na) * static_cast<double>(nb)) + 1e-30f;
+}
+
 // Is (v, j) better than the current best (best_v, best_j)? Larger value wins, ties to the lower index.
 INSID3_HD bool better_max(double v, int64_t j, double best_v, int64_t best_j) {
   return v > best_v || (v == best_v && j < best_j);
