@@ -40,7 +40,7 @@ class INSID3(torch.nn.Module):
         cache_key: identifies the weights for the positional-basis disk cache; default: the
             encoder's ``weights_fingerprint`` attribute when it has one.
         precision: ``fp32`` (parity) or ``bf16`` (backbone under autocast; for GPUs).
-        compile: ``torch.compile`` the backbone pass.
+        compile: ``torch.compile`` the backbone pass (True, or a mode such as ``"reduce-overhead"``).
     """
 
     def __init__(self, encoder: torch.nn.Module, image_size: int = 1024, svd_components: int = 500,
@@ -48,7 +48,7 @@ class INSID3(torch.nn.Module):
                  resize_to_orig_size: bool = True, device: torch.device | str | None = None, *,
                  backend: str = "auto", connectivity: int | None = None, noise: str = "constant",
                  cache_key: str | None = None, cache_dir: str | None = None,
-                 precision: str = "fp32", compile: bool = False) -> None:
+                 precision: str = "fp32", compile: bool | str = False) -> None:
         super().__init__()
         device = torch.device(device) if device is not None else default_device()
         self.encoder = encoder
@@ -226,7 +226,7 @@ def build_insid3(model_size: str | None = "large", weights: str | os.PathLike | 
                  mask_refiner: str = "bilinear", resize_to_orig_size: bool = True,
                  device: torch.device | str | None = None, *, backend: str = "auto",
                  connectivity: int | None = None, dtype: torch.dtype | None = None,
-                 cache_dir: str | None = None, precision: str = "fp32", compile: bool = False) -> INSID3:
+                 cache_dir: str | None = None, precision: str = "fp32", compile: bool | str = False) -> INSID3:
     """Load DINOv3 weights and build an ``INSID3`` (the published ``build_insid3``, plus ``weights``)."""
     from .backbone import load_dinov3, weights_fingerprint
 

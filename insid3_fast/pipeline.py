@@ -86,7 +86,8 @@ class Segmenter:
         cache_key: identifies the weights for the on-disk positional-basis cache (None: no cache).
         precision: ``fp32`` (the parity mode) or ``bf16`` (autocast for the backbone pass only;
             everything after it stays float32).
-        compile: compile the backbone pass with ``torch.compile`` (fixed shapes recompile once).
+        compile: compile the backbone pass with ``torch.compile``: True for the default mode, or
+            a mode name such as ``"reduce-overhead"`` (CUDA graphs for fixed shapes).
     """
 
     def __init__(self, encoder: torch.nn.Module, image_size: int = 1024, svd_components: int = 500,
@@ -94,7 +95,7 @@ class Segmenter:
                  connectivity: int | None = None, backend: str = "auto",
                  device: torch.device | str = "cpu", noise: str = "constant",
                  cache_key: str | None = None, cache_dir: str | None = None,
-                 precision: str = "fp32", compile: bool = False) -> None:
+                 precision: str = "fp32", compile: bool | str = False) -> None:
         check_image_size_multiple(image_size)
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -121,7 +122,8 @@ class Segmenter:
         self.precision = precision
         self._backbone = self._backbone_pass
         if compile:
-            self._backbone = torch.compile(self._backbone_pass, dynamic=False)
+            mode = compile if isinstance(compile, str) else None
+            self._backbone = torch.compile(self._backbone_pass, dynamic=False, mode=mode)
         self.basis = positional_basis(self.encoder, image_size, svd_components, noise, self.device,
                                       cache_key=cache_key, cache_dir=cache_dir)
         if self.basis.shape[1] >= self.basis.shape[0]:
