@@ -39,20 +39,38 @@ def _run(model, refs, masks, target):
     return model.segment().cpu().numpy()
 
 
+def _as_inputs(kind, refs, masks, target, folder):
+    """The episode as PIL/numpy objects, as files (paths), or as tensors (normalised images)."""
+    if kind == "objects":
+        return refs, masks, target
+    if kind == "files":
+        from PIL import Image
+        paths = []
+        for i, (image, mask) in enumerate(zip(refs, masks)):
+            image.save(folder / f"r{i}.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"m{i}.png")
+            paths.append((str(folder / f"r{i}.png"), str(folder / f"m{i}.png")))
+        target.save(folder / "t.png")
+        return [p for p, _ in paths], [m for _, m in paths], str(folder / "t.png")
+    from torchvision.transforms import functional as TF
+    norm = lambda img: TF.normalize(TF.to_tensor(img), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return [norm(r) for r in refs], [torch.from_numpy(m) for m in masks], norm(target)
+
+
 @pytest.mark.parametrize("backend", ["reference", "native"])
-@pytest.mark.parametrize("size,dim,shots,seed", [
-    (512, 64, 1, 0), (512, 64, 2, 1), (512, 384, 3, 2), (512, 64, 5, 3),
-    (1024, 64, 1, 4), (1024, 256, 2, 5), (512, 1024, 1, 6),
+@pytest.mark.parametrize("size,dim,shots,seed,kind", [
+    (512, 64, 1, 0, "objects"), (512, 64, 2, 1, "files"), (512, 384, 3, 2, "tensors"), (512, 64, 5, 3, "files"),
+    (1024, 64, 1, 4, "tensors"), (1024, 256, 2, 5, "objects"), (512, 1024, 1, 6, "objects"),
+    (1024, 1024, 4, 7, "files"), (512, 768, 5, 8, "tensors"),
 ])
-def test_same_masks_as_published(published_cls, backend, size, dim, shots, seed):
+def test_same_masks_as_published(published_cls, backend, size, dim, shots, seed, kind, tmp_path):
     if backend == "native" and not __import__("insid3_fast").ops.native_available():
         pytest.skip("native ops not built")
     encoder = SyntheticEncoder(dim, seed=seed)
-    refs, masks, target, _ = make_episode(seed, shots)
+    refs, masks, target, _ = _as_inputs(kind, *make_episode(seed, shots)[:3], tmp_path) + (None,)
     published = published_cls(encoder, image_size=size, svd_components=min(500, dim // 2), device="cpu")
     ours = INSID3(encoder, image_size=size, svd_components=min(500, dim // 2), device="cpu", backend=backend)
     expected = _run(published, refs, masks, target)
-    # File inputs and tensor inputs both go through the same loaders as the published code.
     got = _run(ours, refs, masks, target)
     assert expected.shape == got.shape
     assert np.array_equal(expected, got), f"{(expected != got).sum()} pixels differ"

@@ -69,3 +69,20 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def claim_output_dir(output_dir: str, fingerprint: dict[str, Any], rank: int) -> None:
+    """Rank 0 checks (or writes) the run's configuration in ``output_dir``; every rank raises
+    the same InputError when it belongs to a different run."""
+    from ..errors import InputError
+    from .records import check_or_write_config
+
+    error = None
+    if rank == 0:
+        try:
+            check_or_write_config(output_dir, fingerprint, write=True)
+        except InputError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error:
+        raise InputError(error)

@@ -12,12 +12,11 @@ from typing import Any, Protocol, Sequence
 import torch
 from tqdm import tqdm
 
-from ..errors import InputError
 from . import distributed
 from .episodes import Episode, EpisodeDataset, LoadedEpisode
 from .metrics import SegmentationMeter, episode_areas, format_class_table, resize_mask_nearest
 from .overlays import make_overlay
-from .records import RecordWriter, atomic_write_json, atomic_write_text, check_or_write_config, read_records
+from .records import RecordWriter, atomic_write_json, atomic_write_text, read_records
 
 
 class SegmentationModel(Protocol):
@@ -83,15 +82,7 @@ def evaluate_segmentation(
         "dataset": dataset.name, "fold": dataset.fold, "shots": dataset.shots, "seed": seed,
         "episodes": len(episodes), "model": config.get("model", {}),
     }
-    error = None
-    if rank == 0:
-        try:
-            check_or_write_config(output_dir, fingerprint, write=True)
-        except InputError as exc:
-            error = str(exc)
-    error = distributed.broadcast_object(error)
-    if error:
-        raise InputError(error)
+    distributed.claim_output_dir(output_dir, fingerprint, rank)
 
     done = read_records(output_dir) if resume else {}
     mine = [e for e in episodes if e.index % world_size == rank]
