@@ -127,7 +127,7 @@ else
   skip_step pytest_benchmark "no benchmark files under benchmarks/"
 fi
 if command -v insid3-fast >/dev/null 2>&1 && insid3-fast --help 2>/dev/null | grep -qw bench; then
-  run_step cli_bench insid3-fast bench
+  run_step cli_bench insid3-fast bench --device cuda --backbone large --sizes 512 1024 --shots 1 5 --json "$RESULTS/gpu_${CARD_SLUG}_bench.json"
 else
   skip_step cli_bench "no \`insid3-fast bench\` command"
 fi

@@ -186,14 +186,63 @@ def published_episode(case: Case, checkout: str) -> Callable[[], object]:
     return lambda: model.predict_mask(images, masks, target)
 
 
+def backbone_functions(case: Case, model_size: str, precision: str) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """(ours, reference) for the ``backbone`` and ``end_to_end`` stages on a random-weight DINOv3.
+
+    ours: targets batched through the backbone at ``precision`` against a cached reference;
+    reference: one fp32 episode at a time (S references + the target through the backbone,
+    then the reference path), as the published code runs.
+    """
+    from . import reference
+    from .backbone import DinoV3Backbone, build_dinov3
+    from .pipeline import Segmenter
+    from .refine import upsample_mask
+
+    torch.manual_seed(0)
+    encoder = DinoV3Backbone(build_dinov3(model_size).eval(), model_size).to(case.device)
+    C = encoder.embed_dim
+    r = min(500, C // 2)
+    d = case.data
+    ours = Segmenter(encoder, case.size, r, backend="native", device=case.device, precision=precision)
+    ref_path = Segmenter(encoder, case.size, r, backend="reference", device=case.device)
+    S = case.shots
+    refs, targets, masks = d["images"][:S], d["images"][S:], d["ref_masks"]
+    enc = ours.encode_reference(refs, masks)
+
+    def ours_backbone():
+        return ours.features(targets)
+
+    def ref_backbone():
+        return [ref_path.features(targets[b:b + 1]) for b in range(targets.shape[0])]
+
+    def ours_e2e():
+        return ours.segment(enc, targets)
+
+    def ref_e2e():
+        out = []
+        for b in range(targets.shape[0]):
+            feats = ref_path.features(torch.cat([refs, targets[b:b + 1]]))
+            m = reference.segment_patches(feats[:S], masks, feats[S], ref_path.projector, ref_path.tau,
+                                          ref_path.merge_threshold)
+            out.append(upsample_mask(m, case.size, case.size))
+        return out
+
+    return {"backbone": (ours_backbone, ref_backbone), "end_to_end": (ours_e2e, ref_e2e)}
+
+
 def measure(case: Case, stages: list[str], repeats: int, progress=None,
-            published: str | None = None) -> list[dict]:
+            published: str | None = None, backbone: str | None = None,
+            precision: str = "fp32") -> list[dict]:
     """Time every stage of ``case``; one record per stage."""
     fns = stage_functions(case)
+    if backbone:
+        fns.update(backbone_functions(case, backbone, precision))
+        stages = list(stages) + ["backbone", "end_to_end"]
     rows = []
+    n_targets = case.data["tgt_feats"].shape[0]
     for stage in stages:
         ours, ref = fns[stage]
-        per = case.data["tgt_feats"].shape[0] if stage == "batched_targets" else 1
+        per = n_targets if stage in ("batched_targets", "backbone", "end_to_end") else 1
         t_ours = time_fn(ours, case.device, repeats) / per
         t_ref = time_fn(ref, case.device, max(1, repeats // 2 + 1)) / per
         rows.append(dict(stage=stage, size=case.size, shots=case.shots, dim=case.dim,
@@ -282,6 +331,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", help="also write the records to this JSON file")
+    p.add_argument("--backbone", metavar="SIZE", help="also time the backbone and end-to-end stages on a "
+                   "random-weight DINOv3 of this size (e.g. large; slow on CPU)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="backbone precision of our path (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--published", metavar="CHECKOUT",
                    help="also time the published code (a clone of visinf/INSID3) on the same features")
     p.add_argument("--memory", action="store_true", help="also measure the peak memory of one CPU episode")
@@ -296,13 +349,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda requested but no CUDA device is available")
     rows: list[dict] = []
-    total = len(args.sizes) * len(args.shots) * len(args.stages)
+    precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    total = len(args.sizes) * len(args.shots) * (len(args.stages) + (2 if args.backbone else 0))
     with tqdm(total=total, desc="bench", unit="stage", file=sys.stderr) as bar:
         for size in args.sizes:
             for shots in args.shots:
                 bar.set_postfix(size=size, shots=shots)
                 case = build_case(size, shots, args.dim, args.device, args.connectivity)
-                rows += measure(case, args.stages, args.repeats, bar, args.published)
+                rows += measure(case, args.stages, args.repeats, bar, args.published, args.backbone, precision)
     print(format_table(rows))
     memory = []
     if args.memory:
@@ -313,7 +367,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 print(f"peak memory, episode {size} px, {shots} shot(s): ours {mem['ours']:.0f} MiB, "
                       f"reference {mem['reference']:.0f} MiB")
     if args.json:
-        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(),
+        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), precision=precision,
+                    backbone=args.backbone,
                     device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows, "memory": memory}, fh, indent=2)
