@@ -13,6 +13,7 @@
 
 #include "cpu/huge_buffer.h"
 #include "cpu/nn_chain.h"
+#include "cpu/release_gil.h"
 
 namespace {
 
@@ -59,6 +60,7 @@ at::Tensor average_linkage_cpu(const at::Tensor& features, double threshold) {
   TORCH_CHECK(features.dim() == 2, "average_linkage: features must be (N, C), got ", features.sizes());
   const int64_t n = features.size(0);
   const at::Tensor X = features.contiguous();
+  const insid3_cpu::MaybeReleaseGIL no_gil;
   const std::vector<int64_t> off = insid3_cpu::condensed_row_offsets(n);
   insid3_cpu::HugeBuffer D(n > 1 ? n * (n - 1) / 2 : 0);
   // dist = 1 - clamp(X X^T, -1, 1) in float32, as torch computes it. Each block is at::mm of
