@@ -91,7 +91,10 @@ def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     if features.dim() != 2:
         raise ValueError(f"features must be (N, C), got {tuple(features.shape)}")
     _require(features.device)
-    return torch.ops.insid3_fast.average_linkage(features.float().contiguous(), float(threshold))
+    features = features.float()
+    if not (features.is_contiguous() or features.T.is_contiguous()):
+        features = features.contiguous()  # (N, C) rows, or the transposed view of a (C, N) map
+    return torch.ops.insid3_fast.average_linkage(features, float(threshold))
 
 
 def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: int,

@@ -204,7 +204,7 @@ class Segmenter:
         votes, _ = ops.nn_vote(queries, ref.keys, ref.masks_down.reshape(ref.shots, N), fwd)
         candidates = fwd & (votes >= math.ceil(ref.shots / 2))
 
-        feats = tgt_feat.reshape(C, N).T.contiguous()
+        feats = tgt_feat.reshape(C, N).T  # (N, C) view; the ops accept it without a copy
         if self.connectivity is None:
             labels = ops.average_linkage(feats, 1.0 - self.tau)
         else:

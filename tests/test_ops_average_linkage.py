@@ -225,3 +225,19 @@ def test_property_features(n, c, t, seed):
     X = torch.randint(-1, 2, (n, c), generator=g).float()  # few directions: duplicates and ties
     X[X.norm(dim=1) == 0, 0] = 1.0
     check_features(torch.nn.functional.normalize(X, dim=1), t)
+
+
+def test_transposed_feature_map_view_gives_the_same_labels():
+    """The pipeline passes the (N, C) transposed view of a (C, N) map without copying it."""
+    g = torch.Generator().manual_seed(3)
+    fmap = torch.nn.functional.normalize(torch.randn(48, 700, generator=g) + 2 * torch.randn(48, 1, generator=g), dim=0)
+    view = fmap.T
+    assert not view.is_contiguous()
+    from sklearn.cluster import AgglomerativeClustering
+    for t in (0.2, 0.4, 0.6):
+        got = ops.average_linkage(view, t)
+        assert torch.equal(got, ops.average_linkage(view.contiguous(), t))
+        D = (1.0 - (view @ view.T).clamp(-1, 1)).numpy()
+        expected = AgglomerativeClustering(n_clusters=None, metric="precomputed", linkage="average",
+                                           distance_threshold=t).fit_predict(D)
+        assert same_partition(got.numpy(), expected)
