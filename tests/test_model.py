@@ -178,3 +178,23 @@ def test_crf_refiner_refines_the_bilinear_mask():
     expected = crf_refine(denormalize(image[0]), torch.from_numpy(plain)).numpy()
     assert np.array_equal(refined, expected)
     assert not np.array_equal(refined, plain)
+
+
+@pytest.mark.slow
+def test_compiled_backbone_gives_the_same_masks():
+    encoder = SyntheticEncoder(32)
+    refs, masks, target, _ = make_episode(0, 1)
+    kw = dict(image_size=128, svd_components=16, device="cpu")
+    eager = segment(INSID3(encoder, **kw), refs, masks, target)
+    compiled = segment(INSID3(encoder, compile=True, **kw), refs, masks, target)
+    assert np.array_equal(eager, compiled)
+
+
+def test_bf16_backbone_runs_and_keeps_float32_features():
+    encoder = SyntheticEncoder(32)
+    model = INSID3(encoder, image_size=128, svd_components=16, device="cpu", precision="bf16")
+    feats = model.core.features(torch.zeros(1, 3, 128, 128))
+    assert feats.dtype == torch.float32
+    assert torch.allclose(feats.norm(dim=1), torch.ones(1, 8, 8), atol=1e-5)
+    with pytest.raises(InputError, match="precision"):
+        INSID3(encoder, image_size=128, svd_components=16, device="cpu", precision="fp16")
