@@ -301,8 +301,13 @@ def peak_memory_mib(size: int, shots: int, dim: int = 1024, connectivity: int | 
             queue = ctx.Queue()
             proc = ctx.Process(target=_peak_child, args=(size, shots, dim, connectivity, path, queue))
             proc.start()
-            out[path] = queue.get()
-            proc.join()
+            try:
+                out[path] = queue.get(timeout=1800)
+            except Exception:
+                raise RuntimeError(f"the {path} memory measurement process failed "
+                                   f"(exit code {proc.exitcode})") from None
+            finally:
+                proc.join()
     finally:
         if saved is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
@@ -348,6 +353,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda requested but no CUDA device is available")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise InputError(f"output folder does not exist: '{os.path.dirname(os.path.abspath(args.json))}'")
     rows: list[dict] = []
     precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     total = len(args.sizes) * len(args.shots) * (len(args.stages) + (2 if args.backbone else 0))
@@ -370,6 +377,8 @@ def run_bench(args: argparse.Namespace) -> int:
         meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), precision=precision,
                     backbone=args.backbone,
                     device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
-        with open(args.json, "w") as fh:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
             json.dump({"meta": meta, "rows": rows, "memory": memory}, fh, indent=2)
+        os.replace(tmp, args.json)
     return 0

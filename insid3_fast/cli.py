@@ -100,12 +100,18 @@ def _segment(args: argparse.Namespace) -> int:
     model.set_target(args.target)
     mask = model.segment().cpu().numpy()
 
-    _atomic_write(args.output, lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG"))
+    picture = None
     if args.overlay:
         from .visualize import overlay_mask
 
-        target = open_image_file(args.target)
-        _atomic_write(args.overlay, lambda tmp: overlay_mask(target, mask).save(tmp, format="PNG"))
+        picture = overlay_mask(open_image_file(args.target), mask)
+    _atomic_write(args.output, lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG"))
+    if picture is not None:
+        try:
+            _atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG"))
+        except BaseException:
+            os.unlink(args.output)  # all outputs or none
+            raise
     print(f"{args.output}: {int(mask.sum())} of {mask.size} pixels in the mask "
           f"({100.0 * mask.mean():.1f}%)")
     return 0
@@ -188,6 +194,8 @@ def _segment_many(args: argparse.Namespace) -> int:
     check_image_size_multiple(args.image_size)
     if len(args.ref_image) != len(args.ref_mask):
         raise InputError("give one --ref-mask per --ref-image")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     targets = _list_targets(args)
     os.makedirs(args.output_dir, exist_ok=True)
     rank, world = distributed.init_from_env()
@@ -201,13 +209,12 @@ def _segment_many(args: argparse.Namespace) -> int:
         ref = model.encode_reference(args.ref_image, args.ref_mask)
         done = 0
         with tqdm(total=len(todo), desc="segment", unit="img", disable=rank != 0 or not todo) as bar:
-            for start in range(0, len(todo), args.batch_size):
-                chunk = todo[start:start + args.batch_size]
-                for target, mask in zip(chunk, model.segment_targets(ref, chunk, args.batch_size)):
-                    arr = mask.cpu().numpy().astype(np.uint8) * 255
-                    _atomic_write(outputs[target], lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
-                    done += 1
-                bar.update(len(chunk))
+            # stream() loads the next batches in the background while this one computes.
+            for target, mask in zip(todo, model.stream(ref, todo, args.batch_size)):
+                arr = mask.cpu().numpy().astype(np.uint8) * 255
+                _atomic_write(outputs[target], lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+                done += 1
+                bar.update(1)
         total_done, total_skipped = distributed.all_sum([done, len(distributed.shard(targets, rank, world)) - done])
         distributed.barrier()
         if rank == 0:

@@ -78,15 +78,25 @@ def positional_basis(encoder: torch.nn.Module, image_size: int, components: int 
                 pass
     basis = compute_positional_basis(encoder, image_size, components, noise, device)
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            torch.save(basis.cpu(), tmp)
-            os.replace(tmp, path)
-        except OSError:  # a read-only cache only costs time at the next start
-            pass
+        _write_cache(path, basis)
     return basis
+
+
+def _write_cache(path: Path, basis: torch.Tensor) -> None:
+    """Save atomically; a cache that cannot be written only costs time at the next start."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save(basis.cpu(), tmp)
+        os.replace(tmp, path)
+        tmp = None
+    except Exception:  # full disk (RuntimeError from torch.save), read-only folder (OSError)
+        pass
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def orthogonal_projector(basis: torch.Tensor) -> torch.Tensor:

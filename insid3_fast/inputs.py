@@ -40,7 +40,7 @@ def open_image_file(path: str | os.PathLike, what: str = "image") -> Image.Image
         with Image.open(path) as img:
             img.load()
             return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"cannot read {what} file '{path}': {exc}") from None
 
 

@@ -80,7 +80,7 @@ class INSID3(torch.nn.Module):
         self._ref_images: list[torch.Tensor] = []
         self._ref_masks: list[torch.Tensor | None] = []
         self._tgt_image: torch.Tensor | None = None
-        self._orig_ref_size: tuple[int, int] | None = None
+        self._orig_ref_sizes: list[tuple[int, int]] = []
         self._orig_tgt_size: tuple[int, int] | None = None
 
     # ---- the published stateful API ----
@@ -89,7 +89,7 @@ class INSID3(torch.nn.Module):
         tensor, orig = load_image(image, self.image_size)
         self._ref_masks.append(None if mask is None else load_mask(mask, self.image_size, expected_hw=orig))
         self._ref_images.append(tensor)
-        self._orig_ref_size = orig
+        self._orig_ref_sizes.append(orig)
 
     def set_target(self, image: ImageLike) -> None:
         """Set the image to segment (or to transfer keypoints to)."""
@@ -120,7 +120,7 @@ class INSID3(torch.nn.Module):
         All S + 1 images go through the backbone as one batch, as in the published code.
         """
         S = ref_images.shape[0]
-        feats = self.core.features(torch.cat([ref_images, tgt_image]).to(self.device))
+        feats = self.core.features(torch.cat([ref_images.to(self.device), tgt_image.to(self.device)]))
         ref = self.core.encode_reference(ref_images, ref_masks, features=feats[:S])
         out = self._orig_tgt_size if self.resize_to_orig_size else None
         return self.core.segment(ref, tgt_image, [out], features=feats[S:])[0]
@@ -130,13 +130,14 @@ class INSID3(torch.nn.Module):
                          use_debiased: bool = False) -> torch.Tensor:
         """Transfer keypoints (K, 2) from ref_image (1, 3, H, W) to tgt_image; (K, 2) target pixels."""
         kps = torch.as_tensor(ref_kps, dtype=torch.float32).to(self.device)
-        if kps.ndim != 2 or kps.shape[-1] != 2:
-            raise InputError(f"keypoints must be (K, 2) (x, y) pairs, got shape {tuple(kps.shape)}")
-        feats = self.core.features(torch.cat([ref_image, tgt_image]).to(self.device))
+        if kps.ndim != 2 or kps.shape[-1] != 2 or kps.shape[0] == 0:
+            raise InputError(f"keypoints must be a non-empty (K, 2) array of (x, y), got shape {tuple(kps.shape)}")
+        feats = self.core.features(torch.cat([ref_image.to(self.device), tgt_image.to(self.device)]))
         if use_debiased:
             from .debias import debias
             feats = debias(feats, self.core.projector)
-        ref_size = self._orig_ref_size or tuple(ref_image.shape[-2:])
+        # match() uses the first reference: its keypoints are in that image's pixels.
+        ref_size = self._orig_ref_sizes[0] if self._orig_ref_sizes else tuple(ref_image.shape[-2:])
         tgt_size = self._orig_tgt_size or tuple(tgt_image.shape[-2:])
         return transfer_keypoints(feats[0], feats[1], kps, ref_size, tgt_size)
 
@@ -148,9 +149,9 @@ class INSID3(torch.nn.Module):
         tensors, mask_tensors = [], []
         for image, mask in zip(images, masks):
             tensor, orig = load_image(image, self.image_size)
-            tensors.append(tensor)
-            mask_tensors.append(load_mask(mask, self.image_size, expected_hw=orig))
-        return self.core.encode_reference(torch.cat(tensors).to(self.device), torch.cat(mask_tensors))
+            tensors.append(tensor.to(self.device))
+            mask_tensors.append(load_mask(mask, self.image_size, expected_hw=orig).to(self.device))
+        return self.core.encode_reference(torch.cat(tensors), torch.cat(mask_tensors))
 
     def segment_targets(self, ref: EncodedReference, targets: Sequence[ImageLike],
                         batch_size: int = 8) -> list[torch.Tensor]:
@@ -172,8 +173,14 @@ class INSID3(torch.nn.Module):
 
         def load(chunk: list[ImageLike]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
             loaded = [load_image(t, self.image_size) for t in chunk]
-            images = torch.cat([t for t, _ in loaded])
-            return (images.pin_memory() if pin else images), [orig for _, orig in loaded]
+            tensors = [t for t, _ in loaded]
+            if any(t.device.type != "cpu" for t in tensors):  # tensor inputs already on a device
+                images = torch.cat([t.to(self.device) for t in tensors])
+            else:
+                images = torch.cat(tensors)
+                if pin:
+                    images = images.pin_memory()
+            return images, [orig for _, orig in loaded]
 
         def chunks() -> Iterator[list[ImageLike]]:
             chunk: list[ImageLike] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import BackendError
+from .errors import BackendError, InputError
 
 _LOAD_ERROR: str | None = None
 try:
@@ -57,10 +57,10 @@ def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
         (exact argmax of the dot product, ties to the lowest index; -1 for inactive queries).
     """
     if queries.dim() != 2 or keys.dim() != 3 or keys.shape[-1] != queries.shape[-1]:
-        raise ValueError(f"nn_vote expects queries (Q, C) and keys (S, M, C); got "
+        raise InputError(f"nn_vote expects queries (Q, C) and keys (S, M, C); got "
                          f"{tuple(queries.shape)} and {tuple(keys.shape)}")
     if key_mask.shape != keys.shape[:2]:
-        raise ValueError(f"key_mask must be (S, M) = {tuple(keys.shape[:2])}, got {tuple(key_mask.shape)}")
+        raise InputError(f"key_mask must be (S, M) = {tuple(keys.shape[:2])}, got {tuple(key_mask.shape)}")
     if active is None:
         active = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device)
     _require(queries.device)
@@ -76,7 +76,7 @@ def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.T
     ``distance_threshold`` cut). Returns (N,) int64 labels numbered by first appearance.
     """
     if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
-        raise ValueError(f"dist must be a square (N, N) matrix, got {tuple(dist.shape)}")
+        raise InputError(f"dist must be a square (N, N) matrix, got {tuple(dist.shape)}")
     _require(dist.device)
     return torch.ops.insid3_fast.average_linkage_precomputed(dist.float().contiguous(), float(threshold))
 
@@ -89,7 +89,7 @@ def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     Returns (N,) int64 labels numbered by first appearance.
     """
     if features.dim() != 2:
-        raise ValueError(f"features must be (N, C), got {tuple(features.shape)}")
+        raise InputError(f"features must be (N, C), got {tuple(features.shape)}")
     _require(features.device)
     features = features.float()
     if not (features.is_contiguous() or features.T.is_contiguous()):
@@ -105,9 +105,9 @@ def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: i
     cosine distance between all their members. Returns (h*w,) int64 labels.
     """
     if features.dim() != 2 or features.shape[0] != h * w:
-        raise ValueError(f"features must be (h*w, C) = ({h * w}, C), got {tuple(features.shape)}")
+        raise InputError(f"features must be (h*w, C) = ({h * w}, C), got {tuple(features.shape)}")
     if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+        raise InputError(f"connectivity must be 4 or 8, got {connectivity}")
     _require(features.device)
     return torch.ops.insid3_fast.grid_average_linkage(
         features.float().contiguous(), int(h), int(w), int(connectivity), float(threshold))

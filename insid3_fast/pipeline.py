@@ -203,6 +203,8 @@ class Segmenter:
 
         votes, _ = ops.nn_vote(queries, ref.keys, ref.masks_down.reshape(ref.shots, N), fwd)
         candidates = fwd & (votes >= math.ceil(ref.shots / 2))
+        if self.device.type == "cpu" and not bool(candidates.any()):
+            return candidates.reshape(h, w)  # no candidate: the empty mask (free to check on CPU)
 
         feats = tgt_feat.reshape(C, N).T  # (N, C) view; the ops accept it without a copy
         if self.connectivity is None:
@@ -225,12 +227,13 @@ class Segmenter:
         return mask
 
     @torch.no_grad()
-    def segment(self, ref: EncodedReference, images: torch.Tensor,
+    def segment(self, ref: EncodedReference, images: torch.Tensor | None,
                 out_sizes: Sequence[tuple[int, int] | None] | None = None,
                 features: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Segment B targets (B, 3, size, size) in one backbone pass; a bool mask per target.
 
-        ``out_sizes[b]`` is the size to resize each mask to (None: size x size).
+        ``out_sizes[b]`` is the size to resize each mask to (None: size x size). With
+        ``features`` (B, C, h, w) given, ``images`` may be None (no backbone pass; no CRF).
         """
         feats = self.features(images) if features is None else features.to(self.device)
         if out_sizes is None:
@@ -263,7 +266,7 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
         K, acc = int(labels.max()) + 1, torch.float32
     else:
         # On a GPU: no host sync (K = N bounds the labels) and float64 sums, so that the
-        # order of the atomic additions cannot change the float32 results.
+        # order of the atomic additions practically never changes the float32 results.
         K, acc = N, torch.float64
 
     def per_cluster(values: torch.Tensor) -> torch.Tensor:

@@ -153,3 +153,10 @@ def test_console_script_has_no_traceback(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_segment_many_rejects_a_bad_batch_size(weights, tmp_path, capsys):
+    code, _, err = run(["segment-many", "--ref-image", REF, "--ref-mask", MASK, "--target", TARGET,
+                        "--output-dir", tmp_path / "out", "--weights", weights, "--batch-size", 0,
+                        "--device", "cpu"], capsys)
+    assert code == 2 and "--batch-size must be at least 1" in err

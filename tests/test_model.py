@@ -198,3 +198,57 @@ def test_bf16_backbone_runs_and_keeps_float32_features():
     assert torch.allclose(feats.norm(dim=1), torch.ones(1, 8, 8), atol=1e-5)
     with pytest.raises(InputError, match="precision"):
         INSID3(encoder, image_size=128, svd_components=16, device="cpu", precision="fp16")
+
+
+def test_cache_write_failure_leaves_nothing(tmp_path, monkeypatch):
+    def broken_save(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    model = INSID3(SyntheticEncoder(16), image_size=64, svd_components=4, device="cpu",
+                   cache_key="k", cache_dir=str(tmp_path))
+    assert model.positional_basis.shape == (16, 4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loaded_backbone_keys_the_disk_cache(tmp_path):
+    from checkpoints import write_meta_checkpoint
+
+    from insid3_fast import load_dinov3
+
+    path = write_meta_checkpoint(tmp_path / "w.pth")
+    encoder = load_dinov3(str(path))
+    INSID3(encoder, image_size=64, svd_components=8, device="cpu", cache_dir=str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").glob("posbasis-*.pt"))) == 1
+
+
+def test_match_uses_the_first_reference_and_rejects_no_keypoints():
+    encoder = SyntheticEncoder(32)
+    first, _, _, _ = make_episode(0, 1, size_hw=(200, 260))
+    second, _, target, _ = make_episode(1, 1, size_hw=(120, 90))
+    kps = torch.tensor([[100.0, 50.0]])
+    model = INSID3(encoder, image_size=128, svd_components=8, device="cpu")
+    model.set_reference(first[0])
+    model.set_target(target)
+    alone = model.match(kps)
+    model.set_reference(first[0])
+    model.set_reference(second[0])
+    model.set_target(target)
+    assert torch.equal(model.match(kps), alone)
+    model.set_reference(first[0])
+    model.set_target(target)
+    with pytest.raises(InputError, match="non-empty"):
+        model.match(torch.zeros(0, 2))
+
+
+def test_stream_accepts_tensor_targets():
+    from torchvision.transforms import functional as TF
+
+    encoder = SyntheticEncoder(32)
+    refs, masks, _, _ = make_episode(2, 1)
+    targets = [make_episode(50 + i, 1)[2] for i in range(3)]
+    tensors = [TF.normalize(TF.to_tensor(t), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) for t in targets]
+    model = INSID3(encoder, image_size=128, svd_components=8, device="cpu")
+    ref = model.encode_reference(refs, masks)
+    out = list(model.stream(ref, tensors, batch_size=2))
+    assert [m.shape for m in out] == [(t.height, t.width) for t in targets]
