@@ -252,3 +252,20 @@ def test_stream_accepts_tensor_targets():
     ref = model.encode_reference(refs, masks)
     out = list(model.stream(ref, tensors, batch_size=2))
     assert [m.shape for m in out] == [(t.height, t.width) for t in targets]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not ops.native_available("cuda"),
+                    reason="needs a CUDA device and the CUDA kernels")
+@pytest.mark.parametrize("shots", [1, 3])
+def test_cuda_native_masks_equal_cpu_reference(shots):
+    """The whole GPU path (native ops, sync-free aggregation, stream pinning) against the CPU reference."""
+    encoder = SyntheticEncoder(64, seed=shots)
+    refs, masks, target, _ = make_episode(20 + shots, shots)
+    kw = dict(image_size=512, svd_components=32)
+    expected = segment(INSID3(encoder, backend="reference", device="cpu", **kw), refs, masks, target)
+    gpu = INSID3(encoder, backend="native", device="cuda", **kw)
+    assert np.array_equal(expected, segment(gpu, refs, masks, target))
+    ref = gpu.encode_reference(refs, masks)
+    streamed = [m.cpu().numpy() for m in gpu.stream(ref, [target, target], batch_size=2)]
+    assert all(np.array_equal(expected, m) for m in streamed)
