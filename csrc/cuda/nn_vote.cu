@@ -149,7 +149,10 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
   row_norm_kernel<<<grid_1d(S * M, kVoteThreads), kVoteThreads, 0, stream>>>(k.data_ptr<float>(), S * M, C,
                                                                               knorm_all.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto knorm = at::amax(knorm_all, at::IntArrayRef{1}).contiguous();  // (S,) max key norm per shot
+  // (S,) max key norm per shot. The CPU folds with fmax from 0, which skips NaN norms; amax
+  // would propagate them (NaN cut -> argmax 0 for the whole shot), so NaN norms count as 0.
+  knorm_all.masked_fill_(at::isnan(knorm_all), 0.0f);
+  const auto knorm = at::amax(knorm_all, at::IntArrayRef{1}).contiguous();
   const auto keys2d_t = k.view({S * M, C}).t();  // (C, S*M), a view: cuBLAS handles the transpose
 
   const int64_t row = S * M;
