@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
