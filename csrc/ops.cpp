@@ -26,5 +26,10 @@ TORCH_LIBRARY(insid3_fast, m) {
   m.def("average_linkage(Tensor features, float threshold) -> Tensor");
   // Connectivity-constrained average linkage on an h x w grid (4 or 8 neighbours),
   // reciprocal-nearest-neighbour rounds on the true average distance.
+  // average_linkage(features, threshold) and nn_vote(queries, keys, key_mask, active) in one
+  // call: (labels, votes, argmax), equal to the two ops'. The CPU kernel overlaps the sequential
+  // clustering with the voting; on other devices the wrapper calls the two ops.
+  m.def("cluster_and_vote(Tensor features, float threshold, Tensor queries, Tensor keys, "
+        "Tensor key_mask, Tensor active) -> (Tensor labels, Tensor votes, Tensor argmax)");
   m.def("grid_average_linkage(Tensor features, int h, int w, int connectivity, float threshold) -> Tensor");
 }

@@ -56,6 +56,13 @@ def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
         shot's mask; argmax (S, Q) int64, the nearest reference patch of each query per shot
         (exact argmax of the dot product, ties to the lowest index; -1 for inactive queries).
     """
+    queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
+    _require(queries.device)
+    return torch.ops.insid3_fast.nn_vote(queries, keys, key_mask, active)
+
+
+def _vote_inputs(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
+                 active: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     if queries.dim() != 2 or keys.dim() != 3 or keys.shape[-1] != queries.shape[-1]:
         raise InputError(f"nn_vote expects queries (Q, C) and keys (S, M, C); got "
                          f"{tuple(queries.shape)} and {tuple(keys.shape)}")
@@ -63,10 +70,8 @@ def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
         raise InputError(f"key_mask must be (S, M) = {tuple(keys.shape[:2])}, got {tuple(key_mask.shape)}")
     if active is None:
         active = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device)
-    _require(queries.device)
-    return torch.ops.insid3_fast.nn_vote(
-        queries.float().contiguous(), keys.float().contiguous(),
-        key_mask.bool().contiguous(), active.bool().contiguous())
+    return (queries.float().contiguous(), keys.float().contiguous(),
+            key_mask.bool().contiguous(), active.bool().contiguous())
 
 
 def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -91,10 +96,34 @@ def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     if features.dim() != 2:
         raise InputError(f"features must be (N, C), got {tuple(features.shape)}")
     _require(features.device)
+    return torch.ops.insid3_fast.average_linkage(_linkage_layout(features), float(threshold))
+
+
+def _linkage_layout(features: torch.Tensor) -> torch.Tensor:
     features = features.float()
     if not (features.is_contiguous() or features.T.is_contiguous()):
         features = features.contiguous()  # (N, C) rows, or the transposed view of a (C, N) map
-    return torch.ops.insid3_fast.average_linkage(features, float(threshold))
+    return features
+
+
+def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Tensor, keys: torch.Tensor,
+                     key_mask: torch.Tensor, active: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``average_linkage(features, threshold)`` and ``nn_vote(queries, keys, key_mask, active)`` at once.
+
+    Returns (labels, votes, argmax), equal to the two ops' results. On the CPU the sequential
+    NN-chain of the clustering runs on one core while the other cores vote, so the pair costs
+    less than the two calls in a row; on other devices it simply calls both.
+    """
+    if features.device.type != "cpu":
+        labels = average_linkage(features, threshold)
+        return (labels, *nn_vote(queries, keys, key_mask, active))
+    if features.dim() != 2:
+        raise InputError(f"features must be (N, C), got {tuple(features.shape)}")
+    queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
+    _require(features.device)
+    return torch.ops.insid3_fast.cluster_and_vote(_linkage_layout(features), float(threshold),
+                                                  queries, keys, key_mask, active)
 
 
 def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: int,
@@ -127,6 +156,11 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("insid3_fast::average_linkage")
     def _al_fake(features, threshold):
         return features.new_empty((features.shape[0],), dtype=torch.int64)
+
+    @torch.library.register_fake("insid3_fast::cluster_and_vote")
+    def _cav_fake(features, threshold, queries, keys, key_mask, active):
+        return (features.new_empty((features.shape[0],), dtype=torch.int64),
+                *_nn_vote_fake(queries, keys, key_mask, active))
 
     @torch.library.register_fake("insid3_fast::grid_average_linkage")
     def _gal_fake(features, h, w, connectivity, threshold):

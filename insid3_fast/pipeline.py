@@ -201,16 +201,15 @@ class Segmenter:
         fwd = sim > 0
         fwd = torch.where(fwd.any(), fwd, sim > torch.quantile(sim, 0.9))
 
-        votes, _ = ops.nn_vote(queries, ref.keys, ref.masks_down.reshape(ref.shots, N), fwd)
-        candidates = fwd & (votes >= math.ceil(ref.shots / 2))
-        if self.device.type == "cpu" and not bool(candidates.any()):
-            return candidates.reshape(h, w)  # no candidate: the empty mask (free to check on CPU)
-
+        key_mask = ref.masks_down.reshape(ref.shots, N)
         feats = tgt_feat.reshape(C, N).T  # (N, C) view; the ops accept it without a copy
         if self.connectivity is None:
-            labels = ops.average_linkage(feats, 1.0 - self.tau)
+            # One op, so that on the CPU the sequential NN-chain runs beside the voting GEMMs.
+            labels, votes, _ = ops.cluster_and_vote(feats, 1.0 - self.tau, queries, ref.keys, key_mask, fwd)
         else:
+            votes, _ = ops.nn_vote(queries, ref.keys, key_mask, fwd)
             labels = ops.grid_average_linkage(feats, h, w, self.connectivity, 1.0 - self.tau)
+        candidates = fwd & (votes >= math.ceil(ref.shots / 2))
         mask = aggregate_clusters(labels, candidates, queries, feats, sim, ref.prototype, self.merge_threshold)
         return mask.reshape(h, w)
 

@@ -43,6 +43,23 @@ def test_native_masks_equal_reference(size, dim, shots, seed):
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_masks_equal_reference_whatever_the_thread_count(threads):
+    # The CPU op overlaps the clustering with the voting when it has two threads or more.
+    encoder = SyntheticEncoder(64, seed=8)
+    refs, masks, target, _ = make_episode(8, 2)
+    kw = dict(image_size=512, svd_components=32, device="cpu")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)  # both paths: MKL's float32 products may depend on it
+    try:
+        expected = segment(INSID3(encoder, backend="reference", **kw), refs, masks, target)
+        got = segment(INSID3(encoder, backend="native", **kw), refs, masks, target)
+    finally:
+        torch.set_num_threads(old)
+    assert np.array_equal(expected, got), f"{(expected != got).sum()} pixels differ"
+
+
+@needs_native
 @pytest.mark.parametrize("connectivity", [4, 8])
 def test_native_grid_masks_equal_reference(connectivity):
     encoder = SyntheticEncoder(32, seed=3)

@@ -8,32 +8,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
-#include "cpu/huge_buffer.h"
-#include "cpu/nn_chain.h"
+#include "cpu/cosine_condensed.h"
 #include "cpu/release_gil.h"
 
 namespace {
-
-// Row blocks of the Gram matrix; each block only computes its columns j >= first row.
-constexpr int64_t kRowBlock = 512;
-
-at::Tensor cluster_condensed(insid3_cpu::HugeBuffer& D, int64_t n, double threshold, const at::TensorOptions& opt) {
-  at::Tensor labels = at::empty({n}, opt.dtype(at::kLong));
-  if (n == 0) return labels;
-  const std::vector<insid3_cpu::Merge> merges = insid3_cpu::nn_chain_average(D.data(), n);
-  insid3_cpu::cut_merges(merges, n, threshold, labels.data_ptr<int64_t>());
-  return labels;
-}
-
-void check_finite(const insid3_cpu::HugeBuffer& D, const char* op) {
-  bool finite = true;
-#pragma omp parallel for reduction(&& : finite)
-  for (int64_t i = 0; i < D.size(); ++i) finite = finite && std::isfinite(D.data()[i]);
-  TORCH_CHECK(finite, op, ": the distances must be finite (scipy's linkage rejects NaN/inf)");
-}
 
 at::Tensor average_linkage_precomputed_cpu(const at::Tensor& dist, double threshold) {
   TORCH_CHECK(dist.device().is_cpu(), "average_linkage_precomputed (CPU): dist must be a CPU tensor");
@@ -49,44 +29,16 @@ at::Tensor average_linkage_precomputed_cpu(const at::Tensor& dist, double thresh
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = i + 1; j < n; ++j) D[off[i] + j] = static_cast<double>(dp[i * n + j]);
-  check_finite(D, "average_linkage_precomputed");
-  return cluster_condensed(D, n, threshold, dist.options());
+  insid3_cpu::check_finite(D, "average_linkage_precomputed");
+  return insid3_cpu::cut_labels(insid3_cpu::nn_chain_average(D.data(), n), n, threshold, dist.options());
 }
 
 at::Tensor average_linkage_cpu(const at::Tensor& features, double threshold) {
-  TORCH_CHECK(features.device().is_cpu(), "average_linkage (CPU): features must be a CPU tensor");
-  TORCH_CHECK(features.scalar_type() == at::kFloat, "average_linkage: features must be float32, got ",
-              features.scalar_type());
-  TORCH_CHECK(features.dim() == 2, "average_linkage: features must be (N, C), got ", features.sizes());
-  const int64_t n = features.size(0);
-  // A transposed view of a (C, N) feature map is used as is (MKL gives the same products as
-  // for the contiguous copy, checked in the tests); anything else is made contiguous.
-  const bool transposed = features.stride(0) == 1 && features.stride(1) == n;
-  const at::Tensor X = transposed ? features : features.contiguous();
+  const at::Tensor X = insid3_cpu::linkage_features(features, "average_linkage");
   const insid3_cpu::MaybeReleaseGIL no_gil;
-  const std::vector<int64_t> off = insid3_cpu::condensed_row_offsets(n);
-  insid3_cpu::HugeBuffer D(n > 1 ? n * (n - 1) / 2 : 0);
-  // dist = 1 - clamp(X X^T, -1, 1) in float32, as torch computes it. Each block is at::mm of
-  // rows [i0, i1) against rows [i0, n): the same GEMM torch runs for X @ X.T restricted to
-  // those rows and columns (bitwise equal to the full product with MKL, checked in the tests).
-  for (int64_t i0 = 0; i0 + 1 < n; i0 += kRowBlock) {
-    const int64_t B = std::min(kRowBlock, n - i0);
-    const at::Tensor G = at::mm(X.narrow(0, i0, B), X.narrow(0, i0, n - i0).t()).contiguous();
-    const float* g = G.data_ptr<float>();
-    const int64_t ld = n - i0;
-#pragma omp parallel for schedule(dynamic, 16)
-    for (int64_t r = 0; r < B; ++r) {
-      const int64_t i = i0 + r;
-      double* out = D.data() + off[i];
-      for (int64_t j = i + 1; j < n; ++j) {
-        const float s = g[r * ld + (j - i0)];
-        const float c = s < -1.f ? -1.f : (s > 1.f ? 1.f : s);  // NaN stays NaN, like clamp
-        out[j] = static_cast<double>(1.f - c);
-      }
-    }
-  }
-  check_finite(D, "average_linkage");
-  return cluster_condensed(D, n, threshold, features.options());
+  const int64_t n = X.size(0);
+  insid3_cpu::HugeBuffer D = insid3_cpu::cosine_distances_condensed(X, "average_linkage");
+  return insid3_cpu::cut_labels(insid3_cpu::nn_chain_average(D.data(), n), n, threshold, features.options());
 }
 
 }  // namespace

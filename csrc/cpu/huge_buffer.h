@@ -29,6 +29,11 @@ class HugeBuffer {
   ~HugeBuffer() { std::free(data_); }
   HugeBuffer(const HugeBuffer&) = delete;
   HugeBuffer& operator=(const HugeBuffer&) = delete;
+  HugeBuffer(HugeBuffer&& other) noexcept : data_(other.data_), count_(other.count_) {
+    other.data_ = nullptr;
+    other.count_ = 0;
+  }
+  HugeBuffer& operator=(HugeBuffer&&) = delete;
 
   double* data() { return data_; }
   const double* data() const { return data_; }

@@ -1,7 +1,6 @@
 // Releases the Python GIL for the scope when the calling thread holds it, so that a
-// long-running op called from Python lets other Python threads run (the pipeline clusters
-// in a worker thread while the main thread matches). Called from C++ without Python, it
-// does nothing.
+// long-running op called from Python lets other Python threads run (e.g. the decoding thread
+// of INSID3.stream). Called from C++ without Python, it does nothing.
 #pragma once
 #include <Python.h>
 

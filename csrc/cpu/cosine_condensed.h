@@ -1,0 +1,75 @@
+// The condensed float64 cosine-distance matrix scikit-learn hands to scipy's linkage, built
+// from L2-normalised features, and the checks and cut around the NN-chain that consumes it.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/huge_buffer.h"
+#include "cpu/nn_chain.h"
+
+namespace insid3_cpu {
+
+// (N, C) float32 features, contiguous or the transposed view of a (C, N) map (MKL gives the
+// same products as for the contiguous copy, checked in the tests); anything else is copied.
+inline at::Tensor linkage_features(const at::Tensor& features, const char* op) {
+  TORCH_CHECK(features.device().is_cpu(), op, " (CPU): features must be a CPU tensor");
+  TORCH_CHECK(features.scalar_type() == at::kFloat, op, ": features must be float32, got ",
+              features.scalar_type());
+  TORCH_CHECK(features.dim() == 2, op, ": features must be (N, C), got ", features.sizes());
+  const int64_t n = features.size(0);
+  const bool transposed = features.stride(0) == 1 && features.stride(1) == n;
+  return transposed ? features : features.contiguous();
+}
+
+inline void check_finite(const HugeBuffer& D, const char* op) {
+  bool finite = true;
+#pragma omp parallel for reduction(&& : finite)
+  for (int64_t i = 0; i < D.size(); ++i) finite = finite && std::isfinite(D.data()[i]);
+  TORCH_CHECK(finite, op, ": the distances must be finite (scipy's linkage rejects NaN/inf)");
+}
+
+// Condensed dist = 1 - clamp(X X^T, -1, 1) in float32, as torch computes it, widened to
+// double. Rows come in blocks; each block is at::mm of rows [i0, i1) against rows [i0, n):
+// the GEMM torch runs for X @ X.T restricted to those rows and columns (bitwise equal to the
+// full product with MKL, checked in the tests), about half of the full product's work.
+inline HugeBuffer cosine_distances_condensed(const at::Tensor& X, const char* op) {
+  constexpr int64_t kRowBlock = 512;
+  const int64_t n = X.size(0);
+  const std::vector<int64_t> off = condensed_row_offsets(n);
+  HugeBuffer D(n > 1 ? n * (n - 1) / 2 : 0);
+  bool finite = true;
+  for (int64_t i0 = 0; i0 + 1 < n; i0 += kRowBlock) {
+    const int64_t B = std::min(kRowBlock, n - i0);
+    const at::Tensor G = at::mm(X.narrow(0, i0, B), X.narrow(0, i0, n - i0).t()).contiguous();
+    const float* g = G.data_ptr<float>();
+    const int64_t ld = n - i0;
+#pragma omp parallel for schedule(dynamic, 16) reduction(&& : finite)
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t i = i0 + r;
+      double* out = D.data() + off[i];
+      bool row_finite = true;
+      for (int64_t j = i + 1; j < n; ++j) {
+        const float s = g[r * ld + (j - i0)];
+        const float c = s < -1.f ? -1.f : (s > 1.f ? 1.f : s);  // NaN stays NaN, like clamp
+        out[j] = static_cast<double>(1.f - c);
+        row_finite &= std::isfinite(c);
+      }
+      finite = finite && row_finite;
+    }
+  }
+  TORCH_CHECK(finite, op, ": the distances must be finite (scipy's linkage rejects NaN/inf)");
+  return D;
+}
+
+// scikit-learn's labels: the threshold cut of the merges, numbered by first appearance.
+inline at::Tensor cut_labels(const std::vector<Merge>& merges, int64_t n, double threshold,
+                             const at::TensorOptions& opt) {
+  at::Tensor labels = at::empty({n}, opt.dtype(at::kLong));
+  if (n > 0) cut_merges(merges, n, threshold, labels.data_ptr<int64_t>());
+  return labels;
+}
+
+}  // namespace insid3_cpu

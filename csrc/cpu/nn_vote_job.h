@@ -1,0 +1,214 @@
+// The CPU reverse nearest-neighbour vote as a job over ranges of active queries.
+//
+// A job validates and prepares its inputs once (active rows, norms, bf16 copies), then
+// run(a0, T) scores active queries [a0, a0 + T) against every shot: one GEMM per shot
+// (at::mm), then each query keeps its best score and re-scores every key within a rigorous
+// error bound of it, so the argmax is canonical (largest exact dot, ties to the lowest index)
+// and the same as the CUDA kernel's. Disjoint ranges may run on different threads.
+//
+// On CPUs with native bf16 dot products (AVX512-BF16) the GEMM runs on bf16-rounded inputs,
+// about 2.4x faster; every key within bf16_dot_error_bound of the best bf16 score is then
+// re-scored in float32, and those within the float32 bound of the best of them in double.
+// INSID3_NN_VOTE=fp32 (or bf16) forces a mode; the default is bf16 where supported.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "common/exact_dot.h"
+
+namespace insid3_cpu {
+
+inline bool nn_vote_uses_bf16() {
+  const char* mode = std::getenv("INSID3_NN_VOTE");
+  if (mode != nullptr && std::strcmp(mode, "fp32") == 0) return false;
+  if (mode != nullptr && std::strcmp(mode, "bf16") == 0) return true;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+// A float32 dot in 16 independent lanes (vectorisable); any summation order stays within
+// fp32_dot_error_bound.
+inline float dot_f32(const float* a, const float* b, int64_t C) {
+  float lanes[16] = {0.f};
+  int64_t k = 0;
+  for (; k + 16 <= C; k += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += a[k + l] * b[k + l];
+  float acc = 0.f;
+  for (int l = 0; l < 16; ++l) acc += lanes[l];
+  for (; k < C; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+inline double norm_f64(const float* v, int64_t C) { return std::sqrt(insid3::dot_f32_as_f64(v, v, C)); }
+
+// Among candidate keys, the exact argmax (double re-score, ties to the lowest index) of those
+// whose score lies within `bound` of the best candidate score.
+template <typename Score>
+int64_t rescore_window(const std::vector<std::pair<Score, int64_t>>& cands, Score best, double bound,
+                       const float* q, const float* keys, int64_t C) {
+  // In double so the cut itself adds no rounding (it matters for tiny C). NaN scores never
+  // pass and leave index 0.
+  const double cut = static_cast<double>(best) - bound;
+  double best_v = -INFINITY;
+  int64_t best_j = -1;
+  for (const auto& [s, j] : cands) {
+    if (!(static_cast<double>(s) >= cut)) continue;
+    const double v = insid3::dot_f32_as_f64(keys + j * C, q, C);
+    if (best_j < 0 || insid3::better_max(v, j, best_v, best_j)) {
+      best_v = v;
+      best_j = j;
+    }
+  }
+  return best_j < 0 ? 0 : best_j;
+}
+
+// The exact argmax from one row of GEMM scores (float32, or bf16 with a float32 stage).
+template <typename Score>
+int64_t exact_argmax(const Score* scores, const float* q, const float* keys, int64_t M, int64_t C,
+                     float q_norm, float key_norm_max, std::vector<std::pair<float, int64_t>>& cands) {
+  float best = static_cast<float>(scores[0]);
+  for (int64_t j = 1; j < M; ++j) {
+    const float v = static_cast<float>(scores[j]);
+    best = v > best ? v : best;
+  }
+  constexpr bool kBf16 = std::is_same_v<Score, at::BFloat16>;
+  const double bound = kBf16 ? insid3::bf16_dot_error_bound(q_norm, key_norm_max, C)
+                             : insid3::fp32_dot_error_bound(q_norm, key_norm_max, C);
+  const double cut = static_cast<double>(best) - bound;
+  cands.clear();
+  float best32 = -INFINITY;
+  for (int64_t j = 0; j < M; ++j) {
+    const float v = static_cast<float>(scores[j]);
+    if (!(static_cast<double>(v) >= cut)) continue;
+    const float v32 = kBf16 ? dot_f32(keys + j * C, q, C) : v;
+    cands.emplace_back(v32, j);
+    best32 = v32 > best32 ? v32 : best32;
+  }
+  if (!kBf16) return rescore_window(cands, best, bound, q, keys, C);
+  return rescore_window(cands, best32, insid3::fp32_dot_error_bound(q_norm, key_norm_max, C), q, keys, C);
+}
+
+class NnVoteJob {
+ public:
+  // Validates the inputs of insid3_fast::nn_vote and allocates its outputs (votes 0, argmax -1).
+  NnVoteJob(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& key_mask,
+            const at::Tensor& active) {
+    TORCH_CHECK(queries.device().is_cpu() && keys.device().is_cpu() && key_mask.device().is_cpu() &&
+                    active.device().is_cpu(),
+                "nn_vote (CPU): all inputs must be CPU tensors");
+    TORCH_CHECK(queries.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat,
+                "nn_vote: queries and keys must be float32, got ", queries.scalar_type(), " and ",
+                keys.scalar_type());
+    TORCH_CHECK(key_mask.scalar_type() == at::kBool && active.scalar_type() == at::kBool,
+                "nn_vote: key_mask and active must be bool, got ", key_mask.scalar_type(), " and ",
+                active.scalar_type());
+    TORCH_CHECK(queries.dim() == 2, "nn_vote: queries must be (Q, C), got ", queries.sizes());
+    TORCH_CHECK(keys.dim() == 3 && keys.size(2) == queries.size(1),
+                "nn_vote: keys must be (S, M, C) with C = ", queries.size(1), ", got ", keys.sizes());
+    TORCH_CHECK(key_mask.dim() == 2 && key_mask.size(0) == keys.size(0) && key_mask.size(1) == keys.size(1),
+                "nn_vote: key_mask must be (S, M) = (", keys.size(0), ", ", keys.size(1), "), got ",
+                key_mask.sizes());
+    TORCH_CHECK(active.dim() == 1 && active.size(0) == queries.size(0), "nn_vote: active must be (Q,) = (",
+                queries.size(0), ",), got ", active.sizes());
+    Q_ = queries.size(0);
+    C_ = queries.size(1);
+    S_ = keys.size(0);
+    M_ = keys.size(1);
+    TORCH_CHECK(M_ > 0 || S_ == 0, "nn_vote: every shot needs at least one key (M = 0)");
+
+    q_ = queries.contiguous();
+    k_ = keys.contiguous();
+    m_ = key_mask.contiguous();
+    votes = at::zeros({Q_}, queries.options().dtype(at::kInt));
+    argmax = at::full({S_, Q_}, -1, queries.options().dtype(at::kLong));
+
+    const at::Tensor a_c = active.contiguous();
+    const bool* act = a_c.data_ptr<bool>();
+    for (int64_t q = 0; q < Q_; ++q)
+      if (act[q]) idx_.push_back(q);
+    if (active_count() == 0 || S_ == 0) return;
+
+    const float* kp = k_.data_ptr<float>();
+    key_norm_max_.assign(S_, 0.f);
+    for (int64_t s = 0; s < S_; ++s) {
+      double mx = 0.0;
+      for (int64_t j = 0; j < M_; ++j) mx = std::fmax(mx, norm_f64(kp + (s * M_ + j) * C_, C_));
+      key_norm_max_[s] = static_cast<float>(mx);
+    }
+    const float* qp = q_.data_ptr<float>();
+    q_norm_.resize(idx_.size());
+    for (size_t a = 0; a < idx_.size(); ++a) q_norm_[a] = static_cast<float>(norm_f64(qp + idx_[a] * C_, C_));
+    const at::Tensor idx_t = at::from_blob(idx_.data(), {active_count()}, at::kLong);
+    q_act_ = q_.index_select(0, idx_t);  // (A, C), active rows only
+    bf16_ = nn_vote_uses_bf16();
+    if (bf16_) {
+      q_act_ = q_act_.to(at::kBFloat16);
+      k_gemm_ = k_.to(at::kBFloat16);
+    } else {
+      k_gemm_ = k_;
+    }
+  }
+
+  // Number of active queries: run() takes ranges of [0, active_count()).
+  int64_t active_count() const { return static_cast<int64_t>(idx_.size()); }
+
+  // Rows per GEMM that keep the scores near 16 MB, at least 256 (smaller GEMMs re-pack the
+  // keys too often).
+  int64_t tile() const {
+    constexpr int64_t kTileScores = int64_t(1) << 22, kMinTile = 256;
+    return std::max<int64_t>(1, std::min(active_count(), std::max(kMinTile, kTileScores / std::max<int64_t>(M_, 1))));
+  }
+
+  // Scores active queries [a0, a0 + T) against every shot and records their argmax and votes.
+  // The GEMM and the per-query loop use the OpenMP team of the caller (one thread when called
+  // inside a parallel region).
+  void run(int64_t a0, int64_t T) {
+    if (T <= 0 || S_ == 0) return;
+    const float* qp = q_.data_ptr<float>();
+    const float* kp = k_.data_ptr<float>();
+    const bool* mp = m_.data_ptr<bool>();
+    int32_t* vp = votes.data_ptr<int32_t>();
+    int64_t* ap = argmax.data_ptr<int64_t>();
+    const at::Tensor q_tile = q_act_.narrow(0, a0, T);
+    for (int64_t s = 0; s < S_; ++s) {
+      const at::Tensor scores = at::mm(q_tile, k_gemm_.select(0, s).t()).contiguous();
+      const float* ks = kp + s * M_ * C_;
+      const at::BFloat16* sb = bf16_ ? scores.data_ptr<at::BFloat16>() : nullptr;
+      const float* sf = bf16_ ? nullptr : scores.data_ptr<float>();
+#pragma omp parallel
+      {
+        std::vector<std::pair<float, int64_t>> cands;
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t q = idx_[a0 + t];
+          const float qn = q_norm_[a0 + t], kn = key_norm_max_[s];
+          const int64_t j = sb != nullptr ? exact_argmax(sb + t * M_, qp + q * C_, ks, M_, C_, qn, kn, cands)
+                                          : exact_argmax(sf + t * M_, qp + q * C_, ks, M_, C_, qn, kn, cands);
+          ap[s * Q_ + q] = j;
+          vp[q] += mp[s * M_ + j] ? 1 : 0;  // one thread owns query q for the whole shot loop
+        }
+      }
+    }
+  }
+
+  at::Tensor votes, argmax;
+
+ private:
+  int64_t Q_ = 0, C_ = 0, S_ = 0, M_ = 0;
+  bool bf16_ = false;
+  at::Tensor q_, k_, m_, q_act_, k_gemm_;
+  std::vector<int64_t> idx_;
+  std::vector<float> q_norm_, key_norm_max_;
+};
+
+}  // namespace insid3_cpu
