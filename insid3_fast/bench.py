@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-STAGES = ("debias", "votes", "clustering", "aggregation", "upsampling", "episode", "cached_target",
+STAGES = ("debias", "votes", "clustering", "cluster_and_vote", "aggregation", "upsampling", "episode", "cached_target",
           "batched_targets")
 DEFAULT_STAGES = STAGES
 
@@ -133,6 +133,14 @@ def stage_functions(case: Case) -> dict[str, tuple[Callable[[], object], Callabl
     def ref_cluster():
         return reference.agglomerative_labels(feats, 1 - seg.tau)
 
+    def ours_cluster_and_vote():
+        if case.connectivity:
+            return ours_cluster(), ours_votes()
+        return ops.cluster_and_vote(feats, 1 - seg.tau, queries, enc.keys, enc.masks_down.reshape(S, N), fwd.reshape(N))
+
+    def ref_cluster_and_vote():
+        return ref_cluster(), reference.backward_votes(tgt_deb, ref_deb, enc.masks_down)
+
     def ours_episode():
         e = seg.encode_reference_features(ref_feats, masks)
         return seg.finalize(seg.segment_patches(e, tgt), None, None)
@@ -154,6 +162,7 @@ def stage_functions(case: Case) -> dict[str, tuple[Callable[[], object], Callabl
         "debias": (lambda: seg.debiased_coordinates(all_feats), lambda: debias(all_feats, P)),
         "votes": (ours_votes, lambda: reference.backward_votes(tgt_deb, ref_deb, enc.masks_down)),
         "clustering": (ours_cluster, ref_cluster),
+        "cluster_and_vote": (ours_cluster_and_vote, ref_cluster_and_vote),
         "aggregation": (lambda: aggregate_clusters(labels, cands, queries, feats, sim, enc.prototype, seg.merge_threshold),
                         lambda: reference.seed_and_aggregate(cands.reshape(h, w), labels.reshape(h, w), ref_proto, tgt, tgt_deb, seg.merge_threshold)),
         "upsampling": (lambda: upsample_mask(patch_mask, size, size), lambda: upsample_mask(patch_mask, size, size)),

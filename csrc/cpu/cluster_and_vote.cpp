@@ -8,6 +8,7 @@
 // thread 0 joins the voting when its chain is done. Results equal the two ops': the chain is
 // unchanged and every query's argmax is exact whatever range it is scored in.
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -36,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_cpu(
   insid3_cpu::HugeBuffer D = insid3_cpu::cosine_distances_condensed(X, "cluster_and_vote");
 
   std::vector<insid3_cpu::Merge> merges;
-  const int threads = at::get_num_threads();
+  // The overlap relies on ATen and the BLAS running sequentially inside an OpenMP region.
+  const int threads = AT_PARALLEL_OPENMP ? at::get_num_threads() : 1;
   if (threads < 2 || A == 0) {
     merges = insid3_cpu::nn_chain_average(D.data(), n);
     const int64_t tile = job.tile();
