@@ -50,7 +50,7 @@ def test_native_masks_equal_reference_whatever_the_thread_count(threads):
     refs, masks, target, _ = make_episode(8, 2)
     kw = dict(image_size=512, svd_components=32, device="cpu")
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)  # both paths: MKL's float32 products may depend on it
+    torch.set_num_threads(threads)  # both paths: the positional SVD (LAPACK) depends on it
     try:
         expected = segment(INSID3(encoder, backend="reference", **kw), refs, masks, target)
         got = segment(INSID3(encoder, backend="native", **kw), refs, masks, target)
