@@ -10,15 +10,11 @@ synthetic ground truth under each precision.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-
-from insid3_fast import INSID3  # noqa: E402
-from synthetic import SyntheticEncoder, make_episode  # noqa: E402
+from insid3_fast import INSID3
+from insid3_fast.synthetic import SyntheticEncoder, make_episode
 
 
 def _segment(model, refs, masks, target):

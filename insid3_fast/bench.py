@@ -38,11 +38,7 @@ class Case:
 
 
 def _synthetic_encoder(dim: int):
-    here = os.path.dirname(os.path.abspath(__file__))
-    tests = os.path.join(os.path.dirname(here), "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from synthetic import SyntheticEncoder, make_episode  # the test double, shipped with the repo
+    from .synthetic import SyntheticEncoder, make_episode
 
     return SyntheticEncoder(dim, hidden=256), make_episode
 

@@ -10,7 +10,7 @@ import torch
 
 from insid3_fast import INSID3, ops
 from insid3_fast.errors import BackendError, InputError
-from synthetic import SyntheticEncoder, make_episode
+from insid3_fast.synthetic import SyntheticEncoder, make_episode
 
 needs_native = pytest.mark.skipif(not ops.native_available(), reason="native ops not built")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from insid3_fast import INSID3
-from synthetic import SyntheticEncoder, make_episode
+from insid3_fast.synthetic import SyntheticEncoder, make_episode
 
 PUBLISHED = os.environ.get("INSID3_PUBLISHED")
 pytestmark = pytest.mark.skipif(not PUBLISHED or not os.path.isdir(PUBLISHED),

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from checkpoints import write_meta_checkpoint
-from synthetic import make_episode
+from insid3_fast.synthetic import make_episode
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""A deterministic synthetic encoder and synthetic scenes, so tests exercise every step for real.
+"""A deterministic synthetic encoder and synthetic scenes, for benchmarks and tests without weights.
+
+``insid3-fast bench`` and the test suite use it so that every step does real work without
+DINOv3's gated weights; it is a stand-in, not a model to segment real images with.
 
 The encoder mimics what INSID3 relies on in DINOv3: patch features that depend on the local
 content (colour and texture of the 16 px patch and its neighbourhood) plus a strong
