@@ -28,7 +28,7 @@ TORCH_LIBRARY(insid3_fast, m) {
   // reciprocal-nearest-neighbour rounds on the true average distance.
   // average_linkage(features, threshold) and nn_vote(queries, keys, key_mask, active) in one
   // call: (labels, votes, argmax), equal to the two ops'. The CPU kernel overlaps the sequential
-  // clustering with the voting; on other devices the wrapper calls the two ops.
+  // clustering with the voting; the CUDA kernel runs the two ops in a row.
   m.def("cluster_and_vote(Tensor features, float threshold, Tensor queries, Tensor keys, "
         "Tensor key_mask, Tensor active) -> (Tensor labels, Tensor votes, Tensor argmax)");
   m.def("grid_average_linkage(Tensor features, int h, int w, int connectivity, float threshold) -> Tensor");

@@ -113,11 +113,8 @@ def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Te
 
     Returns (labels, votes, argmax), equal to the two ops' results. On the CPU the sequential
     NN-chain of the clustering runs on one core while the other cores vote, so the pair costs
-    less than the two calls in a row; on other devices it simply calls both.
+    less than the two calls in a row; on CUDA it runs them one after the other.
     """
-    if features.device.type != "cpu":
-        labels = average_linkage(features, threshold)
-        return (labels, *nn_vote(queries, keys, key_mask, active))
     if features.dim() != 2:
         raise InputError(f"features must be (N, C), got {tuple(features.shape)}")
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)

@@ -308,6 +308,25 @@ def test_average_linkage_everything_merges_and_nothing_merges():
     assert torch.equal(ops.average_linkage(x.cuda(), -1.0).cpu(), torch.arange(120))
 
 
+def test_cluster_and_vote_equals_the_two_ops_on_cuda():
+    g = _gen(77)
+    x = _clustered_features(77, 500, 32)
+    queries = _unit(torch.randn(500, 32, generator=g))
+    keys = _unit(torch.randn(2, 300, 32, generator=g))
+    key_mask = torch.rand(2, 300, generator=g) > 0.5
+    active = torch.rand(500, generator=g) > 0.2
+    cuda = [t.cuda() for t in (queries, keys, key_mask, active)]
+    labels, votes, argmax = ops.cluster_and_vote(x.cuda(), 0.4, *cuda)
+    assert labels.is_cuda and votes.is_cuda and argmax.is_cuda
+    assert torch.equal(labels, ops.average_linkage(x.cuda(), 0.4))
+    v, a = ops.nn_vote(*cuda)
+    assert torch.equal(votes, v) and torch.equal(argmax, a)
+    if _has_cpu_kernel("cluster_and_vote"):
+        cpu = ops.cluster_and_vote(x, 0.4, queries, keys, key_mask, active)
+        assert _same_partition(labels, cpu[0])
+        assert torch.equal(votes.cpu(), cpu[1]) and torch.equal(argmax.cpu(), cpu[2])
+
+
 @pytest.mark.slow
 def test_average_linkage_paper_size():
     """N = 4096, C = 1024 structured features (the paper's grid): CUDA == CPU."""
