@@ -263,23 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(match)
     match.set_defaults(func=_match)
 
-    try:
-        from .eval.cli import add_eval_arguments, run_eval
-    except ImportError:
-        pass
-    else:
-        ev = sub.add_parser("eval", help="evaluate on a published benchmark")
-        add_eval_arguments(ev)
-        ev.set_defaults(func=lambda a: (run_eval(a), 0)[1])
+    # Part of the package: an import error here is a bug to see, not a subcommand to hide.
+    from .bench import add_bench_arguments, run_bench
+    from .eval.cli import add_eval_arguments, run_eval
 
-    try:
-        from .bench import add_bench_arguments, run_bench
-    except ImportError:
-        pass
-    else:
-        bench = sub.add_parser("bench", help="time each stage against the reference path")
-        add_bench_arguments(bench)
-        bench.set_defaults(func=run_bench)
+    ev = sub.add_parser("eval", help="evaluate on a published benchmark")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=lambda a: (run_eval(a), 0)[1])
+    bench = sub.add_parser("bench", help="time each stage against the reference path")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
     return parser
 
 

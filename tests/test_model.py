@@ -22,6 +22,12 @@ def segment(model, refs, masks, target):
     return model.segment().cpu().numpy()
 
 
+def reference_and_native(encoder, episode, **kw):
+    """The masks of the reference path and of the native path on one episode."""
+    refs, masks, target, _ = episode
+    return tuple(segment(INSID3(encoder, backend=b, **kw), refs, masks, target) for b in ("reference", "native"))
+
+
 def test_native_ops_are_built_in_ci():
     if os.environ.get("CI") != "true":
         pytest.skip("only enforced in CI, where the extension must build")
@@ -34,11 +40,8 @@ def test_native_ops_are_built_in_ci():
     (512, 256, 1, 5), (768, 64, 2, 6), (1024, 64, 1, 7),
 ])
 def test_native_masks_equal_reference(size, dim, shots, seed):
-    encoder = SyntheticEncoder(dim, seed=seed)
-    refs, masks, target, _ = make_episode(seed, shots)
-    kw = dict(image_size=size, svd_components=dim // 2, device="cpu")
-    expected = segment(INSID3(encoder, backend="reference", **kw), refs, masks, target)
-    got = segment(INSID3(encoder, backend="native", **kw), refs, masks, target)
+    expected, got = reference_and_native(SyntheticEncoder(dim, seed=seed), make_episode(seed, shots),
+                                         image_size=size, svd_components=dim // 2, device="cpu")
     assert np.array_equal(expected, got), f"{(expected != got).sum()} pixels differ"
 
 
@@ -46,14 +49,11 @@ def test_native_masks_equal_reference(size, dim, shots, seed):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_native_masks_equal_reference_whatever_the_thread_count(threads):
     # The CPU op overlaps the clustering with the voting when it has two threads or more.
-    encoder = SyntheticEncoder(64, seed=8)
-    refs, masks, target, _ = make_episode(8, 2)
-    kw = dict(image_size=512, svd_components=32, device="cpu")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)  # both paths: the positional SVD (LAPACK) depends on it
     try:
-        expected = segment(INSID3(encoder, backend="reference", **kw), refs, masks, target)
-        got = segment(INSID3(encoder, backend="native", **kw), refs, masks, target)
+        expected, got = reference_and_native(SyntheticEncoder(64, seed=8), make_episode(8, 2),
+                                             image_size=512, svd_components=32, device="cpu")
     finally:
         torch.set_num_threads(old)
     assert np.array_equal(expected, got), f"{(expected != got).sum()} pixels differ"
@@ -62,11 +62,8 @@ def test_native_masks_equal_reference_whatever_the_thread_count(threads):
 @needs_native
 @pytest.mark.parametrize("connectivity", [4, 8])
 def test_native_grid_masks_equal_reference(connectivity):
-    encoder = SyntheticEncoder(32, seed=3)
-    refs, masks, target, _ = make_episode(3, 2)
-    kw = dict(image_size=256, svd_components=16, device="cpu", connectivity=connectivity)
-    expected = segment(INSID3(encoder, backend="reference", **kw), refs, masks, target)
-    got = segment(INSID3(encoder, backend="native", **kw), refs, masks, target)
+    expected, got = reference_and_native(SyntheticEncoder(32, seed=3), make_episode(3, 2), image_size=256,
+                                         svd_components=16, device="cpu", connectivity=connectivity)
     assert np.array_equal(expected, got)
 
 
