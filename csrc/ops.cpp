@@ -24,12 +24,12 @@ TORCH_LIBRARY(insid3_fast, m) {
   m.def("average_linkage_precomputed(Tensor dist, float threshold) -> Tensor");
   // Same on L2-normalised features (N, C): dist = 1 - clamp(X X^T, -1, 1) in float32.
   m.def("average_linkage(Tensor features, float threshold) -> Tensor");
-  // Connectivity-constrained average linkage on an h x w grid (4 or 8 neighbours),
-  // reciprocal-nearest-neighbour rounds on the true average distance.
   // average_linkage(features, threshold) and nn_vote(queries, keys, key_mask, active) in one
   // call: (labels, votes, argmax), equal to the two ops'. The CPU kernel overlaps the sequential
   // clustering with the voting; the CUDA kernel runs the two ops in a row.
   m.def("cluster_and_vote(Tensor features, float threshold, Tensor queries, Tensor keys, "
         "Tensor key_mask, Tensor active) -> (Tensor labels, Tensor votes, Tensor argmax)");
+  // Connectivity-constrained average linkage on an h x w grid (4 or 8 neighbours),
+  // reciprocal-nearest-neighbour rounds on the true average distance.
   m.def("grid_average_linkage(Tensor features, int h, int w, int connectivity, float threshold) -> Tensor");
 }

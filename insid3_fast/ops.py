@@ -93,13 +93,14 @@ def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     linkage='average', distance_threshold=threshold)`` on ``1 - clamp(X Xᵀ, -1, 1)``.
     Returns (N,) int64 labels numbered by first appearance.
     """
+    features = _linkage_features(features)
+    _require(features.device)
+    return torch.ops.insid3_fast.average_linkage(features, float(threshold))
+
+
+def _linkage_features(features: torch.Tensor) -> torch.Tensor:
     if features.dim() != 2:
         raise InputError(f"features must be (N, C), got {tuple(features.shape)}")
-    _require(features.device)
-    return torch.ops.insid3_fast.average_linkage(_linkage_layout(features), float(threshold))
-
-
-def _linkage_layout(features: torch.Tensor) -> torch.Tensor:
     features = features.float()
     if not (features.is_contiguous() or features.T.is_contiguous()):
         features = features.contiguous()  # (N, C) rows, or the transposed view of a (C, N) map
@@ -115,12 +116,10 @@ def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Te
     NN-chain of the clustering runs on one core while the other cores vote, so the pair costs
     less than the two calls in a row; on CUDA it runs them one after the other.
     """
-    if features.dim() != 2:
-        raise InputError(f"features must be (N, C), got {tuple(features.shape)}")
+    features = _linkage_features(features)
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
     _require(features.device)
-    return torch.ops.insid3_fast.cluster_and_vote(_linkage_layout(features), float(threshold),
-                                                  queries, keys, key_mask, active)
+    return torch.ops.insid3_fast.cluster_and_vote(features, float(threshold), queries, keys, key_mask, active)
 
 
 def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: int,

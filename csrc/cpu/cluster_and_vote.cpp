@@ -41,8 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_cpu(
   const int threads = AT_PARALLEL_OPENMP ? at::get_num_threads() : 1;
   if (threads < 2 || A == 0) {
     merges = insid3_cpu::nn_chain_average(D.data(), n);
-    const int64_t tile = job.tile();
-    for (int64_t a0 = 0; a0 < A; a0 += tile) job.run(a0, std::min(tile, A - a0));
+    job.run_all();
   } else {
     std::atomic<int64_t> next{0};
     std::exception_ptr error;

@@ -24,11 +24,15 @@ inline at::Tensor linkage_features(const at::Tensor& features, const char* op) {
   return transposed ? features : features.contiguous();
 }
 
+inline void require_finite(bool finite, const char* op) {
+  TORCH_CHECK(finite, op, ": the distances must be finite (scipy's linkage rejects NaN/inf)");
+}
+
 inline void check_finite(const HugeBuffer& D, const char* op) {
   bool finite = true;
 #pragma omp parallel for reduction(&& : finite)
   for (int64_t i = 0; i < D.size(); ++i) finite = finite && std::isfinite(D.data()[i]);
-  TORCH_CHECK(finite, op, ": the distances must be finite (scipy's linkage rejects NaN/inf)");
+  require_finite(finite, op);
 }
 
 // Condensed dist = 1 - clamp(X X^T, -1, 1) in float32, as torch computes it, widened to
@@ -60,7 +64,7 @@ inline HugeBuffer cosine_distances_condensed(const at::Tensor& X, const char* op
       finite = finite && row_finite;
     }
   }
-  TORCH_CHECK(finite, op, ": the distances must be finite (scipy's linkage rejects NaN/inf)");
+  require_finite(finite, op);
   return D;
 }
 

@@ -10,8 +10,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> nn_vote_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                                const at::Tensor& key_mask, const at::Tensor& active) {
   insid3_cpu::NnVoteJob job(queries, keys, key_mask, active);
-  const int64_t A = job.active_count(), tile = job.tile();
-  for (int64_t a0 = 0; a0 < A; a0 += tile) job.run(a0, std::min(tile, A - a0));
+  job.run_all();
   return {job.votes, job.argmax};
 }
 

@@ -53,9 +53,8 @@ inline double norm_f64(const float* v, int64_t C) { return std::sqrt(insid3::dot
 
 // Among candidate keys, the exact argmax (double re-score, ties to the lowest index) of those
 // whose score lies within `bound` of the best candidate score.
-template <typename Score>
-int64_t rescore_window(const std::vector<std::pair<Score, int64_t>>& cands, Score best, double bound,
-                       const float* q, const float* keys, int64_t C) {
+inline int64_t rescore_window(const std::vector<std::pair<float, int64_t>>& cands, float best, double bound,
+                              const float* q, const float* keys, int64_t C) {
   // In double so the cut itself adds no rounding (it matters for tiny C). NaN scores never
   // pass and leave index 0.
   const double cut = static_cast<double>(best) - bound;
@@ -167,6 +166,12 @@ class NnVoteJob {
   int64_t tile() const {
     constexpr int64_t kTileScores = int64_t(1) << 22, kMinTile = 256;
     return std::max<int64_t>(1, std::min(active_count(), std::max(kMinTile, kTileScores / std::max<int64_t>(M_, 1))));
+  }
+
+  // Scores every active query, tile by tile, with the caller's OpenMP team.
+  void run_all() {
+    const int64_t A = active_count(), T = tile();
+    for (int64_t a0 = 0; a0 < A; a0 += T) run(a0, std::min(T, A - a0));
   }
 
   // Scores active queries [a0, a0 + T) against every shot and records their argmax and votes.
