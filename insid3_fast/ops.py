@@ -18,6 +18,35 @@ except ImportError as exc:  # not built: the reference path still works
     _LOAD_ERROR = str(exc)
 
 
+# The op library the wrappers call. Tests swap in the CUDA emulation's library
+# (torch.ops.insid3_fast_emu, same schemas) with `use_library` to run the whole pipeline on the
+# kernels of csrc/cuda executed on the CPU.
+_LIBRARY = "insid3_fast"
+
+
+def _lib():
+    return getattr(torch.ops, _LIBRARY)
+
+
+class use_library:
+    """Context manager: route every wrapper to another library with the insid3_fast schemas.
+
+    Test-only hook (e.g. ``with ops.use_library("insid3_fast_emu"):``); not thread-safe.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name, self.previous = name, None
+
+    def __enter__(self) -> "use_library":
+        global _LIBRARY
+        self.previous, _LIBRARY = _LIBRARY, self.name
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _LIBRARY
+        _LIBRARY = self.previous
+
+
 def native_available(device: torch.device | str | None = None) -> bool:
     """True when the native ops are loaded (and, for a CUDA device, built with CUDA kernels)."""
     if _LOAD_ERROR is not None:
@@ -58,7 +87,7 @@ def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
     """
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
     _require(queries.device)
-    return torch.ops.insid3_fast.nn_vote(queries, keys, key_mask, active)
+    return _lib().nn_vote(queries, keys, key_mask, active)
 
 
 def _vote_inputs(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
@@ -83,7 +112,7 @@ def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.T
     if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
         raise InputError(f"dist must be a square (N, N) matrix, got {tuple(dist.shape)}")
     _require(dist.device)
-    return torch.ops.insid3_fast.average_linkage_precomputed(dist.float().contiguous(), float(threshold))
+    return _lib().average_linkage_precomputed(dist.float().contiguous(), float(threshold))
 
 
 def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -95,7 +124,7 @@ def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     """
     features = _linkage_features(features)
     _require(features.device)
-    return torch.ops.insid3_fast.average_linkage(features, float(threshold))
+    return _lib().average_linkage(features, float(threshold))
 
 
 def _linkage_features(features: torch.Tensor) -> torch.Tensor:
@@ -119,7 +148,7 @@ def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Te
     features = _linkage_features(features)
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
     _require(features.device)
-    return torch.ops.insid3_fast.cluster_and_vote(features, float(threshold), queries, keys, key_mask, active)
+    return _lib().cluster_and_vote(features, float(threshold), queries, keys, key_mask, active)
 
 
 def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: int,
@@ -134,30 +163,36 @@ def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: i
     if connectivity not in (4, 8):
         raise InputError(f"connectivity must be 4 or 8, got {connectivity}")
     _require(features.device)
-    return torch.ops.insid3_fast.grid_average_linkage(
+    return _lib().grid_average_linkage(
         features.float().contiguous(), int(h), int(w), int(connectivity), float(threshold))
 
 
-if _LOAD_ERROR is None:
-    @torch.library.register_fake("insid3_fast::nn_vote")
+def register_fakes(library: str) -> None:
+    """Register the fake (meta) kernels of the insid3_fast schemas in ``library``."""
+
+    @torch.library.register_fake(f"{library}::nn_vote")
     def _nn_vote_fake(queries, keys, key_mask, active):
         q = queries.shape[0]
         return (queries.new_empty((q,), dtype=torch.int32),
                 queries.new_empty((keys.shape[0], q), dtype=torch.int64))
 
-    @torch.library.register_fake("insid3_fast::average_linkage_precomputed")
+    @torch.library.register_fake(f"{library}::average_linkage_precomputed")
     def _alp_fake(dist, threshold):
         return dist.new_empty((dist.shape[0],), dtype=torch.int64)
 
-    @torch.library.register_fake("insid3_fast::average_linkage")
+    @torch.library.register_fake(f"{library}::average_linkage")
     def _al_fake(features, threshold):
         return features.new_empty((features.shape[0],), dtype=torch.int64)
 
-    @torch.library.register_fake("insid3_fast::cluster_and_vote")
+    @torch.library.register_fake(f"{library}::cluster_and_vote")
     def _cav_fake(features, threshold, queries, keys, key_mask, active):
         return (features.new_empty((features.shape[0],), dtype=torch.int64),
                 *_nn_vote_fake(queries, keys, key_mask, active))
 
-    @torch.library.register_fake("insid3_fast::grid_average_linkage")
+    @torch.library.register_fake(f"{library}::grid_average_linkage")
     def _gal_fake(features, h, w, connectivity, threshold):
         return features.new_empty((features.shape[0],), dtype=torch.int64)
+
+
+if _LOAD_ERROR is None:
+    register_fakes("insid3_fast")

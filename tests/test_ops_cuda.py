@@ -1,12 +1,14 @@
-"""CUDA kernels of insid3_fast._C against the CPU kernels (exact equality) and small references.
+"""The CUDA kernels (csrc/cuda) against the CPU kernels (exact equality) and small references.
 
-Runs only where a GPU is visible and the extension was built with CUDA kernels; elsewhere every
-test is reported as skipped (never as passed). Comparisons with the CPU op are skipped when the
-CPU kernels are not registered.
+Every test runs on two backends (the ``backend`` fixture): ``cuda``, a real GPU (skipped where
+none is visible), and ``emu``, the same kernel sources executed by the CPU emulation of CUDA's
+execution model (tests/cuda_emu), which runs on every machine and CI run (``pytest -k emu``).
+Sizes are reduced on ``emu`` where a case would take minutes there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -15,14 +17,12 @@ import torch
 
 from insid3_fast import ops
 
-HAS_CUDA_OPS = torch.cuda.is_available() and ops.native_available("cuda")
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not HAS_CUDA_OPS,
-                       reason="needs a CUDA device and insid3_fast._C built with CUDA kernels "
-                              f"(cuda available: {torch.cuda.is_available()}, "
-                              f"load error: {ops.load_error()})"),
-]
+from backends import Backend, has_cuda, tunable
+
+
+@pytest.fixture(params=["cuda", "emu"])
+def backend(request) -> Backend:
+    return Backend(request.param)
 
 
 def _has_cpu_kernel(name: str) -> bool:
@@ -127,39 +127,40 @@ NN_CASES = [
 
 
 @pytest.mark.parametrize("case", NN_CASES, ids=lambda c: f"{c['kind']}-Q{c['Q']}-S{c['S']}-M{c['M']}")
-def test_nn_vote_matches_cpu(case):
+def test_nn_vote_matches_cpu(backend, case):
     _need_cpu("nn_vote")
     q, k, km, act = _nn_case(**case)
     v_cpu, a_cpu = ops.nn_vote(q, k, km, act)
-    v_gpu, a_gpu = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+    v_gpu, a_gpu = backend.nn_vote(*map(backend.dev, (q, k, km, act)))
     assert v_gpu.dtype == torch.int32 and a_gpu.dtype == torch.int64
-    assert v_gpu.is_cuda and a_gpu.is_cuda
+    assert backend.on_device(v_gpu) and backend.on_device(a_gpu)
     assert torch.equal(a_gpu.cpu(), a_cpu)
     assert torch.equal(v_gpu.cpu(), v_cpu)
 
 
 @pytest.mark.parametrize("case", [c for c in NN_CASES if c["kind"] in ("random", "ties", "duplicates")],
                          ids=lambda c: f"{c['kind']}-Q{c['Q']}-S{c['S']}")
-def test_nn_vote_matches_float64_reference(case):
+def test_nn_vote_matches_float64_reference(backend, case):
     q, k, km, act = _nn_case(**case)
     v_ref, a_ref = _nn_vote_reference(q, k, km, act)
-    v_gpu, a_gpu = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+    v_gpu, a_gpu = backend.nn_vote(*map(backend.dev, (q, k, km, act)))
     assert torch.equal(a_gpu.cpu(), a_ref)
     assert torch.equal(v_gpu.cpu(), v_ref)
     assert torch.all(a_gpu.cpu()[:, ~act] == -1) and torch.all(v_gpu.cpu()[~act] == 0)
 
 
-def test_nn_vote_exact_under_tf32():
+def test_nn_vote_exact_under_tf32(backend):
     """The exact argmax must not depend on the user's TF32 / matmul precision setting."""
     q, k, km, act = _nn_case(seed=11, Q=128, S=3, M=256, C=768, kind="near")
     _, a_ref = _nn_vote_reference(q, k, km, act)
+    inputs = list(map(backend.dev, (q, k, km, act)))
     old = torch.backends.cuda.matmul.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        _, a_tf32 = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+        torch.backends.cuda.matmul.allow_tf32 = True  # the kernel then widens its error window
+        _, a_tf32 = backend.nn_vote(*inputs)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    _, a_ieee = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+    _, a_ieee = backend.nn_vote(*inputs)
     assert torch.equal(a_tf32.cpu(), a_ieee.cpu())
     assert torch.equal(a_ieee.cpu(), a_ref)
     if _has_cpu_kernel("nn_vote"):
@@ -167,25 +168,43 @@ def test_nn_vote_exact_under_tf32():
         assert torch.equal(a_ieee.cpu(), a_cpu)
 
 
-def test_nn_vote_large_tiled():
+def test_nn_vote_large_tiled(backend):
     """Q * S * M above the score-buffer budget: several query tiles."""
-    q, k, km, act = _nn_case(seed=12, Q=3000, S=5, M=2500, C=32, kind="random")
-    v_gpu, a_gpu = ops.nn_vote(q.cuda(), k.cuda(), km.cuda(), act.cuda())
+    if backend.name == "emu":  # same tiling at a tenth of the size: a smaller budget
+        q, k, km, act = _nn_case(seed=12, Q=300, S=5, M=250, C=32, kind="random")
+        ctx = tunable("nn_vote.score_budget", 300 * 5 * 250 // 3)
+    else:
+        q, k, km, act = _nn_case(seed=12, Q=3000, S=5, M=2500, C=32, kind="random")
+        ctx = contextlib.nullcontext()
+    with ctx:
+        v_gpu, a_gpu = backend.nn_vote(*map(backend.dev, (q, k, km, act)))
     v_ref, a_ref = _nn_vote_reference(q, k, km, act)
     assert torch.equal(a_gpu.cpu(), a_ref)
     assert torch.equal(v_gpu.cpu(), v_ref)
 
 
-def test_nn_vote_rejects_empty_shots_like_cpu():
-    q = torch.randn(3, 4, device="cuda")
-    k = torch.randn(2, 0, 4, device="cuda")
-    km = torch.zeros(2, 0, dtype=torch.bool, device="cuda")
-    act = torch.ones(3, dtype=torch.bool, device="cuda")
+def test_nn_vote_rejects_empty_shots_like_cpu(backend):
+    q = backend.dev(torch.randn(3, 4))
+    k = backend.dev(torch.randn(2, 0, 4))
+    km = backend.dev(torch.zeros(2, 0, dtype=torch.bool))
+    act = backend.dev(torch.ones(3, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="at least one key"):
-        torch.ops.insid3_fast.nn_vote(q, k, km, act)
+        backend.raw.nn_vote(q, k, km, act)
+
+
+def test_nn_vote_empty_and_single_inputs(backend):
+    """No query, no shot, one query against one key: the CPU op's results."""
+    for Q, S, M in [(0, 2, 3), (4, 0, 3), (1, 1, 1)]:
+        q, k = torch.randn(Q, 4), torch.randn(S, M, 4)
+        km, act = torch.ones(S, M, dtype=torch.bool), torch.ones(Q, dtype=torch.bool)
+        v_gpu, a_gpu = backend.raw.nn_vote(*map(backend.dev, (q, k, km, act)))
+        v_cpu, a_cpu = torch.ops.insid3_fast.nn_vote(q, k, km, act)
+        assert torch.equal(v_gpu.cpu(), v_cpu) and torch.equal(a_gpu.cpu(), a_cpu)
 
 
 def test_nn_vote_rejects_cpu_mixed_devices():
+    if not has_cuda():
+        pytest.skip("mixing devices needs a second device: a CUDA GPU")
     q, k, km, act = _nn_case(seed=13, Q=4, S=1, M=4, C=4)
     with pytest.raises((RuntimeError, ValueError)):
         torch.ops.insid3_fast.nn_vote(q.cuda(), k, km.cuda(), act.cuda())
@@ -255,10 +274,10 @@ DENSE_CASES = [
 
 
 @pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: f"n{c['n']}-thr{c['thr']}-dup{c.get('duplicates', False)}")
-def test_average_linkage_precomputed_matches_cpu_and_reference(case):
+def test_average_linkage_precomputed_matches_cpu_and_reference(backend, case):
     x = _clustered_features(case["seed"], case["n"], case["c"], duplicates=case.get("duplicates", False))
     dist = _dist_of(x)
-    lab_gpu = ops.average_linkage_precomputed(dist.cuda(), case["thr"]).cpu()
+    lab_gpu = backend.average_linkage_precomputed(backend.dev(dist), case["thr"]).cpu()
     assert lab_gpu.dtype == torch.int64 and lab_gpu.shape == (case["n"],)
     assert _first_appearance(lab_gpu)
     if _has_cpu_kernel("average_linkage_precomputed"):
@@ -269,7 +288,7 @@ def test_average_linkage_precomputed_matches_cpu_and_reference(case):
         assert _same_partition(lab_gpu, ref)
 
 
-def test_average_linkage_precomputed_tie_heavy():
+def test_average_linkage_precomputed_tie_heavy(backend):
     """Quantised distances (many exact ties) and an asymmetric input (upper triangle is used)."""
     g = _gen(30)
     n = 160
@@ -278,48 +297,79 @@ def test_average_linkage_precomputed_tie_heavy():
     d = d + d.T
     d_asym = d.clone()
     d_asym[torch.tril(torch.ones(n, n, dtype=torch.bool), -1)] = 5.0  # lower triangle ignored
-    lab = ops.average_linkage_precomputed(d.cuda(), 0.25).cpu()
-    lab_asym = ops.average_linkage_precomputed(d_asym.cuda(), 0.25).cpu()
+    lab = backend.average_linkage_precomputed(backend.dev(d), 0.25).cpu()
+    lab_asym = backend.average_linkage_precomputed(backend.dev(d_asym), 0.25).cpu()
     assert torch.equal(lab, lab_asym)
     assert _first_appearance(lab)
     # deterministic run to run (atomics only build an unordered pair list)
-    assert torch.equal(lab, ops.average_linkage_precomputed(d.cuda(), 0.25).cpu())
+    assert torch.equal(lab, backend.average_linkage_precomputed(backend.dev(d), 0.25).cpu())
     # Not compared with the CPU kernel: with exact ties between *different* candidate merges
     # the partition is not unique; the CPU runs scipy's NN-chain (its own tie preferences),
     # the GPU reciprocal-NN rounds (ties to the lowest index).
 
 
 @pytest.mark.parametrize("n,thr", [(1, 0.4), (64, 0.4), (400, 0.4), (300, 0.8)])
-def test_average_linkage_features_matches_cpu(n, thr):
+def test_average_linkage_features_matches_cpu(backend, n, thr):
     x = _clustered_features(40 + n, n, 48)
-    lab_gpu = ops.average_linkage(x.cuda(), thr).cpu()
+    lab_gpu = backend.average_linkage(backend.dev(x), thr).cpu()
     assert _first_appearance(lab_gpu)
     if _has_cpu_kernel("average_linkage"):
         assert _same_partition(lab_gpu, ops.average_linkage(x, thr))
     # precomputed path on the same (GPU-computed) distances gives the same labels
-    xg = x.cuda()
+    xg = backend.dev(x)
     dist = (1 - (xg @ xg.T).clamp(-1, 1)).float()
-    assert _same_partition(lab_gpu, ops.average_linkage_precomputed(dist, thr).cpu())
+    assert _same_partition(lab_gpu, backend.average_linkage_precomputed(dist, thr).cpu())
 
 
-def test_average_linkage_everything_merges_and_nothing_merges():
+def test_average_linkage_everything_merges_and_nothing_merges(backend):
     x = _clustered_features(50, 120, 16)
-    assert ops.average_linkage(x.cuda(), 10.0).cpu().max().item() == 0
-    assert torch.equal(ops.average_linkage(x.cuda(), -1.0).cpu(), torch.arange(120))
+    assert backend.average_linkage(backend.dev(x), 10.0).cpu().max().item() == 0
+    assert torch.equal(backend.average_linkage(backend.dev(x), -1.0).cpu(), torch.arange(120))
 
 
-def test_cluster_and_vote_equals_the_two_ops_on_cuda():
+def test_average_linkage_empty_input(backend):
+    for op, arg in ((backend.raw.average_linkage, torch.zeros(0, 8)),
+                    (backend.raw.average_linkage_precomputed, torch.zeros(0, 0))):
+        out = op(backend.dev(arg), 0.4)
+        assert out.shape == (0,) and out.dtype == torch.int64
+
+
+@pytest.mark.parametrize("op", ["average_linkage", "average_linkage_precomputed"])
+def test_average_linkage_rejects_non_finite_like_cpu(backend, op):
+    x = _clustered_features(51, 40, 16)
+    arg = x if op == "average_linkage" else _dist_of(x)
+    arg[3, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="finite") as cpu_err:
+        getattr(torch.ops.insid3_fast, op)(arg, 0.4)
+    with pytest.raises(RuntimeError, match="finite"):
+        getattr(backend.raw, op)(backend.dev(arg), 0.4)
+    assert "finite" in str(cpu_err.value)
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 5])
+def test_average_linkage_small_chunks_converge(backend, rounds):
+    """Chunks of a few rounds (the one-block tail kernel finishes the job): same labels."""
+    if backend.name != "emu":
+        pytest.skip("the chunk size is a tunable of the emulated build only")
+    x = _clustered_features(52, 200, 16)
+    with tunable("average_linkage.first_chunk_rounds", rounds):
+        lab = backend.average_linkage(backend.dev(x), 0.5).cpu()
+    assert torch.equal(lab, ops.average_linkage(x, 0.5))
+
+
+def test_cluster_and_vote_equals_the_two_ops_on_cuda(backend):
     g = _gen(77)
-    x = _clustered_features(77, 500, 32)
-    queries = _unit(torch.randn(500, 32, generator=g))
+    n = 500 if backend.name == "cuda" else 200
+    x = _clustered_features(77, n, 32)
+    queries = _unit(torch.randn(n, 32, generator=g))
     keys = _unit(torch.randn(2, 300, 32, generator=g))
     key_mask = torch.rand(2, 300, generator=g) > 0.5
-    active = torch.rand(500, generator=g) > 0.2
-    cuda = [t.cuda() for t in (queries, keys, key_mask, active)]
-    labels, votes, argmax = ops.cluster_and_vote(x.cuda(), 0.4, *cuda)
-    assert labels.is_cuda and votes.is_cuda and argmax.is_cuda
-    assert torch.equal(labels, ops.average_linkage(x.cuda(), 0.4))
-    v, a = ops.nn_vote(*cuda)
+    active = torch.rand(n, generator=g) > 0.2
+    cuda = [backend.dev(t) for t in (queries, keys, key_mask, active)]
+    labels, votes, argmax = backend.cluster_and_vote(backend.dev(x), 0.4, *cuda)
+    assert backend.on_device(labels) and backend.on_device(votes) and backend.on_device(argmax)
+    assert torch.equal(labels, backend.average_linkage(backend.dev(x), 0.4))
+    v, a = backend.nn_vote(*cuda)
     assert torch.equal(votes, v) and torch.equal(argmax, a)
     if _has_cpu_kernel("cluster_and_vote"):
         cpu = ops.cluster_and_vote(x, 0.4, queries, keys, key_mask, active)
@@ -328,12 +378,13 @@ def test_cluster_and_vote_equals_the_two_ops_on_cuda():
 
 
 @pytest.mark.slow
-def test_average_linkage_paper_size():
-    """N = 4096, C = 1024 structured features (the paper's grid): CUDA == CPU."""
+def test_average_linkage_paper_size(backend):
+    """N = 4096, C = 1024 structured features (the paper's grid; 1024 = the 512 px grid on emu)."""
     _need_cpu("average_linkage_precomputed")
-    x = _clustered_features(60, 4096, 1024, k=40, noise=0.5)
+    n = 4096 if backend.name == "cuda" else 1024
+    x = _clustered_features(60, n, 1024, k=40, noise=0.5)
     dist = _dist_of(x)
-    assert torch.equal(ops.average_linkage_precomputed(dist.cuda(), 0.4).cpu(),
+    assert torch.equal(backend.average_linkage_precomputed(backend.dev(dist), 0.4).cpu(),
                        ops.average_linkage_precomputed(dist, 0.4))
 
 
@@ -406,10 +457,10 @@ def _grid_features(seed, h, w, c=24, duplicates=False):
 
 @pytest.mark.parametrize("case", GRID_CASES, ids=lambda c: f"{c['h']}x{c['w']}-c{c['conn']}-thr{c['thr']}")
 @pytest.mark.parametrize("duplicates", [False, True])
-def test_grid_average_linkage_matches_cpu_and_reference(case, duplicates):
+def test_grid_average_linkage_matches_cpu_and_reference(backend, case, duplicates):
     h, w, conn, thr = case["h"], case["w"], case["conn"], case["thr"]
     x = _grid_features(70 + h * w + conn, h, w, duplicates=duplicates)
-    lab_gpu = ops.grid_average_linkage(x.cuda(), h, w, conn, thr).cpu()
+    lab_gpu = backend.grid_average_linkage(backend.dev(x), h, w, conn, thr).cpu()
     assert lab_gpu.dtype == torch.int64 and lab_gpu.shape == (h * w,)
     assert _first_appearance(lab_gpu)
     if _has_cpu_kernel("grid_average_linkage"):
@@ -419,11 +470,11 @@ def test_grid_average_linkage_matches_cpu_and_reference(case, duplicates):
         assert _same_partition(lab_gpu, ref)
 
 
-def test_grid_clusters_are_connected():
+def test_grid_clusters_are_connected(backend):
     h, w = 20, 20
     x = _grid_features(90, h, w)
     for conn in (4, 8):
-        lab = ops.grid_average_linkage(x.cuda(), h, w, conn, 0.5).cpu().reshape(h, w)
+        lab = backend.grid_average_linkage(backend.dev(x), h, w, conn, 0.5).cpu().reshape(h, w)
         for k in lab.unique().tolist():
             cells = {tuple(p) for p in (lab == k).nonzero().tolist()}
             start = next(iter(cells))
@@ -439,17 +490,37 @@ def test_grid_clusters_are_connected():
             assert seen == cells, f"cluster {k} is not {conn}-connected"
 
 
+def test_grid_average_linkage_empty_and_one(backend):
+    for h, w in [(0, 0), (0, 5), (1, 1)]:
+        x = torch.ones(h * w, 8) / 8 ** 0.5
+        out = backend.raw.grid_average_linkage(backend.dev(x), h, w, 4, 0.4).cpu()
+        assert torch.equal(out, torch.ops.insid3_fast.grid_average_linkage(x, h, w, 4, 0.4))
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 3])
+def test_grid_average_linkage_small_chunks_converge(backend, rounds):
+    if backend.name != "emu":
+        pytest.skip("the chunk size is a tunable of the emulated build only")
+    x = _grid_features(92, 12, 10)
+    with tunable("grid_average_linkage.first_chunk_rounds", rounds):
+        lab = backend.grid_average_linkage(backend.dev(x), 12, 10, 4, 0.6).cpu()
+    assert torch.equal(lab, ops.grid_average_linkage(x, 12, 10, 4, 0.6))
+
+
 @pytest.mark.slow
-def test_grid_average_linkage_paper_size():
+def test_grid_average_linkage_paper_size(backend):
     _need_cpu("grid_average_linkage")
-    x = _grid_features(91, 64, 64, c=1024)
+    side = 64 if backend.name == "cuda" else 32
+    x = _grid_features(91, side, side, c=1024)
     for conn in (4, 8):
-        assert torch.equal(ops.grid_average_linkage(x.cuda(), 64, 64, conn, 0.4).cpu(),
-                           ops.grid_average_linkage(x, 64, 64, conn, 0.4))
+        assert torch.equal(backend.grid_average_linkage(backend.dev(x), side, side, conn, 0.4).cpu(),
+                           ops.grid_average_linkage(x, side, side, conn, 0.4))
 
 
 def test_ops_run_on_current_stream_without_sync_errors():
     """Ops on a side stream give the same results (stream handling)."""
+    if not has_cuda():
+        pytest.skip("streams exist on a CUDA device only (the emulation has one in-order queue)")
     x = _clustered_features(95, 256, 32)
     ref = ops.average_linkage(x.cuda(), 0.4).cpu()
     s = torch.cuda.Stream()

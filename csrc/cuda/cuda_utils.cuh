@@ -11,9 +11,34 @@
 #include "common/exact_dot.h"
 #include "common/linkage.h"
 
+// Kernel launches and registrations go through these macros so that the same sources also
+// build for the CPU emulation of the tests (tests/cuda_emu, which defines INSID3_CUDA_EMU and
+// force-includes its cuda_emu.h): there a launch runs the kernel's blocks on the CPU and the
+// kernels register under the CPU key of the library insid3_fast_emu, beside the CPU kernels.
+#if defined(INSID3_CUDA_EMU)
+#define INSID3_LAUNCH(kernel, grid, block, smem, stream) \
+  ::cuda_emu::launcher(#kernel, __FILE__ ":" CUDA_EMU_STR(__LINE__), kernel, grid, block, smem, stream)
+#define INSID3_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(insid3_fast_emu, CPU, m)
+// A host-side constant the emulated tests may shrink (e.g. to force several chunks).
+#define INSID3_TUNABLE(name, value) ::cuda_emu::tunable(name, value)
+#else
+#define INSID3_TUNABLE(name, value) (value)
+#define INSID3_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define INSID3_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(insid3_fast, CUDA, m)
+#endif
+
 namespace insid3_cuda {
 
 constexpr int kWarp = 32;
+
+// Is t on the device these kernels run on (a CUDA device; the CPU in the emulation)?
+inline bool on_device(const at::Tensor& t) {
+#if defined(INSID3_CUDA_EMU)
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -25,7 +50,7 @@ inline unsigned int grid_1d(int64_t n, int threads) {
 
 inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
                               int64_t dim) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(on_device(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }

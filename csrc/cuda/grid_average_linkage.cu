@@ -23,8 +23,9 @@
 //               the cluster id), and reset best_key / best_id for the next round.
 // Sums are stored transposed, (C, N), so that a warp's threads, which handle neighbouring
 // edges, read neighbouring addresses at each step of the sequential dot product.
-// Termination: the fixed-chunk + device-count scheme of average_linkage.cu (a chunk of
-// kFirstChunkRounds rounds, then one 4-byte read to check; skipped under graph capture).
+// Termination: the scheme of average_linkage.cu, without host synchronisation: a chunk of
+// kFirstChunkRounds multi-block rounds, then grid_tail_kernel (one block, the same steps)
+// finishes the clustering if the chunk did not.
 #include <climits>
 
 #include <ATen/ATen.h>
@@ -40,7 +41,7 @@ constexpr int kEdgeThreads = 128;
 constexpr int kPointThreads = 256;
 constexpr int kSumThreads = 128;
 constexpr int kFirstChunkRounds = 96;
-constexpr int kMoreChunkRounds = 32;
+constexpr int kTailThreads = 1024;
 constexpr int kMaxPairBlocks = 4096;
 constexpr unsigned long long kNoKey = ~0ull;
 
@@ -96,11 +97,10 @@ __device__ __forceinline__ double sum_linkage_strided(const double* sa, const do
   return 1.0 - acc / (na * nb);
 }
 
-__global__ void __launch_bounds__(kEdgeThreads)
-edge_linkage_kernel(GridState st, const int32_t* __restrict__ prev_count, int32_t round) {
-  if (*prev_count == 0) return;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= st.N * st.K) return;
+// ---- the steps of one round, shared by the multi-block kernels and the tail ----------------
+
+// G1 for edge e.
+__device__ __forceinline__ void edge_linkage_one(const GridState& st, int64_t e, int32_t round) {
   int64_t p, q;
   if (!edge_endpoints(st, e, p, q)) return;
   const int32_t a = st.rep[p], b = st.rep[q];
@@ -118,11 +118,8 @@ edge_linkage_kernel(GridState st, const int32_t* __restrict__ prev_count, int32_
   atomicMin(st.best_key + b, key);
 }
 
-__global__ void __launch_bounds__(kEdgeThreads)
-edge_ties_kernel(GridState st, const int32_t* __restrict__ prev_count) {
-  if (*prev_count == 0) return;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= st.N * st.K) return;
+// G2 for edge e (after every G1).
+__device__ __forceinline__ void edge_ties_one(const GridState& st, int64_t e) {
   int64_t p, q;
   if (!edge_endpoints(st, e, p, q)) return;
   const int32_t a = st.rep[p], b = st.rep[q];
@@ -132,61 +129,115 @@ edge_ties_kernel(GridState st, const int32_t* __restrict__ prev_count) {
   if (key == st.best_key[b]) atomicMin(st.best_id + b, a);
 }
 
-__global__ void decide_kernel(GridState st, const int32_t* __restrict__ prev_count, int32_t* cur_count,
-                              int32_t round, double threshold) {
-  if (*prev_count == 0) return;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= st.N || st.rep[c] != c) return;  // not a live cluster id
+// G3 for cluster id c: the lower id of a reciprocal pair below the threshold takes a slot.
+__device__ __forceinline__ void decide_one(const GridState& st, int64_t c, int32_t* count, int32_t round,
+                                           double threshold) {
+  if (st.rep[c] != c) return;  // not a live cluster id
   const int32_t nb = st.best_id[c];
   if (nb == INT_MAX || nb <= c || st.best_id[nb] != c) return;  // the lower id of a reciprocal pair acts
   const unsigned long long key = st.best_key[c];
   if (key == kNoKey || !(key_value(key) < threshold)) return;   // merge iff linkage < threshold
-  const int32_t slot = atomicAdd(cur_count, 1);
+  const int32_t slot = atomicAdd(count, 1);
   st.pairs[slot] = static_cast<int32_t>(c);
   st.absorbed_by[nb] = static_cast<int32_t>(c);
   st.absorbed_round[nb] = round;
   st.merged_round[c] = round;
 }
 
-// s_a <- s_a + s_b (a < b) for every pair; b = best_id[a] (reset only in G5).
+// G4 for pair slot s, coordinates k0, k0 + dk, ...: s_a <- s_a + s_b (a < b = best_id[a], reset
+// only in G5); the thread with k0 == 0 adds the sizes.
+__device__ __forceinline__ void merge_sums_one(const GridState& st, int64_t s, int64_t k0, int64_t dk) {
+  const int64_t a = st.pairs[s];
+  const int64_t b = st.best_id[a];
+  for (int64_t k = k0; k < st.C; k += dk) st.sumT[k * st.N + a] += st.sumT[k * st.N + b];
+  if (k0 == 0) st.cnt[a] = st.cnt[a] + st.cnt[b];
+}
+
+// G5 for patch p: members of absorbed clusters take the survivor's id (one step: rep stays
+// flat), and the per-cluster minima are reset for the next round.
+__device__ __forceinline__ void relabel_one(const GridState& st, int64_t p, int32_t round) {
+  const int32_t a = st.rep[p];
+  if (st.absorbed_round[a] == round) st.rep[p] = st.absorbed_by[a];
+  st.best_key[p] = kNoKey;
+  st.best_id[p] = INT_MAX;
+}
+
+// ---- multi-block rounds ---------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kEdgeThreads)
+edge_linkage_kernel(GridState st, const int32_t* __restrict__ prev_count, int32_t round) {
+  if (*prev_count == 0) return;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < st.N * st.K) edge_linkage_one(st, e, round);
+}
+
+__global__ void __launch_bounds__(kEdgeThreads)
+edge_ties_kernel(GridState st, const int32_t* __restrict__ prev_count) {
+  if (*prev_count == 0) return;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < st.N * st.K) edge_ties_one(st, e);
+}
+
+__global__ void decide_kernel(GridState st, const int32_t* __restrict__ prev_count, int32_t* cur_count,
+                              int32_t round, double threshold) {
+  if (*prev_count == 0) return;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < st.N) decide_one(st, c, cur_count, round, threshold);
+}
+
 __global__ void __launch_bounds__(kSumThreads)
 merge_sums_kernel(GridState st, const int32_t* __restrict__ cur_count) {
   const int32_t count = *cur_count;
-  for (int64_t s = blockIdx.x; s < count; s += gridDim.x) {
-    const int64_t a = st.pairs[s];
-    const int64_t b = st.best_id[a];
-    for (int64_t k = threadIdx.x; k < st.C; k += blockDim.x) st.sumT[k * st.N + a] += st.sumT[k * st.N + b];
-    if (threadIdx.x == 0) st.cnt[a] = st.cnt[a] + st.cnt[b];
-  }
+  for (int64_t s = blockIdx.x; s < count; s += gridDim.x) merge_sums_one(st, s, threadIdx.x, blockDim.x);
 }
 
 __global__ void relabel_kernel(GridState st, const int32_t* __restrict__ cur_count, int32_t round) {
   if (*cur_count == 0) return;  // no merge this round: nothing to relabel, no next round
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= st.N) return;
-  const int32_t a = st.rep[p];
-  if (st.absorbed_round[a] == round) st.rep[p] = st.absorbed_by[a];  // a survivor: one step suffices
-  st.best_key[p] = kNoKey;
-  st.best_id[p] = INT_MAX;
+  if (p < st.N) relabel_one(st, p, round);
 }
 
-void enqueue_rounds(const GridState& st, int32_t* counts, int first_round, int rounds, double threshold,
-                    cudaStream_t stream) {
+// ---- the tail: the remaining rounds in one block -------------------------------------------
+
+// Runs rounds first_round, first_round + 1, ... until one merges nothing, if the chunk's last
+// round (*last_count) still merged. counter: one device int of scratch.
+__global__ void __launch_bounds__(kTailThreads)
+grid_tail_kernel(GridState st, const int32_t* __restrict__ last_count, int32_t* counter, int32_t first_round,
+                 double threshold) {
+  if (*last_count == 0) return;  // uniform: the chunk converged
+  const int64_t t = threadIdx.x, T = blockDim.x, E = st.N * st.K;
+  for (int32_t round = first_round;; ++round) {
+    if (t == 0) *counter = 0;
+    for (int64_t e = t; e < E; e += T) edge_linkage_one(st, e, round);
+    __syncthreads();
+    for (int64_t e = t; e < E; e += T) edge_ties_one(st, e);
+    __syncthreads();
+    for (int64_t c = t; c < st.N; c += T) decide_one(st, c, counter, round, threshold);
+    __syncthreads();
+    const int32_t count = *counter;  // every thread reads it before thread 0 resets it
+    if (count == 0) return;          // uniform
+    for (int64_t s = 0; s < count; ++s) merge_sums_one(st, s, t, T);
+    __syncthreads();
+    for (int64_t p = t; p < st.N; p += T) relabel_one(st, p, round);
+    __syncthreads();
+  }
+}
+
+void enqueue_rounds(const GridState& st, int32_t* counts, int rounds, double threshold, cudaStream_t stream) {
   const int64_t E = st.N * st.K;
   const unsigned int pair_blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(st.N / 2, kMaxPairBlocks)));
-  for (int r = 0; r < rounds; ++r) {
-    const int32_t round = first_round + r;
-    const int32_t* prev = counts + r;
-    int32_t* cur = counts + r + 1;
-    edge_linkage_kernel<<<grid_1d(E, kEdgeThreads), kEdgeThreads, 0, stream>>>(st, prev, round);
+  for (int32_t round = 0; round < rounds; ++round) {
+    const int32_t* prev = counts + round;
+    int32_t* cur = counts + round + 1;
+    INSID3_LAUNCH(edge_linkage_kernel, grid_1d(E, kEdgeThreads), kEdgeThreads, 0, stream)(st, prev, round);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    edge_ties_kernel<<<grid_1d(E, kEdgeThreads), kEdgeThreads, 0, stream>>>(st, prev);
+    INSID3_LAUNCH(edge_ties_kernel, grid_1d(E, kEdgeThreads), kEdgeThreads, 0, stream)(st, prev);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    decide_kernel<<<grid_1d(st.N, kPointThreads), kPointThreads, 0, stream>>>(st, prev, cur, round, threshold);
+    INSID3_LAUNCH(decide_kernel, grid_1d(st.N, kPointThreads), kPointThreads, 0, stream)(st, prev, cur, round, threshold);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    merge_sums_kernel<<<pair_blocks, kSumThreads, 0, stream>>>(st, cur);
+    INSID3_LAUNCH(merge_sums_kernel, pair_blocks, kSumThreads, 0, stream)(st, cur);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    relabel_kernel<<<grid_1d(st.N, kPointThreads), kPointThreads, 0, stream>>>(st, cur, round);
+    INSID3_LAUNCH(relabel_kernel, grid_1d(st.N, kPointThreads), kPointThreads, 0, stream)(st, cur, round);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -225,27 +276,19 @@ at::Tensor grid_average_linkage_cuda(const at::Tensor& features, int64_t h, int6
                pairs.data_ptr<int32_t>()};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  auto counts = at::zeros({kFirstChunkRounds + 1}, opts.dtype(at::kInt));
+  const int rounds = static_cast<int>(INSID3_TUNABLE("grid_average_linkage.first_chunk_rounds", kFirstChunkRounds));
+  auto counts = at::zeros({rounds + 2}, opts.dtype(at::kInt));  // + the tail's counter
   counts.narrow(0, 0, 1).fill_(1);
-  enqueue_rounds(st, counts.data_ptr<int32_t>(), 0, kFirstChunkRounds, threshold, stream);
-  int done_rounds = kFirstChunkRounds, last = kFirstChunkRounds;
-  // Completion check: one 4-byte read (a sync), skipped under CUDA graph capture.
-  if (!c10::cuda::isStreamCapturingMayInitCtx(stream)) {
-    while (counts[last].item<int32_t>() != 0) {
-      auto more = at::zeros({kMoreChunkRounds + 1}, opts.dtype(at::kInt));
-      more.narrow(0, 0, 1).fill_(1);
-      enqueue_rounds(st, more.data_ptr<int32_t>(), done_rounds, kMoreChunkRounds, threshold, stream);
-      counts = more;
-      last = kMoreChunkRounds;
-      done_rounds += kMoreChunkRounds;
-    }
-  }
+  int32_t* c = counts.data_ptr<int32_t>();
+  enqueue_rounds(st, c, rounds, threshold, stream);
+  INSID3_LAUNCH(grid_tail_kernel, 1, kTailThreads, 0, stream)(st, c + rounds, c + rounds + 1, rounds, threshold);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return labels_from_parent(rep);  // rep is flat and rep[id] == id for live ids: a valid forest
 }
 
 }  // namespace
 }  // namespace insid3_cuda
 
-TORCH_LIBRARY_IMPL(insid3_fast, CUDA, m) {
+INSID3_CUDA_LIBRARY_IMPL(m) {
   m.impl("grid_average_linkage", &insid3_cuda::grid_average_linkage_cuda);
 }

@@ -143,10 +143,10 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
   // them, never the selected index, but equal norms make the two backends easier to compare).
   auto qnorm = at::empty({Q}, queries.options());
   auto knorm_all = at::empty({S, M}, queries.options());
-  row_norm_kernel<<<grid_1d(Q, kVoteThreads), kVoteThreads, 0, stream>>>(q.data_ptr<float>(), Q, C,
+  INSID3_LAUNCH(row_norm_kernel, grid_1d(Q, kVoteThreads), kVoteThreads, 0, stream)(q.data_ptr<float>(), Q, C,
                                                                           qnorm.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  row_norm_kernel<<<grid_1d(S * M, kVoteThreads), kVoteThreads, 0, stream>>>(k.data_ptr<float>(), S * M, C,
+  INSID3_LAUNCH(row_norm_kernel, grid_1d(S * M, kVoteThreads), kVoteThreads, 0, stream)(k.data_ptr<float>(), S * M, C,
                                                                               knorm_all.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // (S,) max key norm per shot. The CPU folds with fmax from 0, which skips NaN norms; amax
@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
   const auto keys2d_t = k.view({S * M, C}).t();  // (C, S*M), a view: cuBLAS handles the transpose
 
   const int64_t row = S * M;
-  int64_t tile = kScoreBudget / row;
+  int64_t tile = INSID3_TUNABLE("nn_vote.score_budget", kScoreBudget) / row;
   tile = std::max<int64_t>(1, std::min<int64_t>(tile, Q));
   auto scores = at::empty({tile, row}, queries.options());
 
@@ -168,12 +168,12 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
       at::mm_out(sc, q.narrow(0, q0, T), keys2d_t);
     }
     dim3 grid(static_cast<unsigned int>(T), static_cast<unsigned int>(S));
-    nn_argmax_kernel<<<grid, kArgmaxThreads, 0, stream>>>(
+    INSID3_LAUNCH(nn_argmax_kernel, grid, kArgmaxThreads, 0, stream)(
         sc.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), act.data_ptr<bool>(),
         qnorm.data_ptr<float>(), knorm.data_ptr<float>(), extra_rel, q0, Q, S, M, C, argmax.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  nn_votes_kernel<<<grid_1d(Q, kVoteThreads), kVoteThreads, 0, stream>>>(
+  INSID3_LAUNCH(nn_votes_kernel, grid_1d(Q, kVoteThreads), kVoteThreads, 0, stream)(
       argmax.data_ptr<int64_t>(), km.data_ptr<bool>(), act.data_ptr<bool>(), Q, S, M, votes.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {votes, argmax};
@@ -182,6 +182,6 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
 }  // namespace
 }  // namespace insid3_cuda
 
-TORCH_LIBRARY_IMPL(insid3_fast, CUDA, m) {
+INSID3_CUDA_LIBRARY_IMPL(m) {
   m.impl("nn_vote", &insid3_cuda::nn_vote_cuda);
 }

@@ -1,0 +1,563 @@
+// cuda_emu runtime: launches, the block scheduler (fibers or OS threads) and the bug detectors.
+// See cuda_emu.h for the model. One scheduling rule serves both modes: threads run until they
+// reach a synchronisation point or exit; when none can run, `resolve` releases every complete
+// warp exchange, else a barrier that the whole block reached, else reports the bug that stops
+// the block (a real GPU would hang or compute garbage there).
+#include "cuda_emu.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <c10/util/Exception.h>
+
+#if !defined(CUDA_EMU_OS_THREADS)
+#include <omp.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+namespace cuda_emu {
+namespace {
+
+thread_local Thread* tls_current = nullptr;
+std::atomic<uint64_t> g_launches{0};
+std::atomic<bool> g_capturing{false};
+
+enum class State : uint8_t { Runnable, Barrier, Shfl, Exited };
+
+// Bookkeeping of one CUDA thread. `t` comes first: current() hands out &slot.t.
+struct Slot {
+  Thread t;
+  State state = State::Runnable;
+  const char* file = nullptr;  // the synchronisation point it waits at
+  int line = 0;
+  unsigned mask = 0;  // its shuffle
+  uint64_t payload = 0, result = 0;
+  ShflKind kind = ShflKind::Idx;
+  int arg = 0, width = 32;
+#if !defined(CUDA_EMU_OS_THREADS)
+  void* sp = nullptr;  // saved stack pointer of its fiber
+  char* stack = nullptr;
+#endif
+};
+
+Slot* current_slot() { return reinterpret_cast<Slot*>(current()); }
+
+std::string dims(dim3 d) {
+  std::ostringstream o;
+  o << "(" << d.x << "," << d.y << "," << d.z << ")";
+  return o.str();
+}
+
+std::string where(const Slot& s) {
+  std::ostringstream o;
+  o << "cuda_emu: kernel '" << s.t.launch->kernel << "' (launched at " << s.t.launch->site << "), block "
+    << dims(s.t.block_idx) << ", thread " << dims(s.t.thread_idx) << ": ";
+  return o.str();
+}
+
+std::string site(const Slot& s) { return std::string(s.file) + ":" + std::to_string(s.line); }
+
+const char* kind_name(ShflKind k) {
+  switch (k) {
+    case ShflKind::Idx: return "__shfl_sync";
+    case ShflKind::Up: return "__shfl_up_sync";
+    case ShflKind::Down: return "__shfl_down_sync";
+    default: return "__shfl_xor_sync";
+  }
+}
+
+std::string hex(unsigned m) {
+  char b[16];
+  std::snprintf(b, sizeof b, "0x%08x", m);
+  return b;
+}
+
+// One block's threads. resolve() runs only while no thread is runnable.
+struct Block {
+  Slot* slots;
+  int n;
+  std::string error;  // the first bug found; the block stops there
+
+  bool fail(const Slot& s, const std::string& what) {
+    if (error.empty()) error = where(s) + what;
+    return false;
+  }
+
+  // Source lane of `lane` for its shuffle (segment rules of the CUDA programming guide).
+  static int source_lane(const Slot& s, int lane) {
+    const int w = s.width, seg = lane & ~(w - 1), pos = lane & (w - 1);
+    switch (s.kind) {
+      case ShflKind::Idx: return seg + (s.arg & (w - 1));
+      case ShflKind::Up: return pos >= s.arg ? lane - s.arg : lane;
+      case ShflKind::Down: return pos + s.arg < w ? lane + s.arg : lane;
+      default: { const int src = lane ^ s.arg; return src < seg + w ? src : lane; }
+    }
+  }
+
+  // Completes the exchange of the lanes in `s`'s mask if they all wait for it. False on a bug.
+  bool try_shuffle(int base, int lanes, int lane, int& released) {
+    const Slot& s = slots[base + lane];
+    const unsigned m = s.mask;
+    if (s.width < 1 || s.width > 32 || (s.width & (s.width - 1)))
+      return fail(s, std::string(kind_name(s.kind)) + " at " + site(s) + ": width " + std::to_string(s.width) +
+                         " is not a power of two <= 32");
+    for (int k = 0; k < 32; ++k) {
+      if (!(m >> k & 1u)) continue;
+      if (k >= lanes)
+        return fail(s, std::string(kind_name(s.kind)) + " at " + site(s) + ": its mask " + hex(m) + " names lane " +
+                           std::to_string(k) + ", which does not exist (the block has " + std::to_string(n) +
+                           " threads)");
+      const Slot& o = slots[base + k];
+      if (o.state == State::Exited)
+        return fail(s, std::string(kind_name(s.kind)) + " at " + site(s) + ": its mask " + hex(m) + " names lane " +
+                           std::to_string(k) + ", which has exited");
+      if (o.state != State::Shfl) return true;  // lane k waits elsewhere: maybe later
+      if (o.mask != m)
+        return fail(s, std::string(kind_name(s.kind)) + " at " + site(s) + " with mask " + hex(m) + " meets lane " +
+                           std::to_string(k) + "'s shuffle at " + site(o) + " with mask " + hex(o.mask));
+    }
+    for (int k = 0; k < 32; ++k) {  // complete: exchange
+      if (!(m >> k & 1u)) continue;
+      Slot& o = slots[base + k];
+      const int src = source_lane(o, k);
+      if (src >= lanes || !(m >> src & 1u))
+        return fail(o, std::string(kind_name(o.kind)) + " at " + site(o) + " reads lane " + std::to_string(src) +
+                           ", which is not in its mask " + hex(m));
+      o.result = slots[base + src].payload;
+    }
+    for (int k = 0; k < 32; ++k) {
+      if (m >> k & 1u) { slots[base + k].state = State::Runnable; ++released; }
+    }
+    return true;
+  }
+
+  // Releases what can go on; returns how many threads were released (0: all exited, or a bug).
+  int resolve() {
+    int released = 0;
+    for (int i = 0; i < n; ++i) {  // a lane must be in the mask of its own shuffle
+      const Slot& s = slots[i];
+      if (s.state == State::Shfl && !(s.mask >> (i % 32) & 1u))
+        return fail(s, std::string(kind_name(s.kind)) + " at " + site(s) + ": its mask " + hex(s.mask) +
+                           " excludes the calling lane " + std::to_string(i % 32));
+    }
+    for (int base = 0; base < n; base += 32) {
+      const int lanes = std::min(32, n - base);
+      for (int lane = 0; lane < lanes; ++lane) {
+        if (slots[base + lane].state == State::Shfl && !try_shuffle(base, lanes, lane, released)) return 0;
+      }
+    }
+    if (released) return released;
+    const Slot *bar = nullptr, *gone = nullptr, *shfl = nullptr;
+    int at_bar = 0;
+    for (int i = 0; i < n; ++i) {
+      const Slot& s = slots[i];
+      if (s.state == State::Barrier) {
+        if (!bar) bar = &s;
+        else if (s.file != bar->file || s.line != bar->line)
+          return fail(s, "reaches __syncthreads at " + site(s) + " while thread " + dims(bar->t.thread_idx) +
+                             " waits at a different __syncthreads at " + site(*bar));
+        ++at_bar;
+      } else if (s.state == State::Exited) {
+        if (!gone) gone = &s;
+      } else if (s.state == State::Shfl && !shfl) {
+        shfl = &s;
+      }
+    }
+    if (at_bar == n) {
+      for (int i = 0; i < n; ++i) slots[i].state = State::Runnable;
+      return n;
+    }
+    if (shfl) {
+      return fail(*shfl, std::string(kind_name(shfl->kind)) + " at " + site(*shfl) + " with mask " +
+                             hex(shfl->mask) + " waits for a lane that is at " +
+                             (bar ? "__syncthreads at " + site(*bar) : std::string("another shuffle")));
+    }
+    if (bar)
+      return fail(*bar, "__syncthreads at " + site(*bar) + " is reached by only part of the block (" +
+                            std::to_string(at_bar) + " of " + std::to_string(n) + " threads): thread " +
+                            dims(gone->t.thread_idx) + " exited without reaching it");
+    return 0;  // every thread exited
+  }
+};
+
+void check_config(const Launch& L) {
+  auto bad = [&](const std::string& what) {
+    TORCH_CHECK(false, "cuda_emu: launch of kernel '", L.kernel, "' at ", L.site, ": ", what,
+                " (a GPU refuses it: cudaErrorInvalidConfiguration)");
+  };
+  const dim3 g = L.grid, b = L.block;
+  if (g.x == 0 || g.y == 0 || g.z == 0) bad("empty grid " + dims(g));
+  if (g.x > 2147483647u) bad("grid.x = " + std::to_string(g.x) + " exceeds 2^31 - 1");
+  if (g.y > 65535u || g.z > 65535u) bad("grid " + dims(g) + ": y and z are at most 65535");
+  if (b.x == 0 || b.y == 0 || b.z == 0) bad("empty block " + dims(b));
+  if (b.x > 1024u || b.y > 1024u || b.z > 64u) bad("block " + dims(b) + " exceeds (1024, 1024, 64)");
+  if (uint64_t(b.x) * b.y * b.z > 1024u)
+    bad("block " + dims(b) + " has " + std::to_string(uint64_t(b.x) * b.y * b.z) + " threads, more than 1024");
+  if (L.dynamic_smem > 48u * 1024u)
+    bad("dynamic shared memory of " + std::to_string(L.dynamic_smem) +
+        " bytes exceeds 48 KiB (needs cudaFuncSetAttribute opt-in)");
+}
+
+void init_slots(std::vector<Slot>& slots, const Launch& L, dim3 bidx) {
+  const int n = static_cast<int>(L.block.x * L.block.y * L.block.z);
+  slots.assign(n, Slot{});
+  for (int i = 0; i < n; ++i) {
+    Slot& s = slots[i];
+    s.t.thread_idx = dim3(i % L.block.x, (i / L.block.x) % L.block.y, i / (L.block.x * L.block.y));
+    s.t.block_idx = bidx;
+    s.t.launch = &L;
+    s.t.linear = i;
+  }
+}
+
+dim3 block_of(const Launch& L, uint64_t b) {
+  return dim3(static_cast<unsigned>(b % L.grid.x), static_cast<unsigned>((b / L.grid.x) % L.grid.y),
+              static_cast<unsigned>(b / (uint64_t(L.grid.x) * L.grid.y)));
+}
+
+std::string exception_text(std::exception_ptr e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "unknown exception";
+  }
+}
+
+#if !defined(CUDA_EMU_OS_THREADS)
+// ---- fibers: every block's threads on one worker, switching only at synchronisation points ----
+#if !defined(__x86_64__)
+#error "cuda_emu's fiber mode switches stacks with x86-64 assembly; build with -DCUDA_EMU_OS_THREADS elsewhere"
+#endif
+
+// switch_stack(save, to): saves the callee-saved state on this stack, stores the stack pointer
+// in *save, continues on the stack `to` (saved by an earlier switch, or prepared by new_fiber).
+extern "C" void cuda_emu_switch_stack(void** save, void* to);
+extern "C" void cuda_emu_fiber_trampoline();
+asm(R"(
+  .text
+  .globl cuda_emu_switch_stack
+  .type cuda_emu_switch_stack,@function
+cuda_emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_emu_switch_stack,.-cuda_emu_switch_stack
+
+  .globl cuda_emu_fiber_trampoline
+  .type cuda_emu_fiber_trampoline,@function
+cuda_emu_fiber_trampoline:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size cuda_emu_fiber_trampoline,.-cuda_emu_fiber_trampoline
+)");
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct Worker {
+  void* scheduler_sp = nullptr;
+  std::vector<char*> free_stacks;
+  std::vector<Slot> slots;
+  const std::function<void()>* body = nullptr;
+  std::exception_ptr thrown;
+
+  char* take_stack() {
+    if (!free_stacks.empty()) {
+      char* s = free_stacks.back();
+      free_stacks.pop_back();
+      return s;
+    }
+    const long page = sysconf(_SC_PAGESIZE);
+    void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(m != MAP_FAILED, "cuda_emu: cannot map a fiber stack");
+    mprotect(m, page, PROT_NONE);  // guard page: an overflow faults instead of corrupting memory
+    return static_cast<char*>(m) + page;
+  }
+};
+thread_local Worker tls_worker;
+
+void fiber_main(Slot* s) {
+  Worker& w = tls_worker;
+  try {
+    (*w.body)();
+  } catch (...) {
+    if (!w.thrown) w.thrown = std::current_exception();
+  }
+  s->state = State::Exited;
+  cuda_emu_switch_stack(&s->sp, w.scheduler_sp);
+  std::abort();  // never resumed
+}
+
+void start_fiber(Worker& w, Slot& s) {
+  s.stack = w.take_stack();
+  uint64_t* top = reinterpret_cast<uint64_t*>(s.stack + kStackBytes);  // 16-byte aligned
+  top -= 2;                      // after `ret` into the trampoline, rsp = top: aligned for its call
+  uint64_t* sp = top;
+  *--sp = reinterpret_cast<uint64_t>(&cuda_emu_fiber_trampoline);  // return address
+  *--sp = 0;                                                        // rbp
+  *--sp = 0;                                                        // rbx
+  *--sp = reinterpret_cast<uint64_t>(&s);                           // r12: argument
+  *--sp = reinterpret_cast<uint64_t>(&fiber_main);                  // r13: entry
+  *--sp = 0;                                                        // r14
+  *--sp = 0;                                                        // r15
+  uint32_t csr[2];
+  asm volatile("stmxcsr %0" : "=m"(csr[0]));
+  asm volatile("fnstcw %0" : "=m"(csr[1]));
+  *--sp = (uint64_t(csr[1] & 0xffffu) << 32) | csr[0];  // mxcsr at +0, x87 control word at +4
+  s.sp = sp;
+}
+
+// A thread reaches a synchronisation point: record it and let the scheduler go on.
+template <class Fill>
+void arrive(Slot* s, Fill&& fill) {
+  fill(s);
+  cuda_emu_switch_stack(&s->sp, tls_worker.scheduler_sp);
+}
+
+// Runs one block on this worker; returns the bug found ("" if none).
+std::string run_block(const Launch& L, dim3 bidx, const std::function<void()>& body) {
+  Worker& w = tls_worker;
+  init_slots(w.slots, L, bidx);
+  w.body = &body;
+  w.thrown = nullptr;
+  Block blk{w.slots.data(), static_cast<int>(w.slots.size()), {}};
+  for (;;) {
+    for (Slot& s : w.slots) {
+      if (s.state != State::Runnable) continue;
+      if (!s.stack) start_fiber(w, s);
+      tls_current = &s.t;
+      cuda_emu_switch_stack(&w.scheduler_sp, s.sp);
+      tls_current = nullptr;
+      if (s.state == State::Exited) {  // its stack is free again
+        w.free_stacks.push_back(s.stack);
+        s.stack = nullptr;
+      }
+    }
+    if (w.thrown) { blk.error = "cuda_emu: kernel '" + std::string(L.kernel) + "' threw: " + exception_text(w.thrown); break; }
+    if (blk.resolve() == 0) break;
+  }
+  for (Slot& s : w.slots) {  // after a bug: abandon the fibers still blocked
+    if (s.stack) { w.free_stacks.push_back(s.stack); s.stack = nullptr; }
+  }
+  return blk.error;
+}
+
+int workers() {
+  if (const char* e = std::getenv("CUDA_EMU_WORKERS")) return std::max(1, std::atoi(e));
+  return std::max(1, omp_get_max_threads());
+}
+
+void run_grid(const Launch& L, const std::function<void()>& body) {
+  const uint64_t blocks = uint64_t(L.grid.x) * L.grid.y * L.grid.z;
+  std::atomic<bool> failed{false};
+  std::string first;
+  std::mutex mu;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(workers())
+  for (int64_t b = 0; b < static_cast<int64_t>(blocks); ++b) {
+    if (failed.load(std::memory_order_relaxed)) continue;
+    std::string err = run_block(L, block_of(L, b), body);
+    if (!err.empty()) {
+      std::lock_guard<std::mutex> g(mu);
+      if (!failed.exchange(true)) first = err;
+    }
+  }
+  TORCH_CHECK(!failed.load(), first);
+}
+
+#else
+// ---- OS threads: one per CUDA thread, blocks one at a time (the sanitizers see real threads) ----
+
+struct Abort {};  // unwinds a blocked thread after a bug
+
+struct Pool {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::thread> threads;
+  std::vector<Slot> slots;
+  Block blk{nullptr, 0, {}};
+  const std::function<void()>* body = nullptr;
+  uint64_t generation = 0;
+  int running = 0, exited = 0;
+  bool failed = false;
+  std::exception_ptr thrown;
+
+  void resolve_locked() {
+    const int r = blk.resolve();
+    if (!blk.error.empty()) failed = true;
+    running += r;
+    cv.notify_all();
+  }
+
+  // A CUDA thread reaches a synchronisation point; `fill` records it, under the lock that
+  // resolve() reads it with.
+  template <class Fill>
+  void arrive(Slot* s, Fill&& fill) {
+    std::unique_lock<std::mutex> lk(mu);
+    fill(s);
+    --running;
+    if (running == 0) resolve_locked();
+    cv.wait(lk, [&] { return s->state == State::Runnable || failed; });
+    if (failed && s->state != State::Runnable) throw Abort{};
+  }
+
+  void worker(int i) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu);
+        cv.wait(lk, [&] { return generation != seen && i < blk.n; });
+        seen = generation;
+      }
+      Slot* s = &slots[i];
+      tls_current = &s->t;
+      try {
+        (*body)();
+      } catch (const Abort&) {
+      } catch (...) {
+        std::lock_guard<std::mutex> g(mu);
+        if (!thrown) thrown = std::current_exception();
+        failed = true;
+      }
+      tls_current = nullptr;
+      std::unique_lock<std::mutex> lk(mu);
+      s->state = State::Exited;
+      --running;
+      ++exited;
+      if (running == 0 && exited < blk.n && !failed) resolve_locked();
+      cv.notify_all();
+    }
+  }
+
+  std::string run_block(const Launch& L, dim3 bidx, const std::function<void()>& b) {
+    std::unique_lock<std::mutex> lk(mu);
+    init_slots(slots, L, bidx);
+    const int n = static_cast<int>(slots.size());
+    while (static_cast<int>(threads.size()) < n) {
+      const int i = static_cast<int>(threads.size());
+      threads.emplace_back([this, i] { worker(i); });
+      threads.back().detach();
+    }
+    blk = Block{slots.data(), n, {}};
+    body = &b;
+    running = n;
+    exited = 0;
+    failed = false;
+    thrown = nullptr;
+    ++generation;
+    cv.notify_all();
+    cv.wait(lk, [&] { return exited == n; });
+    if (thrown) return "cuda_emu: kernel '" + std::string(L.kernel) + "' threw: " + exception_text(thrown);
+    return blk.error;
+  }
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: its threads wait for work until the process ends
+  return *p;
+}
+
+template <class Fill>
+void arrive(Slot* s, Fill&& fill) { pool().arrive(s, fill); }
+
+void run_grid(const Launch& L, const std::function<void()>& body) {
+  static std::mutex one_launch;  // one grid at a time: __shared__ variables are single instances
+  std::lock_guard<std::mutex> g(one_launch);
+  const uint64_t blocks = uint64_t(L.grid.x) * L.grid.y * L.grid.z;
+  for (uint64_t b = 0; b < blocks; ++b) {
+    const std::string err = pool().run_block(L, block_of(L, b), body);
+    TORCH_CHECK(err.empty(), err);
+  }
+}
+#endif
+
+}  // namespace
+
+Thread* current() {
+  if (!tls_current) {
+    std::fprintf(stderr, "cuda_emu: threadIdx/blockIdx/__syncthreads used outside a kernel\n");
+    std::abort();
+  }
+  return tls_current;
+}
+
+void syncthreads(const char* file, int line) {
+  arrive(current_slot(), [&](Slot* s) {
+    s->state = State::Barrier;
+    s->file = file;
+    s->line = line;
+  });
+}
+
+uint64_t shfl(unsigned mask, uint64_t payload, ShflKind kind, int arg, int width, const char* file, int line) {
+  Slot* me = current_slot();
+  arrive(me, [&](Slot* s) {
+    s->state = State::Shfl;
+    s->file = file;
+    s->line = line;
+    s->mask = mask;
+    s->payload = payload;
+    s->kind = kind;
+    s->arg = arg;
+    s->width = width;
+  });
+  return me->result;
+}
+
+void run(const Launch& launch, const std::function<void()>& body) {
+  check_config(launch);
+  g_launches.fetch_add(1, std::memory_order_relaxed);
+  run_grid(launch, body);
+}
+
+uint64_t launch_count() { return g_launches.load(); }
+
+namespace {
+std::mutex g_tunables_mu;
+std::map<std::string, int64_t> g_tunables;
+}  // namespace
+
+int64_t tunable(const char* name, int64_t value) {
+  std::lock_guard<std::mutex> g(g_tunables_mu);
+  auto it = g_tunables.find(name);
+  return it == g_tunables.end() ? value : it->second;
+}
+
+void set_tunable(const char* name, int64_t value) {
+  std::lock_guard<std::mutex> g(g_tunables_mu);
+  if (value < 0) g_tunables.erase(name);
+  else g_tunables[name] = value;
+}
+void set_capturing(bool on) { g_capturing.store(on); }
+bool capturing() { return g_capturing.load(); }
+
+}  // namespace cuda_emu
