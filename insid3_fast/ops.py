@@ -47,6 +47,14 @@ class use_library:
         _LIBRARY = self.previous
 
 
+def emulating_gpu() -> bool:
+    """True while the wrappers call the tests' CPU emulation of the CUDA kernels (`use_library`).
+
+    The pipeline then takes its GPU code path (no host synchronisation) on CPU tensors.
+    """
+    return _LIBRARY != "insid3_fast"
+
+
 def native_available(device: torch.device | str | None = None) -> bool:
     """True when the native ops are loaded (and, for a CUDA device, built with CUDA kernels)."""
     if _LOAD_ERROR is not None:

@@ -260,12 +260,13 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
     """
     N = labels.shape[0]
     dev = labels.device
-    if dev.type == "cpu":
+    if dev.type == "cpu" and not ops.emulating_gpu():
         # On the CPU the number of clusters is free to read and the sums are sequential.
         K, acc = int(labels.max()) + 1, torch.float32
     else:
-        # On a GPU: no host sync (K = N bounds the labels) and float64 sums, so that the
-        # order of the atomic additions practically never changes the float32 results.
+        # On a GPU (or the tests' emulation of its kernels): no host sync (K = N bounds the
+        # labels) and float64 sums, so that the order of the atomic additions practically never
+        # changes the float32 results.
         K, acc = N, torch.float64
 
     def per_cluster(values: torch.Tensor) -> torch.Tensor:
@@ -282,7 +283,7 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
 
     cross_proto = protos_deb @ prototype
     seed = torch.argmax(torch.where(n_match > 0, cross_proto, torch.full_like(cross_proto, -math.inf)))
-    intra = protos @ protos[seed]
+    intra = protos @ protos.index_select(0, seed.reshape(1))[0]  # protos[seed] would read seed on the host
     weights = torch.where(torch.arange(K, device=dev) == seed, torch.ones_like(weights), weights)
     score = cross * intra * weights
     mask = score[labels] > merge_threshold

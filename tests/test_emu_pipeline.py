@@ -1,0 +1,89 @@
+"""The whole pipeline on the emulated CUDA kernels (``-k emu``): the GPU path's masks equal the
+CPU path's, and the post-backbone steps make no host synchronisation while "captured".
+
+Synchronisations are counted with the profiler, which records every ATen call, including the
+ones made inside our C++ launchers (a TorchDispatchMode would not see those). The ops that
+synchronise on a CUDA device are counted: ``_local_scalar_dense`` (``.item()``, ``int(t)``,
+``bool(t)``) and the data-dependent-shape ops (``nonzero``, ``masked_select``, ``unique``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from backends import emulation
+from cuda_emu import build
+from insid3_fast import INSID3, ops
+from insid3_fast.synthetic import SyntheticEncoder, make_episode
+
+SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+           "aten::unique_consecutive", "aten::unique_dim")
+
+
+def _model(**kw) -> INSID3:
+    return INSID3(SyntheticEncoder(embed_dim=64), backend="native", image_size=512, svd_components=32, **kw)
+
+
+def _segment(model: INSID3, episode) -> np.ndarray:
+    refs, masks, target, _ = episode
+    for image, mask in zip(refs, masks):
+        model.set_reference(image, mask)
+    model.set_target(target)
+    return model.segment().cpu().numpy()
+
+
+@pytest.mark.parametrize("shots", [1, 3])
+def test_emu_pipeline_512px_masks_equal_cpu(shots):
+    """512 px (N = 1024 patches) end to end on the emulated kernels = the CPU kernels' masks."""
+    library = emulation()
+    episode = make_episode(seed=40 + shots, shots=shots)
+    expected = _segment(_model(), episode)
+    start = time.process_time()
+    with ops.use_library(library):
+        got = _segment(_model(), episode)
+    print(f"emulated 512 px pipeline, {shots} shot(s): {time.process_time() - start:.1f} s CPU")
+    assert expected.any()
+    assert np.array_equal(got, expected)
+
+
+def _sync_calls(fn) -> list[str]:
+    """The synchronising ATen calls fn makes, except the q-range check of torch.quantile, which
+    ATen makes on the host only for a CPU q (on a GPU q stays on the device, unchecked)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    calls = []
+    for evt in prof.events():
+        if evt.name not in SYNCING:
+            continue
+        parent, in_quantile = evt.cpu_parent, False
+        while parent is not None:
+            in_quantile |= parent.name == "aten::quantile"
+            parent = parent.cpu_parent
+        if not in_quantile:
+            calls.append(evt.name)
+    return calls
+
+
+@pytest.mark.parametrize("connectivity", [None, 4])
+def test_emu_post_backbone_path_has_no_host_sync_when_captured(connectivity):
+    library = emulation()
+    model = _model(connectivity=connectivity)
+    refs, masks, target, _ = make_episode(seed=7, shots=2)
+    core = model.core
+    ref = model.encode_reference(refs, masks)
+    image, _ = __import__("insid3_fast.inputs", fromlist=["load_image"]).load_image(target, core.image_size)
+    feats = core.features(image[None] if image.dim() == 3 else image)[0]
+    with ops.use_library(library):
+        launches = build.launch_count()
+        with build.capturing():
+            captured = _sync_calls(lambda: core.segment_patches(ref, feats))
+        per_target = build.launch_count() - launches
+        eager = _sync_calls(lambda: core.segment_patches(ref, feats))
+    assert captured == [], f"host synchronisations in the captured post-backbone path: {captured}"
+    # Outside a capture the launchers validate their input on the host: one read per op.
+    assert len(eager) <= 2, eager
+    assert per_target > 0

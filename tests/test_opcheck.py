@@ -1,0 +1,48 @@
+"""torch.library.opcheck for every op (schema, fake kernel, dispatch): on the CPU kernels and on
+the CUDA kernels executed by the emulation (``-k emu``), where a GPU is visible on CUDA too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends import Backend
+from insid3_fast import ops
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _cases() -> dict:
+    g = torch.Generator().manual_seed(3)
+    x = _unit(torch.randn(24, 8, generator=g))
+    q = _unit(torch.randn(10, 8, generator=g))
+    k = _unit(torch.randn(2, 7, 8, generator=g))
+    km = torch.rand(2, 7, generator=g) > 0.5
+    act = torch.rand(10, generator=g) > 0.2
+    dist = (1 - (x @ x.T).clamp(-1, 1)).contiguous()
+    return {
+        "nn_vote": (q, k, km, act),
+        "average_linkage": (x, 0.6),
+        "average_linkage_precomputed": (dist, 0.6),
+        "cluster_and_vote": (x, 0.6, q, k, km, act),
+        "grid_average_linkage": (x, 6, 4, 4, 0.6),
+    }
+
+
+@pytest.fixture(params=["cpu", "emu", "cuda"])
+def library(request) -> tuple[str, object]:
+    if request.param == "cpu":
+        if ops.load_error() is not None:
+            pytest.fail(f"the CPU kernels did not load: {ops.load_error()}")
+        return "insid3_fast", (lambda t: t)
+    backend = Backend(request.param)
+    return backend.library, backend.dev
+
+
+@pytest.mark.parametrize("op", sorted(_cases()))
+def test_opcheck(library, op):
+    name, dev = library
+    args = tuple(dev(a) if isinstance(a, torch.Tensor) else a for a in _cases()[op])
+    torch.library.opcheck(getattr(getattr(torch.ops, name), op).default, args)
