@@ -10,7 +10,7 @@ MAX_JOBS ?= 2
 export MAX_JOBS
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench gpu-check clean
+.PHONY: setup demo test sanitize bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The emulated CUDA suite (csrc/cuda on the CPU, OS-thread mode) under ThreadSanitizer, then
+# AddressSanitizer: any report fails the run (tests/cuda_emu/sanitize.py).
+sanitize: setup
+	$(PY) tests/cuda_emu/sanitize.py
 
 bench: setup
 	$(PY) -m pytest benchmarks -q --benchmark-only

@@ -80,3 +80,17 @@ class Backend:
                 return fn(*args, **kwargs)
 
         return call
+
+
+def peak_bytes(fn) -> int:
+    """Peak bytes held by tensors allocated while ``fn()`` runs (the profiler's allocator events,
+    which include the allocations made inside C++ ops; on the emulated backend these are what
+    the kernels would allocate on the GPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak

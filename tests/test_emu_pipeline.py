@@ -87,3 +87,20 @@ def test_emu_post_backbone_path_has_no_host_sync_when_captured(connectivity):
     # Outside a capture the launchers validate their input on the host: one read per op.
     assert len(eager) <= 2, eager
     assert per_target > 0
+
+
+@pytest.mark.parametrize("op", ["average_linkage", "average_linkage_precomputed"])
+def test_emu_dense_clustering_peak_memory(op):
+    """At most 8 N^2 + O(N C) bytes: the double matrix, Gram row blocks of 512 rows, O(N) state."""
+    from backends import Backend, peak_bytes
+
+    backend = Backend("emu")
+    n, c = 1024, 64
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, c, generator=g)
+    x = x / x.norm(dim=1, keepdim=True)
+    arg = x if op == "average_linkage" else (1 - (x @ x.T).clamp(-1, 1)).contiguous()
+    peak = peak_bytes(lambda: getattr(backend.raw, op)(arg, 0.5))
+    bound = 8 * n * n + 4 * 512 * n + 16 * n * c + 64 * n
+    print(f"{op}: peak {peak / 2**20:.2f} MiB, 8 N^2 = {8 * n * n / 2**20:.2f} MiB, bound {bound / 2**20:.2f} MiB")
+    assert 8 * n * n <= peak <= bound

@@ -20,19 +20,27 @@
 
 namespace insid3 {
 
-// Grid neighbours of patch p with a larger index (each grid edge is listed once, from its
-// smaller end): right, down, and for 8-connectivity down-right and down-left. Writes up to 4
-// indices to out and returns how many.
-INSID3_HD int grid_forward_neighbours(int64_t p, int64_t h, int64_t w, int connectivity, int64_t* out) {
+// Grid edge `dir` of patch p (0 right, 1 down; for 8-connectivity also 2 down-right, 3
+// down-left): every grid edge is listed once, from its smaller end. Writes the other end to
+// *q and returns true when that neighbour exists.
+INSID3_HD bool grid_edge(int64_t p, int dir, int64_t h, int64_t w, int64_t* q) {
   const int64_t r = p / w, c = p % w;
+  const int64_t nr = r + (dir == 0 ? 0 : 1);
+  const int64_t nc = c + (dir == 0 || dir == 2 ? 1 : (dir == 1 ? 0 : -1));
+  if (nr >= h || nc < 0 || nc >= w) return false;
+  *q = nr * w + nc;
+  return true;
+}
+
+// Edges per patch: 2 (4-connectivity) or 4 (8-connectivity).
+INSID3_HD int grid_edges_per_patch(int connectivity) { return connectivity == 8 ? 4 : 2; }
+
+// Grid neighbours of patch p with a larger index, in grid_edge order. Writes up to 4 indices
+// to out and returns how many.
+INSID3_HD int grid_forward_neighbours(int64_t p, int64_t h, int64_t w, int connectivity, int64_t* out) {
   int k = 0;
-  if (c + 1 < w) out[k++] = p + 1;
-  if (r + 1 < h) {
-    out[k++] = p + w;
-    if (connectivity == 8) {
-      if (c + 1 < w) out[k++] = p + w + 1;
-      if (c > 0) out[k++] = p + w - 1;
-    }
+  for (int dir = 0; dir < grid_edges_per_patch(connectivity); ++dir) {
+    if (grid_edge(p, dir, h, w, out + k)) ++k;
   }
   return k;
 }

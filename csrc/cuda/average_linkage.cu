@@ -276,8 +276,7 @@ at::Tensor cluster_dense(at::Tensor D, double threshold) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const int rounds = static_cast<int>(INSID3_TUNABLE("average_linkage.first_chunk_rounds", kFirstChunkRounds));
-  auto counts = at::zeros({rounds + 2}, opts.dtype(at::kInt));  // + the tail's counter
-  counts.narrow(0, 0, 1).fill_(1);
+  auto counts = round_counts(rounds, opts);
   int32_t* c = counts.data_ptr<int32_t>();
   enqueue_rounds(st, c, rounds, threshold, stream);
   INSID3_LAUNCH(dense_tail_kernel, 1, kTailThreads, 0, stream)(st, c + rounds, c + rounds + 1, threshold);

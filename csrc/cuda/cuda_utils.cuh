@@ -117,6 +117,16 @@ __device__ __forceinline__ void block_best(double& v, int64_t& j) {
   j = __shfl_sync(0xffffffffu, static_cast<long long>(j), 0);
 }
 
+// The merge counters of a chunk of `rounds` clustering rounds plus the tail kernel's counter:
+// counts[r + 1] = merges of round r, counts[0] = 1 ("the previous round merged"), and
+// counts[rounds + 1] is the tail's scratch. Every round kernel of round r exits at once when
+// counts[r] == 0, so rounds after convergence cost only their launches.
+inline at::Tensor round_counts(int rounds, const at::TensorOptions& opts) {
+  auto counts = at::zeros({rounds + 2}, opts.dtype(at::kInt));
+  counts.narrow(0, 0, 1).fill_(1);
+  return counts;
+}
+
 // Labels numbered by first appearance from a parent forest whose roots are the smallest
 // member of their cluster (both clustering ops merge into the lower index), so a cluster
 // first appears at its root and its label is the number of roots before it. Defined in

@@ -32,6 +32,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
+#include "common/grid_rounds.h"
 #include "cuda/cuda_utils.cuh"
 
 namespace insid3_cuda {
@@ -61,18 +62,10 @@ struct GridState {
   int32_t* pairs;               // survivors of this round
 };
 
-// Edge directions: right, down (4-connectivity), then down-right, down-left (8-connectivity).
-// Each unordered neighbour pair is enumerated exactly once.
+// Edge e = p * K + dir of the grid (insid3::grid_edge: each neighbour pair once, the CPU's order).
 __device__ __forceinline__ bool edge_endpoints(const GridState& st, int64_t e, int64_t& p, int64_t& q) {
   p = e / st.K;
-  const int dir = static_cast<int>(e % st.K);
-  const int64_t y = p / st.w, x = p % st.w;
-  const int dy = (dir == 0) ? 0 : 1;
-  const int dx = (dir == 0 || dir == 2) ? 1 : (dir == 1 ? 0 : -1);
-  const int64_t ny = y + dy, nx = x + dx;
-  if (ny >= st.h || nx < 0 || nx >= st.w) return false;
-  q = ny * st.w + nx;
-  return true;
+  return insid3::grid_edge(p, static_cast<int>(e % st.K), st.h, st.w, &q);
 }
 
 // Order-preserving map double -> uint64 (a < b  <=>  key(a) < key(b)); -0.0 and +0.0 share a
@@ -134,9 +127,9 @@ __device__ __forceinline__ void decide_one(const GridState& st, int64_t c, int32
                                            double threshold) {
   if (st.rep[c] != c) return;  // not a live cluster id
   const int32_t nb = st.best_id[c];
-  if (nb == INT_MAX || nb <= c || st.best_id[nb] != c) return;  // the lower id of a reciprocal pair acts
   const unsigned long long key = st.best_key[c];
-  if (key == kNoKey || !(key_value(key) < threshold)) return;   // merge iff linkage < threshold
+  if (nb == INT_MAX || key == kNoKey) return;  // no adjacent cluster
+  if (!insid3::round_merges(c, nb, st.best_id[nb], key_value(key), threshold)) return;
   const int32_t slot = atomicAdd(count, 1);
   st.pairs[slot] = static_cast<int32_t>(c);
   st.absorbed_by[nb] = static_cast<int32_t>(c);
@@ -255,7 +248,7 @@ at::Tensor grid_average_linkage_cuda(const at::Tensor& features, int64_t h, int6
   c10::cuda::CUDAGuard guard(features.device());
   auto opts = features.options();
   if (N == 0) return at::empty({0}, opts.dtype(at::kLong));
-  const int K = connectivity == 4 ? 2 : 4;
+  const int K = insid3::grid_edges_per_patch(static_cast<int>(connectivity));
 
   auto sumT = features.contiguous().to(at::kDouble).t().contiguous();  // (C, N)
   auto cnt = at::ones({N}, opts.dtype(at::kDouble));
@@ -277,8 +270,7 @@ at::Tensor grid_average_linkage_cuda(const at::Tensor& features, int64_t h, int6
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const int rounds = static_cast<int>(INSID3_TUNABLE("grid_average_linkage.first_chunk_rounds", kFirstChunkRounds));
-  auto counts = at::zeros({rounds + 2}, opts.dtype(at::kInt));  // + the tail's counter
-  counts.narrow(0, 0, 1).fill_(1);
+  auto counts = round_counts(rounds, opts);
   int32_t* c = counts.data_ptr<int32_t>();
   enqueue_rounds(st, c, rounds, threshold, stream);
   INSID3_LAUNCH(grid_tail_kernel, 1, kTailThreads, 0, stream)(st, c + rounds, c + rounds + 1, rounds, threshold);

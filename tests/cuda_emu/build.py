@@ -98,6 +98,25 @@ def load(mode: str | None = None, verbose: bool = False) -> str:
     os.makedirs(build_dir, exist_ok=True)
     cflags, ldflags = _flags(mode)
     sources = [os.path.join(HERE, "runtime.cpp"), os.path.join(HERE, "emu_ops.cpp")] + _wrappers(build_dir)
+    # A sanitizer runtime preloaded into this process must not reach the compilers: under
+    # LD_PRELOAD they crash. This process keeps it (it is already loaded).
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        _build(mode, build_dir, cflags, ldflags, sources, verbose)
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
+    from insid3_fast import ops
+
+    ops.register_fakes(NAMESPACE)
+    _loaded = mode
+    return NAMESPACE
+
+
+def _build(mode: str, build_dir: str, cflags: list[str], ldflags: list[str], sources: list[str],
+           verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
     cpp_extension.load(
         name=f"insid3_fast_emu_{mode}",
         sources=sources,
@@ -108,11 +127,6 @@ def load(mode: str | None = None, verbose: bool = False) -> str:
         is_python_module=False,
         verbose=verbose,
     )
-    from insid3_fast import ops
-
-    ops.register_fakes(NAMESPACE)
-    _loaded = mode
-    return NAMESPACE
 
 
 def _venv_ninja() -> bool:

@@ -546,8 +546,22 @@ std::mutex g_tunables_mu;
 std::map<std::string, int64_t> g_tunables;
 }  // namespace
 
+// CUDA_EMU_TUNABLES="name=value,name=value" sets tunables for a whole process (make sanitize).
+void load_env_tunables() {
+  const char* env = std::getenv("CUDA_EMU_TUNABLES");
+  if (!env) return;
+  std::stringstream all(env);
+  std::string item;
+  while (std::getline(all, item, ',')) {
+    const auto eq = item.find('=');
+    if (eq != std::string::npos) g_tunables[item.substr(0, eq)] = std::stoll(item.substr(eq + 1));
+  }
+}
+
 int64_t tunable(const char* name, int64_t value) {
   std::lock_guard<std::mutex> g(g_tunables_mu);
+  static const bool once = (load_env_tunables(), true);
+  (void)once;
   auto it = g_tunables.find(name);
   return it == g_tunables.end() ? value : it->second;
 }

@@ -1,0 +1,50 @@
+"""``make sanitize``: the emulated CUDA suite under ThreadSanitizer, then AddressSanitizer.
+
+Each run starts pytest in a fresh interpreter with the sanitizer runtime preloaded and the
+emulation built in that sanitizer's mode (OS threads: the sanitizers see every CUDA thread as a
+thread). A run fails on a failing test or on any sanitizer report (TSan's exit code 66; ASan
+aborts), so "passed" means zero reports. Sizes: the clustering's multi-block chunk is cut to two
+rounds (the one-block tail kernel does the rest), which keeps every kernel exercised at a
+fraction of the cost of OS threads under a sanitizer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+sys.path.insert(0, TESTS)
+
+from cuda_emu import sanitizers  # noqa: E402
+
+# The emulated suite minus the slow cases and the sanitizer proofs themselves (they start
+# their own sanitized subprocesses from the normal run).
+SELECT = ["-k", "emu", "-m", "not slow and not sanitizer"]
+FILES = ["tests/test_ops_cuda.py", "tests/test_emu_toys.py", "tests/test_opcheck.py"]
+
+
+def run(mode: str) -> int:
+    env = sanitizers.env(mode)
+    env["CUDA_EMU_TUNABLES"] = "average_linkage.first_chunk_rounds=2,grid_average_linkage.first_chunk_rounds=2"
+    # Build first without the runtime preloaded (the compilers crash under it), then test.
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {TESTS!r}); "
+                    f"from cuda_emu import build; build.load({mode!r})"],
+                   check=True, cwd=os.path.dirname(TESTS))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECT, *FILES]
+    print(f"== {mode}: {' '.join(cmd)}", flush=True)
+    res = subprocess.run(cmd, env=env, cwd=os.path.dirname(TESTS))
+    print(f"== {mode}: exit status {res.returncode} ({'clean' if res.returncode == 0 else 'FAILED'})", flush=True)
+    return res.returncode
+
+
+def main() -> int:
+    modes = sys.argv[1:] or ["tsan", "asan"]
+    status = [run(m) for m in modes]
+    return 0 if all(s == 0 for s in status) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
