@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q setuptools wheel ninja pybind11
+	$(PY) -m pip install -q setuptools wheel ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,crf]"
 	$(PY) -c "import insid3_fast.ops as o; print('native ops:', o.native_available(), o.load_error() or '')"
 	touch $@
