@@ -35,7 +35,7 @@ if [[ -z "${CUDA_HOME:-}" ]]; then
 fi
 export CUDA_HOME="${CUDA_HOME:-}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 
 CARD="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)"
 CARD="${CARD:-unknown-gpu}"
