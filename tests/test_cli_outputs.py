@@ -261,3 +261,28 @@ def test_segment_many_skips_unreadable_targets_and_fails_at_the_end(weights, tmp
     assert code == 1 and "b.png" in err
     assert "0 masks written, 4 already there" in stdout
     assert not temporaries(out)
+
+
+def test_a_real_kill_mid_write_leaves_a_temporary_that_the_next_write_removes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (f"import time\nfrom insid3_fast.atomic import atomic_write\n"
+              f"atomic_write({str(tmp_path / 'out.png')!r}, lambda fp: (fp.write(b'x'), print('writing', flush=True), "
+              f"time.sleep(60)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        left = temporaries(tmp_path)
+        assert len(left) == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    time.sleep(0.1)
+    assert temporaries(tmp_path) == left and not (tmp_path / "out.png").exists()
+    atomic._cleaned.discard(str(tmp_path))  # this process has not written there yet
+    atomic.atomic_write_text(tmp_path / "other.txt", "new")
+    assert not temporaries(tmp_path)

@@ -147,7 +147,8 @@ def _remove_if_empty(folders: list[str]) -> None:
 
 def _run(args: argparse.Namespace, model: Any, rank: int, world: int, device: str | None,
          output_dir: str) -> dict[str, Any]:
-    config = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()}
+    config = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+              for k, v in vars(args).items() if not callable(v)}  # not the subcommand's function
     config["model"] = _model_config(args)
     config["world_size"] = world
     progress = not getattr(args, "no_progress", False)
