@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
-import pickle
-import zipfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -99,11 +99,24 @@ def _missing_file_error(path: Path) -> WeightsError:
 
 
 def _corrupt_file_error(path: Path, exc: BaseException) -> WeightsError:
+    detail = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")[:200]
     return WeightsError(
         f"Could not read the DINOv3 checkpoint '{path}': the file looks truncated or corrupt "
-        f"({type(exc).__name__}: {exc}). Re-download it from Meta's DINOv3 release "
-        "(https://github.com/facebookresearch/dinov3) or Hugging Face."
+        f"({type(exc).__name__}{': ' + detail if detail else ''}). Re-download it from Meta's DINOv3 "
+        "release (https://github.com/facebookresearch/dinov3) or Hugging Face."
     )
+
+
+def _refused_pickle_error(path: Path, name: str) -> WeightsError:
+    return WeightsError(
+        f"Refused the checkpoint '{path}': it holds executable pickle content (it would call {name} "
+        "when loaded), and the safe loader (torch.load with weights_only=True) runs no such content. "
+        "Use a plain tensor checkpoint: Meta's released .pth or a Hugging Face .safetensors file."
+    )
+
+
+def _malformed_error(what: str) -> WeightsError:
+    return WeightsError(f"Malformed DINOv3 checkpoint: {what}. Re-download Meta's DINOv3 weights.")
 
 
 def _unknown_architecture_error(what: str) -> WeightsError:
@@ -173,7 +186,7 @@ def _unwrap(state: Mapping[str, Any]) -> dict[str, Tensor]:
     for key in ("model", "state_dict", "teacher", "module"):
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
-    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if "backbone.cls_token" in tensors:  # a training checkpoint: backbone next to heads
         tensors = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
     for prefix in ("module.", "model.", "dinov3_vit.", "dinov3."):
@@ -192,13 +205,32 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def _load_pth(path: Path) -> dict[str, Tensor]:
+    import pickle
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise _corrupt_file_error(path, exc) from exc
+    except pickle.UnpicklingError as exc:
+        # A pickle that imports something the safe loader does not allow; other refusals
+        # ("Unsupported operand") are garbage bytes.
+        found = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise _refused_pickle_error(path, found.group(1) or found.group(2)) from None
+        raise _corrupt_file_error(path, exc) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a text file gives KeyError, a cut zip RuntimeError, ...
+        raise _corrupt_file_error(path, exc) from None
     if not isinstance(state, Mapping):
         raise _unknown_architecture_error(f"'{path}' holds a {type(state).__name__}, not a state dict")
     return _unwrap(state)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _read_hf_config(folder: Path) -> dict[str, Any]:
@@ -206,9 +238,31 @@ def _read_hf_config(folder: Path) -> dict[str, Any]:
     if not config_path.is_file():
         return {}
     try:
-        return json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise _corrupt_file_error(config_path, exc) from exc
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise _corrupt_file_error(config_path, exc) from None
+    if not isinstance(config, dict):
+        raise _corrupt_file_error(config_path, TypeError(f"a JSON {type(config).__name__}, not an object"))
+    if "num_attention_heads" in config and not _positive_int(config["num_attention_heads"]):
+        raise _corrupt_file_error(config_path, ValueError(
+            f"num_attention_heads is {config['num_attention_heads']!r}, not a positive integer"))
+    if "rope_theta" in config and not _positive_real(config["rope_theta"]):
+        raise _corrupt_file_error(config_path, ValueError(
+            f"rope_theta is {config['rope_theta']!r}, not a positive finite number"))
+    return config
+
+
+def _shard_path(folder: Path, index: Path, name: Any) -> Path:
+    """A shard named in the index, refused unless it is a file name inside ``folder``."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        raise WeightsError(f"'{index}' names the shard {name!r}, not a file in its folder: re-download the index")
+    path = folder / name
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        raise WeightsError(f"'{index}' names the shard '{name}', which lies outside '{folder}': refused "
+                           "(a Hugging Face index only lists files of its own folder)") from None
+    return path
 
 
 def _load_hf_folder(folder: Path) -> dict[str, Tensor]:
@@ -218,14 +272,16 @@ def _load_hf_folder(folder: Path) -> dict[str, Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as exc:
-            raise _corrupt_file_error(index, exc) from exc
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()), key=str)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise _corrupt_file_error(index, exc) from None
+        shards = [_shard_path(folder, index, name) for name in names]
         state: dict[str, Tensor] = {}
         for shard in shards:
-            if not (folder / shard).is_file():
-                raise _missing_file_error(folder / shard)
-            state.update(_load_safetensors(folder / shard))
+            if not shard.is_file():
+                raise _missing_file_error(shard)
+            state.update(_load_safetensors(shard))
         return state
     raise WeightsError(
         f"'{folder}' is a folder without model.safetensors: pass a Hugging Face facebook/dinov3-* "
@@ -258,6 +314,14 @@ _HF_BLOCK_RENAMES = {
     "layer_scale1.lambda1": "ls1.gamma",
     "layer_scale2.lambda1": "ls2.gamma",
 }
+
+
+_INDEX_RE = re.compile(r"[0-9]+")
+
+
+def _block_indices(state: Mapping[str, Tensor]) -> set[int]:
+    """The N of every ``blocks.N.*`` key."""
+    return {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and _INDEX_RE.fullmatch(k.split(".")[1])}
 
 
 def _hf_block_to_meta(rest: str) -> str | None:
@@ -297,7 +361,7 @@ def hf_to_meta_state_dict(state: Mapping[str, Tensor], config: Mapping[str, Any]
             out[top[key]] = value
             continue
         parts = key.split(".")
-        if len(parts) < 3 or parts[0] != "layer" or not parts[1].isdigit():
+        if len(parts) < 3 or parts[0] != "layer" or not _INDEX_RE.fullmatch(parts[1]):
             out[key] = value
             continue
         idx, rest = int(parts[1]), ".".join(parts[2:])
@@ -326,15 +390,30 @@ def _fuse_qkv(parts: Mapping[tuple[int, str], Mapping[str, Tensor]]) -> dict[str
                 f"Hugging Face checkpoint block {idx} lacks attention {kind} for {missing}: "
                 "the file is incomplete; re-download it."
             )
+        shapes = {name: tuple(t.shape) for name, t in qkv.items()}
+        if len(set(shapes.values())) != 1 or not shapes["q"]:
+            raise _malformed_error(f"block {idx}: the q/k/v {kind} shapes differ or are scalars ({shapes})")
         fused[f"blocks.{idx}.attn.qkv.{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
     return fused
 
 
 def _hf_periods(meta_state: Mapping[str, Tensor], config: Mapping[str, Any]) -> Tensor:
-    embed_dim = meta_state["cls_token"].shape[-1] if "cls_token" in meta_state else 0
-    heads = config.get("num_attention_heads")
-    head_dim = embed_dim // int(heads) if heads else _default_head_dim(embed_dim)
-    return dinov3_rope_periods(head_dim, float(config.get("rope_theta", _ROPE_BASE)))
+    cls = meta_state.get("cls_token")
+    embed_dim = int(cls.shape[-1]) if isinstance(cls, Tensor) and cls.ndim else 0
+    heads = config.get("num_attention_heads")  # validated by _read_hf_config when read from a file
+    if heads is not None and not _positive_int(heads):
+        raise _malformed_error(f"num_attention_heads is {heads!r}, not a positive integer")
+    theta = config.get("rope_theta", _ROPE_BASE)
+    if not _positive_real(theta):
+        raise _malformed_error(f"rope_theta is {theta!r}, not a positive finite number")
+    if heads is None:
+        head_dim = _default_head_dim(embed_dim)
+    elif embed_dim % heads or (embed_dim // heads) % 4:
+        raise _malformed_error(f"num_attention_heads {heads} does not split the width {embed_dim} into heads "
+                               "of a multiple of 4 channels")
+    else:
+        head_dim = embed_dim // heads
+    return dinov3_rope_periods(head_dim, float(theta))
 
 
 def _default_head_dim(embed_dim: int) -> int:
@@ -397,35 +476,107 @@ def _family_of(embed_dim: int, swiglu: bool) -> str | None:
     return None
 
 
+def _check_periods(periods: Any, embed_dim: int) -> Tensor:
+    if not isinstance(periods, Tensor) or periods.ndim != 1 or not periods.is_floating_point():
+        raise _malformed_error(f"rope_embed.periods must be a 1-d float tensor, got "
+                               f"{tuple(periods.shape) if isinstance(periods, Tensor) else type(periods).__name__}")
+    head_dim = 4 * periods.numel()
+    if head_dim == 0 or embed_dim % head_dim:
+        raise _unknown_architecture_error(f"RoPE periods of length {periods.numel()} for embed dim {embed_dim}")
+    periods = periods.detach().float()
+    if not periods.is_meta and (not bool(torch.isfinite(periods).all()) or not bool((periods > 0).all())):
+        raise _malformed_error("the RoPE periods are not all positive and finite (e.g. rope_theta 0 in "
+                               "config.json); they would make every feature NaN")
+    return periods
+
+
 def _infer_arch(state: Mapping[str, Tensor], requested: str | None = None) -> _Arch:
-    embed_dim = _shape(state, "cls_token")[-1]
+    """The architecture a Meta-layout state dict describes, checked only as far as it is read;
+    `_check_tensors` then checks every tensor against it."""
+    cls = _shape(state, "cls_token")
+    if not cls or cls[-1] < 1 or math.prod(cls) != cls[-1]:
+        raise _malformed_error(f"cls_token has shape {cls}, expected (1, 1, C)")
+    embed_dim = cls[-1]
     patch = _shape(state, "patch_embed.proj.weight")
-    if patch[-2:] != (PATCH_SIZE, PATCH_SIZE):
-        raise _unknown_architecture_error(f"patch size {patch[-2]}x{patch[-1]} (only 16 is supported)")
-    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if len(patch) != 4 or patch[-2:] != (PATCH_SIZE, PATCH_SIZE):
+        raise _unknown_architecture_error(
+            f"patch embedding of shape {patch} (only 16x16 patches, shape (C, 3, 16, 16), are supported)")
+    blocks = sorted(_block_indices(state))
     if not blocks:
         raise _unknown_architecture_error("no transformer blocks ('blocks.N.*') in the checkpoint")
+    if blocks != list(range(len(blocks))):
+        gaps = [i for i in blocks if i >= len(blocks)]
+        raise _malformed_error(f"the block indices are not 0..{len(blocks) - 1} (found blocks.{gaps[0]}.*)")
     swiglu = "blocks.0.mlp.w1.weight" in state
-    hidden = _shape(state, "blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight")[0]
+    mlp_in = _shape(state, "blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight")
+    if len(mlp_in) != 2 or mlp_in[0] < 1:
+        raise _malformed_error(f"the first MLP weight has shape {mlp_in}, expected (hidden, {embed_dim})")
     model_size = _resolve_size(embed_dim, swiglu, requested)
     periods = state.get("rope_embed.periods")
     if periods is None:
         periods = dinov3_rope_periods(_default_head_dim(embed_dim))
-    head_dim = 4 * periods.numel()
-    if head_dim == 0 or embed_dim % head_dim:
-        raise _unknown_architecture_error(f"RoPE periods of length {periods.numel()} for embed dim {embed_dim}")
-    storage = state.get("storage_tokens")
+    periods = _check_periods(periods, embed_dim)
+    storage = _shape(state, "storage_tokens") if "storage_tokens" in state else (1, 0, embed_dim)
+    if len(storage) != 3 or storage[0] != 1 or storage[2] != embed_dim:
+        raise _malformed_error(f"storage_tokens has shape {storage}, expected (1, n, {embed_dim})")
     return _Arch(
         model_size=model_size,
         embed_dim=embed_dim,
-        depth=max(blocks) + 1,
-        num_heads=embed_dim // head_dim,
-        mlp_hidden=hidden,
+        depth=len(blocks),
+        num_heads=embed_dim // (4 * periods.numel()),
+        mlp_hidden=mlp_in[0],
         swiglu=swiglu,
         qkv_bias="blocks.0.attn.qkv.bias" in state,
-        num_storage_tokens=0 if storage is None else storage.shape[1],
-        periods=periods.detach().float(),
+        num_storage_tokens=storage[1],
+        periods=periods,
     )
+
+
+def _expected_shapes(arch: _Arch) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a checkpoint of ``arch`` holds (Meta layout)."""
+    C, H = arch.embed_dim, arch.mlp_hidden
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, C), "patch_embed.proj.weight": (C, 3, PATCH_SIZE, PATCH_SIZE),
+        "patch_embed.proj.bias": (C,), "norm.weight": (C,), "norm.bias": (C,),
+    }
+    if arch.num_storage_tokens:
+        shapes["storage_tokens"] = (1, arch.num_storage_tokens, C)
+    mlp = {"w1": (H, C), "w2": (H, C), "w3": (C, H)} if arch.swiglu else {"fc1": (H, C), "fc2": (C, H)}
+    for i in range(arch.depth):
+        block = {"norm1.weight": (C,), "norm1.bias": (C,), "attn.qkv.weight": (3 * C, C),
+                 "attn.proj.weight": (C, C), "attn.proj.bias": (C,), "ls1.gamma": (C,),
+                 "norm2.weight": (C,), "norm2.bias": (C,), "ls2.gamma": (C,)}
+        for name, shape in mlp.items():
+            block[f"mlp.{name}.weight"] = shape
+            block[f"mlp.{name}.bias"] = (shape[0],)
+        if arch.qkv_bias:
+            block["attn.qkv.bias"] = (3 * C,)
+        shapes.update({f"blocks.{i}.{k}": v for k, v in block.items()})
+    return shapes
+
+
+def _check_tensors(state: Mapping[str, Tensor], arch: _Arch) -> None:
+    """Every tensor the model will read has its expected shape, a float dtype and the memory
+    its shape claims (a stride-0 view of a tiny storage would make the model allocate gigabytes
+    for a small file); run before anything is built."""
+    expected = _expected_shapes(arch)
+    for key, shape in expected.items():
+        tensor = state[key]
+        if tuple(tensor.shape) != shape:
+            raise WeightsError(
+                f"The checkpoint's tensor shapes do not match the DINOv3 model: '{key}' has shape "
+                f"{tuple(tensor.shape)}, but the architecture its "
+                f"other tensors describe (width {arch.embed_dim}, {arch.depth} blocks, MLP {arch.mlp_hidden}) "
+                f"needs {shape}. The file is corrupt or of another model: re-download it."
+            )
+    for key, tensor in state.items():
+        if key in expected and not tensor.is_floating_point():
+            raise _malformed_error(f"tensor '{key}' has dtype {tensor.dtype}, not a float type")
+        if key.endswith(".qkv.bias_mask") and (tensor.is_complex() or tuple(tensor.shape) != (3 * arch.embed_dim,)):
+            raise _malformed_error(f"tensor '{key}' has shape {tuple(tensor.shape)}, expected ({3 * arch.embed_dim},)")
+        if tensor.numel() and tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
+            raise _malformed_error(f"tensor '{key}' of shape {tuple(tensor.shape)} is a view of only "
+                                   f"{tensor.untyped_storage().nbytes()} bytes (repeated values); refused")
 
 
 def _resolve_size(embed_dim: int, swiglu: bool, requested: str | None) -> str:
@@ -516,22 +667,6 @@ class DinoV3Backbone(nn.Module):
         return self.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
 
 
-def _expected_meta_keys(arch: _Arch) -> set[str]:
-    keys = {"cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
-    if arch.num_storage_tokens:
-        keys.add("storage_tokens")
-    mlp = ("w1", "w2", "w3") if arch.swiglu else ("fc1", "fc2")
-    for i in range(arch.depth):
-        block = [
-            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias",
-            "ls1.gamma", "norm2.weight", "norm2.bias", "ls2.gamma",
-        ]
-        block += [f"mlp.{m}.{p}" for m in mlp for p in ("weight", "bias")]
-        block += ["attn.qkv.bias"] if arch.qkv_bias else []
-        keys.update(f"blocks.{i}.{k}" for k in block)
-    return keys
-
-
 def _is_ignored(key: str) -> bool:
     return (
         key in _IGNORED_META_KEYS
@@ -542,7 +677,7 @@ def _is_ignored(key: str) -> bool:
 
 def _check_keys(state: Mapping[str, Tensor], arch: _Arch) -> None:
     present = {k for k in state if not _is_ignored(k)}
-    expected = _expected_meta_keys(arch)
+    expected = set(_expected_shapes(arch))
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
         parts = [f"missing keys: {_few(missing)}"] if missing else []
@@ -568,10 +703,10 @@ def _load_into(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     from timm.models.eva import checkpoint_filter_fn
 
     kept = {k: v for k, v in state.items() if not _is_ignored(k)}
-    filtered = checkpoint_filter_fn(kept, model)
     try:
+        filtered = checkpoint_filter_fn(kept, model)
         result = model.load_state_dict(filtered, strict=False)
-    except RuntimeError as exc:  # shape mismatches
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:  # shape mismatches
         lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
         raise WeightsError(
             f"The checkpoint's tensor shapes do not match the DINOv3 model ({_few(lines, 3) or exc}). "
@@ -605,6 +740,7 @@ def load_dinov3(
     state = _to_meta_layout(state, config)
     arch = _infer_arch(state, model_size)
     _check_keys(state, arch)
+    _check_tensors(state, arch)  # before building: a malformed file never costs an allocation
     model = build_dinov3(arch.model_size, **arch.timm_kwargs())
     _load_into(model, state)
     _pin_rope_periods(model, arch.periods)

@@ -9,7 +9,6 @@ targets. Times are medians over ``--repeats`` runs; the ratio is reference / our
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from .atomic import atomic_write_json
 
 STAGES = ("debias", "votes", "clustering", "cluster_and_vote", "aggregation", "upsampling", "episode", "cached_target",
           "batched_targets")
@@ -382,8 +383,5 @@ def run_bench(args: argparse.Namespace) -> int:
         meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), precision=precision,
                     backbone=args.backbone,
                     device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"meta": meta, "rows": rows, "memory": memory}, fh, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, {"meta": meta, "rows": rows, "memory": memory})
     return 0

@@ -2,7 +2,9 @@
 
 Every error insid3_fast expects (bad input, missing weights, unavailable backend) ends as one
 line on stderr and a non-zero exit, never a traceback; outputs are written atomically, so a
-failed run leaves no partial file.
+failed run leaves no partial file and keeps what was at the output path before
+(`insid3_fast.atomic`). An output that is one of the command's inputs, or that is not a regular
+file (a link, a FIFO, a device), is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -11,35 +13,17 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from typing import Callable, Sequence
+from typing import Sequence
 
+from .atomic import atomic_write, atomic_write_many, atomic_write_text, check_output_path
 from .errors import InputError, Insid3Error
 
 PROG = "insid3-fast"
 
 
-def _check_output(path: str | None) -> None:
+def _check_output(path: str | None, inputs: Sequence[str] = ()) -> None:
     if path and path != "-":
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise InputError(f"output folder does not exist: '{directory}'")
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write ``path`` through ``write(tmp_path)`` then rename, so no half-written file remains."""
-    _check_output(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix, prefix=".insid3-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        check_output_path(path, inputs)
 
 
 def _device(name: str):
@@ -85,8 +69,12 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError(f"give one --ref-mask per --ref-image (got {len(args.ref_image)} images, "
                          f"{len(args.ref_mask)} masks)")
     check_image_size_multiple(args.image_size)
-    _check_output(args.output)
-    _check_output(args.overlay)
+    inputs = [*args.ref_image, *args.ref_mask, args.target]
+    outputs = [args.output] + ([args.overlay] if args.overlay else [])
+    for path in outputs:
+        _check_output(path, inputs)
+    if args.overlay and os.path.abspath(args.overlay) == os.path.abspath(args.output):
+        raise InputError("--overlay and --output name the same file: give each its own path")
     # Validate every input before the (slow) model load.
     for image, mask in zip(args.ref_image, args.ref_mask):
         _, orig = load_image(image, 16)
@@ -100,18 +88,14 @@ def _segment(args: argparse.Namespace) -> int:
     model.set_target(args.target)
     mask = model.segment().cpu().numpy()
 
-    picture = None
+    writes = [(args.output, lambda fp: Image.fromarray(mask.astype(np.uint8) * 255).save(fp, format="PNG"))]
     if args.overlay:
         from .visualize import overlay_mask
 
         picture = overlay_mask(open_image_file(args.target), mask)
-    _atomic_write(args.output, lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG"))
-    if picture is not None:
-        try:
-            _atomic_write(args.overlay, lambda tmp: picture.save(tmp, format="PNG"))
-        except BaseException:
-            os.unlink(args.output)  # all outputs or none
-            raise
+        writes.append((args.overlay, lambda fp: picture.save(fp, format="PNG")))
+    # All outputs or none; a failure leaves the files that were there before.
+    atomic_write_many(writes, inputs)
     print(f"{args.output}: {int(mask.sum())} of {mask.size} pixels in the mask "
           f"({100.0 * mask.mean():.1f}%)")
     return 0
@@ -121,11 +105,14 @@ def _read_keypoints(path: str):
     import torch
 
     try:
-        with open(path) as fh:
-            data = json.load(fh)
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
     except FileNotFoundError:
         raise InputError(f"keypoints file not found: '{path}'") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise InputError(f"keypoints file '{path}' is not UTF-8 text (byte {exc.start}): "
+                         "write it as a UTF-8 JSON file") from None
+    except (OSError, ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
         raise InputError(f"cannot read keypoints file '{path}': {exc}") from None
     points = data.get("keypoints") if isinstance(data, dict) else data
     try:
@@ -142,7 +129,8 @@ def _match(args: argparse.Namespace) -> int:
     from .inputs import check_image_size_multiple, load_image
 
     check_image_size_multiple(args.image_size)
-    _check_output(args.output)
+    inputs = [args.ref_image, args.target, args.keypoints]
+    _check_output(args.output, inputs)
     kps = _read_keypoints(args.keypoints)
     load_image(args.ref_image, 16)
     load_image(args.target, 16)
@@ -153,14 +141,11 @@ def _match(args: argparse.Namespace) -> int:
     result = {"reference": args.ref_image, "target": args.target, "debiased": not args.original_features,
               "source_keypoints": kps.tolist(), "keypoints": pred}
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=2)
-
+    text = json.dumps(result, indent=2)
     if args.output == "-":
-        print(json.dumps(result, indent=2))
+        print(text)
     else:
-        _atomic_write(args.output, write)
+        atomic_write_text(args.output, text + "\n", inputs)
         print(f"{args.output}: {len(pred)} keypoints transferred")
     return 0
 
@@ -183,13 +168,31 @@ def _list_targets(args: argparse.Namespace) -> list[str]:
     return targets
 
 
+def _check_output_dir(args: argparse.Namespace, targets: Sequence[str],
+                      outputs: dict[str, str]) -> None:
+    """Refuse an output folder whose masks would overwrite, or be mistaken for, an input."""
+    inputs = [*targets, *args.ref_image, *args.ref_mask]
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise InputError(f"--output-dir '{args.output_dir}' exists and is not a folder")
+    folders = {os.path.dirname(os.path.abspath(t)) for t in targets}
+    if args.target_dir:
+        folders.add(os.path.abspath(args.target_dir))
+    if os.path.isdir(args.output_dir) and any(os.path.isdir(f) and os.path.samefile(f, args.output_dir)
+                                              for f in folders):
+        raise InputError(f"--output-dir '{args.output_dir}' is a folder of targets: the masks would "
+                         "overwrite PNG targets or be read as targets by the next run; use another folder")
+    for target, path in outputs.items():
+        if os.path.lexists(path):  # an existing regular file is a finished mask (resume)
+            check_output_path(path, inputs, what="mask")
+
+
 def _segment_many(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
 
     from . import distributed
-    from .inputs import check_image_size_multiple
+    from .inputs import check_image_size_multiple, load_image
 
     check_image_size_multiple(args.image_size)
     if len(args.ref_image) != len(args.ref_mask):
@@ -197,31 +200,61 @@ def _segment_many(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     targets = _list_targets(args)
+    outputs = {t: os.path.join(args.output_dir, os.path.splitext(os.path.basename(t))[0] + ".png")
+               for t in targets}
+    _check_output_dir(args, targets, outputs)
     os.makedirs(args.output_dir, exist_ok=True)
     rank, world = distributed.init_from_env()
     try:
-        outputs = {t: os.path.join(args.output_dir, os.path.splitext(os.path.basename(t))[0] + ".png")
-                   for t in targets}
+        mine = distributed.shard(targets, rank, world)
         # Resumable: masks already written are not recomputed.
-        todo = [t for t in distributed.shard(targets, rank, world) if not os.path.exists(outputs[t])]
+        todo = [t for t in mine if not os.path.exists(outputs[t])]
         args.device = str(distributed.local_device(args.device)) if args.device != "cpu" else "cpu"
         model = _build_model(args, connectivity=args.connectivity)
         ref = model.encode_reference(args.ref_image, args.ref_mask)
-        done = 0
+        done, failed = 0, []
         with tqdm(total=len(todo), desc="segment", unit="img", disable=rank != 0 or not todo) as bar:
-            # stream() loads the next batches in the background while this one computes.
-            for target, mask in zip(todo, model.stream(ref, todo, args.batch_size)):
-                arr = mask.cpu().numpy().astype(np.uint8) * 255
-                _atomic_write(outputs[target], lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
-                done += 1
-                bar.update(1)
-        total_done, total_skipped = distributed.all_sum([done, len(distributed.shard(targets, rank, world)) - done])
+            remaining = list(todo)
+            while remaining:
+                consumed = 0
+                try:
+                    # stream() loads the next batches in the background while this one computes.
+                    for target, mask in zip(remaining, model.stream(ref, remaining, args.batch_size)):
+                        arr = mask.cpu().numpy().astype(np.uint8) * 255
+                        atomic_write(outputs[target], lambda fp: Image.fromarray(arr).save(fp, format="PNG"))
+                        consumed += 1
+                        done += 1
+                        bar.update(1)
+                    remaining = []
+                except InputError:
+                    # A batch failed to load: find its unreadable targets, skip them, go on.
+                    batch, bad = remaining[consumed:consumed + args.batch_size], []
+                    for target in batch:
+                        try:
+                            load_image(target, 16)
+                        except InputError as exc:
+                            bad.append(target)
+                            failed.append(target)
+                            print(f"{PROG}: skipped: {exc}", file=sys.stderr)
+                            bar.update(1)
+                    if not bad:
+                        raise
+                    remaining = [t for t in remaining[consumed:] if t not in bad]
+        total_done, total_failed, total_skipped = distributed.all_sum(
+            [done, len(failed), len(mine) - len(todo)])
         distributed.barrier()
         if rank == 0:
-            print(f"{args.output_dir}: {total_done} masks written, {total_skipped} already there "
-                  f"({world} process{'es' if world > 1 else ''})")
+            print(f"{args.output_dir}: {total_done} masks written, {total_skipped} already there"
+                  + (f", {total_failed} unreadable target{'s' if total_failed != 1 else ''} skipped"
+                     if total_failed else "")
+                  + f" ({world} process{'es' if world > 1 else ''})")
     finally:
         distributed.finish()
+    if total_failed:
+        if rank == 0:
+            print(f"{PROG}: error: {total_failed} target(s) could not be read (listed above); "
+                  "fix or remove them and run again to finish", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -265,11 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Part of the package: an import error here is a bug to see, not a subcommand to hide.
     from .bench import add_bench_arguments, run_bench
-    from .eval.cli import add_eval_arguments, run_eval
+    from .eval.cli import add_eval_arguments, eval_command
 
     ev = sub.add_parser("eval", help="evaluate on a published benchmark")
     add_eval_arguments(ev)
-    ev.set_defaults(func=lambda a: (run_eval(a), 0)[1])
+    ev.set_defaults(func=eval_command)
     bench = sub.add_parser("bench", help="time each stage against the reference path")
     add_bench_arguments(bench)
     bench.set_defaults(func=run_bench)

@@ -2,20 +2,30 @@
 
 SPEC.md section 3. The basis depends only on the backbone weights and the image size, so it
 is computed once and cached on disk keyed by both; later starts skip the backbone pass and
-the SVD.
+the SVD. A cache entry is used only if it passes every check (`_read_cache`): its layout,
+shape, dtype, finite values, orthonormal columns and a SHA-256 of its key and values written
+with it. Anything else is recomputed with one warning. The checksum catches corruption and
+edits by other tools, not a forger who recomputes it: the cache folder must be the user's own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_write
 from .inputs import IMAGENET_MEAN, IMAGENET_STD
+
+#: Layout version of a cache entry: {"format", "key", "basis", "sha256"}.
+CACHE_FORMAT = 2
+#: Largest |BᵀB - I| entry of a basis accepted from the cache (float32 SVD output is ~1e-6).
+ORTHONORMAL_TOL = 1e-4
 
 NOISE_KINDS = ("constant", "gaussian")
 
@@ -53,9 +63,45 @@ def compute_positional_basis(encoder: torch.nn.Module, image_size: int, componen
     return U[:, :components].contiguous()
 
 
+def _cache_id(key: str, image_size: int, components: int, noise: str) -> str:
+    return f"{key}|{image_size}|{components}|{noise}"
+
+
 def _cache_path(cache_dir: Path, key: str, image_size: int, components: int, noise: str) -> Path:
-    digest = hashlib.sha256(f"{key}|{image_size}|{components}|{noise}".encode()).hexdigest()[:24]
+    digest = hashlib.sha256(_cache_id(key, image_size, components, noise).encode()).hexdigest()[:24]
     return cache_dir / f"posbasis-{image_size}-{components}-{noise}-{digest}.pt"
+
+
+def _checksum(cache_id: str, basis: torch.Tensor) -> str:
+    values = np.ascontiguousarray(basis.detach().cpu().numpy())
+    digest = hashlib.sha256(cache_id.encode())
+    digest.update(f"|{values.dtype.str}|{values.shape}|".encode())
+    digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path, cache_id: str, components: int, channels: int | None) -> tuple[torch.Tensor | None, str]:
+    """The cached basis (on the CPU) if every check passes, else None and what failed."""
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is recomputed, never trusted
+        return None, f"unreadable ({type(exc).__name__})"
+    if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT:
+        return None, "not an entry of this version"
+    basis = entry.get("basis")
+    if entry.get("key") != cache_id or not isinstance(basis, torch.Tensor) or not isinstance(entry.get("sha256"), str):
+        return None, "written for other weights or settings"
+    if basis.dtype != torch.float32 or basis.ndim != 2 or basis.shape[1] != components \
+            or (channels is not None and basis.shape[0] != channels):
+        return None, f"a {basis.dtype} tensor of shape {tuple(basis.shape)}, expected float32 ({channels or 'C'}, {components})"
+    if not bool(torch.isfinite(basis).all()):
+        return None, "non-finite values"
+    if _checksum(cache_id, basis) != entry["sha256"]:
+        return None, "checksum mismatch"
+    gram = basis.double().T @ basis.double()
+    if float((gram - torch.eye(components, dtype=torch.float64)).abs().max()) > ORTHONORMAL_TOL:
+        return None, "columns not orthonormal"
+    return basis.contiguous(), ""
 
 
 def positional_basis(encoder: torch.nn.Module, image_size: int, components: int = 500,
@@ -65,38 +111,36 @@ def positional_basis(encoder: torch.nn.Module, image_size: int, components: int 
 
     ``cache_key`` must identify the weights (e.g. ``backbone.weights_fingerprint``); without
     it nothing is cached. The file is written atomically, so an interrupted start leaves
-    no half-written cache.
+    no half-written cache; an entry that fails a check is recomputed with a RuntimeWarning.
     """
     path = None
+    cache_id = None
     if cache_key is not None:
+        cache_id = _cache_id(cache_key, image_size, components, noise)
         path = _cache_path(Path(cache_dir) if cache_dir else default_cache_dir(),
                            cache_key, image_size, components, noise)
         if path.is_file():
-            try:
-                return torch.load(path, map_location=device, weights_only=True)
-            except Exception:  # a corrupt cache entry is recomputed, never trusted
-                pass
+            channels = getattr(encoder, "embed_dim", None)
+            basis, problem = _read_cache(path, cache_id, components, channels if isinstance(channels, int) else None)
+            if basis is not None:
+                return basis.to(device)
+            warnings.warn(f"positional-basis cache entry '{path}' was not used ({problem}); recomputing it",
+                          RuntimeWarning, stacklevel=2)
     basis = compute_positional_basis(encoder, image_size, components, noise, device)
     if path is not None:
-        _write_cache(path, basis)
+        _write_cache(path, cache_id, basis)
     return basis
 
 
-def _write_cache(path: Path, basis: torch.Tensor) -> None:
+def _write_cache(path: Path, cache_id: str, basis: torch.Tensor) -> None:
     """Save atomically; a cache that cannot be written only costs time at the next start."""
-    tmp = None
+    cpu = basis.detach().float().cpu().contiguous()
+    entry = {"format": CACHE_FORMAT, "key": cache_id, "basis": cpu, "sha256": _checksum(cache_id, cpu)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(basis.cpu(), tmp)
-        os.replace(tmp, path)
-        tmp = None
-    except Exception:  # full disk (RuntimeError from torch.save), read-only folder (OSError)
+        atomic_write(path, lambda fp: torch.save(entry, fp))
+    except Exception:  # full disk (RuntimeError from torch.save), read-only folder (OSError), a link there
         pass
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def orthogonal_projector(basis: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ def test_segment_end_to_end(weights, tmp_path, capsys):
     assert set(np.unique(mask)) <= {0, 255}
     assert Image.open(overlay).size == target.size
     assert "pixels in the mask" in stdout
-    assert not list(tmp_path.glob(".insid3-*"))
+    assert not list(tmp_path.glob(".insid3-*")) and not list(tmp_path.glob("*.insid3-tmp"))
 
 
 def test_segment_two_shots_and_reference_backend(weights, tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_bad_input_fails_cleanly(weights, tmp_path, capsys, case, over, message)
     import re
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
-    assert not list(tmp_path.glob(".insid3-*"))
+    assert not list(tmp_path.glob(".insid3-*")) and not list(tmp_path.glob("*.insid3-tmp"))
 
 
 def test_unequal_image_and_mask_counts(weights, tmp_path, capsys):

@@ -6,16 +6,18 @@ import argparse
 import os
 import random
 import shutil
+import sys
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, Insid3Error
 from . import distributed
 from .correspondence import SPair71k, evaluate_correspondence
 from .datasets import SEGMENTATION_DATASETS, build_dataset
 from .records import clear_run
+from .metrics import format_class_table
 from .runner import evaluate_segmentation
 
 DATASET_CHOICES = [*SEGMENTATION_DATASETS, "spair"]
@@ -26,7 +28,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="coco", choices=DATASET_CHOICES, help="benchmark to evaluate")
     data.add_argument("--data-root", default="data", help="folder holding the datasets (published layout)")
-    data.add_argument("--fold", type=int, default=0, help="fold (coco 0-3, lvis 0-9, pascal_part/paco_part 0-3, isaid 0-2)")
+    data.add_argument("--fold", type=int, default=0,
+                      help="fold (coco 0-3, lvis 0-9, pascal_part/paco_part 0-3, isaid 0-2); -1 as published: "
+                           "all 80 classes for coco, fold 0's classes for lvis/paco_part, vehicles for pascal_part")
     data.add_argument("--shots", type=int, default=1, help="reference images per episode")
     data.add_argument("--episodes", type=int, default=None, help="episodes to run (default: the published count)")
     data.add_argument("--seed", type=int, default=0, help="seed of the episode draw")
@@ -41,6 +45,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--merge-threshold", "--merge-thresh", dest="merge_threshold", type=float, default=0.2,
                        help="cluster aggregation threshold")
     model.add_argument("--mask-refiner", default="bilinear", choices=["bilinear", "crf"], help="mask upsampling")
+    model.add_argument("--crf-mask-refinement", dest="mask_refiner", action="store_const", const="crf",
+                       help="the published flag: same as --mask-refiner crf")
     model.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     model.add_argument("--backend", default="auto", help="kernel backend passed to build_insid3")
     run = parser.add_argument_group("run")
@@ -48,6 +54,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--save-overlays", type=int, default=0, metavar="K", help="save PNG overlays of the first K episodes")
     run.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir instead of resuming")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    published = parser.add_argument_group("flags of the published scripts")
+    published.add_argument("--exp-name", default=None,
+                           help="run name: the output folder becomes <--output-dir or output>/<name> (the "
+                                "published scripts also append a timestamp; ours does not, so a rerun resumes)")
+    published.add_argument("--debiased", action="store_true",
+                           help="spair: accepted and has no effect; every run reports PCK of both the original "
+                                "and the debiased features (the published flag chose one)")
+    published.add_argument("--num-workers", type=int, default=0,
+                           help="accepted and has no effect; episodes are loaded in the main process, as the "
+                                "published draw (defined with --num-workers 0) requires")
 
 
 def _model_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,7 +83,15 @@ def build_model(args: argparse.Namespace, device: str | None) -> Any:
 
 
 def default_output_dir(args: argparse.Namespace) -> str:
-    """``output/<dataset>-fold<f>-<k>shot-seed<s>`` (or ``output/spair-<split>``)."""
+    """``output/<dataset>-fold<f>-<k>shot-seed<s>`` (or ``output/spair-<split>``); with
+    ``--exp-name N``, ``<--output-dir or output>/N``."""
+    exp_name = getattr(args, "exp_name", None)
+    if exp_name:
+        if os.path.basename(exp_name) != exp_name or exp_name in (".", ".."):
+            raise InputError(f"--exp-name must be a plain folder name, got '{exp_name}'")
+        return os.path.join(args.output_dir or "output", exp_name)
+    if args.output_dir:
+        return args.output_dir
     if args.dataset == "spair":
         return os.path.join("output", f"spair-{args.split}")
     return os.path.join("output", f"{args.dataset}-fold{args.fold}-{args.shots}shot-seed{args.seed}")
@@ -83,15 +107,48 @@ def run_eval(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
-    output_dir = args.output_dir or default_output_dir(args)
+    output_dir = default_output_dir(args)
+    if getattr(args, "num_workers", 0) < 0:
+        raise InputError(f"--num-workers must be >= 0, got {args.num_workers}")
+    created = _missing_folders(output_dir) if rank == 0 else []
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
         if args.overwrite:
             clear_run(output_dir, ("results.json", "log.txt"))
             shutil.rmtree(os.path.join(output_dir, "overlays"), ignore_errors=True)
     distributed.barrier()
+    try:
+        return _run(args, model, rank, world, device, output_dir)
+    except BaseException:
+        _remove_if_empty(created)  # a run that failed before writing anything leaves no folder
+        raise
 
-    config = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()}
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_if_empty(folders: list[str]) -> None:
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only ever removes an empty folder
+        except OSError:
+            return
+
+
+def _run(args: argparse.Namespace, model: Any, rank: int, world: int, device: str | None,
+         output_dir: str) -> dict[str, Any]:
+    config = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+              for k, v in vars(args).items() if not callable(v)}  # not the subcommand's function
     config["model"] = _model_config(args)
     config["world_size"] = world
     progress = not getattr(args, "no_progress", False)
@@ -111,21 +168,43 @@ def run_eval(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
                                  progress=progress)
 
 
+def format_report(results: dict[str, Any]) -> str:
+    """The result table and headline numbers a run prints (and log.txt holds)."""
+    if results["task"] == "segmentation":
+        return (format_class_table(results["per_class"]) + "\n\n"
+                + f"{results['dataset']} fold {results['fold']} {results['shots']}-shot: "
+                  f"mIoU {results['miou']:.1f}  FB-IoU {results['fb_iou']:.1f}")
+    from .correspondence import format_pck_table
+
+    lines = [format_pck_table(results), ""]
+    for version in ("original", "debiased"):
+        vals = results[version]["all"]
+        lines.append(f"spair {version}: " + "  ".join(f"{k} {v:.1f}" for k, v in vals.items()))
+    return "\n".join(lines)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Run the evaluation and print its table on rank 0 (``insid3-fast eval``); exit status 0."""
+    if getattr(args, "num_workers", 0):
+        print(f"note: --num-workers {args.num_workers} has no effect (episodes load in the main process)",
+              file=sys.stderr)
+    results = run_eval(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_report(results))
+        print(f"(results.json and log.txt in {default_output_dir(args)})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m insid3_fast.eval``: parse, run, print the headline numbers."""
+    """``python -m insid3_fast.eval``: parse, run, print the result table; errors are one line."""
     parser = argparse.ArgumentParser("insid3-fast eval", description="Evaluate INSID3 on the published benchmarks")
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        results = run_eval(args)
-    except InputError as exc:
-        parser.exit(2, f"error: {exc}\n")
-    if int(os.environ.get("RANK", "0")) == 0:
-        if results["task"] == "segmentation":
-            print(f"{results['dataset']} fold {results['fold']} {results['shots']}-shot: "
-                  f"mIoU {results['miou']:.1f}  FB-IoU {results['fb_iou']:.1f}")
-        else:
-            for version in ("original", "debiased"):
-                vals = results[version]["all"]
-                print(f"spair {version}: " + "  ".join(f"{k} {v:.1f}" for k, v in vals.items()))
-    return 0
+        return eval_command(args)
+    except Insid3Error as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted\n")
+    except (OSError, RuntimeError, MemoryError) as exc:
+        parser.exit(1, f"{parser.prog}: error: {type(exc).__name__}: {exc}\n")

@@ -11,9 +11,11 @@ lets a resumed run skip finished episodes without re-running the model.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
+import pickle
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -71,27 +73,33 @@ class LoadedEpisode:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def pick(rng: np.random.RandomState, items: Sequence[Any]) -> Any:
+def pick(rng: np.random.RandomState, items: Sequence[Any], what: str | None = None) -> Any:
     """``np.random.choice(items, 1, replace=False)[0]`` with the same RNG consumption.
 
     Without replacement numpy draws a full permutation of ``len(items)``, so the state advance
-    depends on the length only; indexing keeps the element's own Python type.
+    depends on the length only; indexing keeps the element's own Python type. ``what`` names
+    the list in the error raised when it is empty (e.g. "images of class 'robots'").
     """
     if len(items) == 0:
+        if what:
+            raise InputError(f"cannot draw an episode: there are no {what} "
+                             "(check that class's files, or leave the class out of the data)")
         raise InputError("cannot draw from an empty list (the dataset split has no images for a class)")
     return items[int(rng.choice(len(items), 1, replace=False)[0])]
 
 
-def draw_references(rng: np.random.RandomState, pool: Sequence[str], target: str, shots: int) -> list[str]:
+def draw_references(rng: np.random.RandomState, pool: Sequence[str], target: str, shots: int,
+                    what: str | None = None) -> list[str]:
     """Draw ``shots`` references from ``pool``, redrawing whenever the draw equals the target.
 
-    References may repeat each other, as in the published loaders.
+    References may repeat each other, as in the published loaders. ``what`` names the class.
     """
     if not any(name != target for name in pool):
-        raise InputError(f"no reference image other than the target '{target}' exists for its class")
+        of = f" of {what}" if what else " for its class"
+        raise InputError(f"no reference image other than the target '{target}' exists{of}")
     refs: list[str] = []
     while True:
-        name = pick(rng, pool)
+        name = pick(rng, pool, what)
         if name != target:
             refs.append(name)
         if len(refs) == shots:
@@ -105,12 +113,18 @@ class EpisodeDataset(abc.ABC):
     name: str = ""
     #: number of folds (0 when the benchmark has none)
     num_folds: int = 0
+    #: what ``--fold -1`` means, as in the published loader (None: it has no such mode)
+    all_folds: str | None = None
 
     def __init__(self, data_root: str, fold: int = 0, shots: int = 1) -> None:
         if shots < 1:
             raise InputError(f"--shots must be at least 1, got {shots}")
-        if self.num_folds and not 0 <= fold < self.num_folds:
-            raise InputError(f"{self.name} has folds 0..{self.num_folds - 1}, got --fold {fold}")
+        if self.num_folds and fold == -1 and self.all_folds is None:
+            raise InputError(f"{self.name} has no --fold -1 (the published loader has none either); "
+                             f"use --fold 0..{self.num_folds - 1}")
+        if self.num_folds and not (0 <= fold < self.num_folds or fold == -1):
+            raise InputError(f"{self.name} has folds 0..{self.num_folds - 1}"
+                             + (f" and -1 ({self.all_folds})" if self.all_folds else "") + f", got --fold {fold}")
         self.data_root = data_root
         self.fold = fold if self.num_folds else 0
         self.shots = shots
@@ -144,6 +158,24 @@ class EpisodeDataset(abc.ABC):
                              "nothing to evaluate (check the annotation files or use fewer --shots)")
         rng = np.random.RandomState(seed)
         return [self.draw(i, rng) for i in range(n)]
+
+
+@contextlib.contextmanager
+def split_file(dataset: str, path: str) -> Iterator[None]:
+    """Turn any error while reading or parsing the index/split file ``path`` into an InputError.
+
+    Wrap both the read and the walk through its structure: a truncated pickle, a file that is
+    not UTF-8, a JSON of another layout or a line without its separator all end as one message.
+    """
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, ImportError, RecursionError, MemoryError) as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise InputError(f"{dataset}: cannot read '{path}' ({type(exc).__name__}{': ' + detail if detail else ''}); "
+                         "the file looks corrupt or of another layout: download it again (see docs/eval.md)") from None
 
 
 def require_paths(dataset: str, paths: Sequence[str], howto: str) -> None:

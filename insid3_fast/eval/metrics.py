@@ -79,12 +79,16 @@ class SegmentationMeter:
         return float(self.class_iou()[1].mean() * 100.0)
 
     def fb_iou(self) -> float:
-        """Mean of background and foreground IoU with all classes pooled, in percent."""
-        inter = self.intersection.sum(axis=1)
-        union = self.union.sum(axis=1)
+        """Mean of background and foreground IoU with all classes pooled, in percent.
+
+        NaN, as in the published metric, when no episode has a pixel of one kind (e.g. no
+        foreground in any prediction or ground truth): that IoU is 0/0.
+        """
+        inter = self.intersection.sum(axis=1).astype(np.float64)
+        union = self.union.sum(axis=1).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = inter / union
-        return float(np.nan_to_num(iou).mean() * 100.0)
+        return float(iou.mean() * 100.0)
 
     def per_class(self) -> list[dict[str, object]]:
         """Rows of the per-class table: name, foreground IoU (%), background IoU (%), episodes."""

@@ -1,38 +1,17 @@
-"""Per-episode records in JSONL (resume state) and atomic writes of the final outputs."""
+"""Per-episode records in JSONL (resume state) and the run configuration they belong to."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
-import tempfile
 from typing import Any, Iterable
 
+from ..atomic import atomic_write_json
 from ..errors import InputError
 
 RECORD_GLOB = "episodes.rank*.jsonl"
 CONFIG_FILE = "run_config.json"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as fp:
-            fp.write(text)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, data: Any) -> None:
-    """``atomic_write_text`` of pretty-printed JSON."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_records(output_dir: str) -> dict[int, dict[str, Any]]:
@@ -84,8 +63,13 @@ def check_or_write_config(output_dir: str, fingerprint: dict[str, Any], write: b
     """Refuse to resume into an output directory produced with a different configuration."""
     path = os.path.join(output_dir, CONFIG_FILE)
     if os.path.exists(path):
-        with open(path) as fp:
-            previous = json.load(fp)
+        try:
+            with open(path, "rb") as fp:
+                previous = json.loads(fp.read().decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read '{path}' ({exc}); pass --overwrite to start afresh") from None
+        if not isinstance(previous, dict):
+            raise InputError(f"'{path}' is not a run configuration; pass --overwrite to start afresh")
         if previous != json.loads(json.dumps(fingerprint)):
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
             raise InputError(

@@ -16,7 +16,8 @@ from . import distributed
 from .episodes import Episode, EpisodeDataset, LoadedEpisode
 from .metrics import SegmentationMeter, episode_areas, format_class_table, resize_mask_nearest
 from .overlays import make_overlay
-from .records import RecordWriter, atomic_write_json, atomic_write_text, read_records
+from ..atomic import atomic_write, atomic_write_json, atomic_write_text
+from .records import RecordWriter, read_records
 
 
 class SegmentationModel(Protocol):
@@ -112,7 +113,8 @@ def evaluate_segmentation(
                 gt = resize_mask_nearest(loaded.target_mask, pred.shape)
                 img = make_overlay(loaded.reference_images, loaded.reference_masks, loaded.target_image, pred, gt,
                                    title=f"episode {ep.index}  class {ep.class_name}  IoU {100 * inter[1] / max(union[1], 1):.1f}")
-                img.save(os.path.join(overlay_dir, f"episode_{ep.index:05d}.png"))
+                atomic_write(os.path.join(overlay_dir, f"episode_{ep.index:05d}.png"),
+                             lambda fp: img.save(fp, format="PNG"))
             bar.update(1)
             bar.set_postfix(mIoU=f"{meter.miou():.1f}")
     finally:

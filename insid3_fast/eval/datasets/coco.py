@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from ...errors import InputError
-from ..episodes import Episode, EpisodeDataset, LoadedEpisode, draw_references, open_rgb, pick, require_paths
+from ..episodes import (Episode, EpisodeDataset, LoadedEpisode, draw_references, open_rgb, pick, require_paths,
+                        split_file)
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -32,20 +33,42 @@ HOWTO = (
 )
 
 
+def _read_split(path: str) -> dict[int, list[str]]:
+    with split_file("COCO-20i", path):
+        with open(path, "rb") as fp:
+            classwise = pickle.load(fp)
+        if not isinstance(classwise, dict) or not all(isinstance(v, (list, tuple)) for v in classwise.values()):
+            raise TypeError("expected a dict of class index -> list of image names")
+        return {int(k): list(v) for k, v in classwise.items()}
+
+
 class COCO20i(EpisodeDataset):
-    """COCO-20i: fold f holds classes f, f+4, ..., f+76; 1000 random episodes per fold."""
+    """COCO-20i: fold f holds classes f, f+4, ..., f+76; 1000 random episodes per fold.
+
+    Fold -1 evaluates all 80 classes, each with the image list of the first fold file that
+    has images for it (the published loader's merge of the four split files).
+    """
 
     name = "coco"
     num_folds = 4
+    all_folds = "all 80 classes"
 
     def __init__(self, data_root: str, fold: int = 0, shots: int = 1) -> None:
         super().__init__(data_root, fold, shots)
         self.base = os.path.join(data_root, "COCO2014")
-        split_file = os.path.join(self.base, "splits", "val", f"fold{self.fold}.pkl")
-        require_paths("COCO-20i", [self.base, os.path.join(self.base, "annotations"), split_file], HOWTO)
-        with open(split_file, "rb") as fp:
-            self.classwise: dict[int, list[str]] = pickle.load(fp)
-        self.fold_classes = [self.fold + self.num_folds * v for v in range(80 // self.num_folds)]
+        folds = range(self.num_folds) if self.fold == -1 else [self.fold]
+        split_files = [os.path.join(self.base, "splits", "val", f"fold{f}.pkl") for f in folds]
+        require_paths("COCO-20i", [self.base, os.path.join(self.base, "annotations"), *split_files], HOWTO)
+        metas = [_read_split(path) for path in split_files]
+        self.classwise: dict[int, list[str]] = {k: [] for k in metas[0]}
+        for meta in metas:
+            for cls, names in meta.items():
+                if not self.classwise.get(cls) and names:
+                    self.classwise[cls] = names
+        if self.fold == -1:
+            self.fold_classes = list(range(80))
+        else:
+            self.fold_classes = [self.fold + self.num_folds * v for v in range(80 // self.num_folds)]
         self.class_names = [COCO_CLASSES[c] for c in self.fold_classes]
 
     @property
@@ -54,9 +77,10 @@ class COCO20i(EpisodeDataset):
 
     def draw(self, index: int, rng: np.random.RandomState) -> Episode:
         cls = pick(rng, self.fold_classes)
-        pool = self.classwise[cls]
-        target = pick(rng, pool)
-        refs = draw_references(rng, pool, target, self.shots)
+        what = f"images of class '{COCO_CLASSES[cls]}' in the split file(s)"
+        pool = self.classwise.get(cls, [])
+        target = pick(rng, pool, what)
+        refs = draw_references(rng, pool, target, self.shots, f"class '{COCO_CLASSES[cls]}'")
         return Episode(index, self.fold_classes.index(cls), COCO_CLASSES[cls], str(target),
                        tuple(str(r) for r in refs))
 

@@ -35,12 +35,15 @@ class _FolderBenchmark(EpisodeDataset):
 
     classwise: dict[str, list[str]]
     categories: tuple[str, ...]
+    #: what the draw found none of, in the error of a class without files
+    empty_pool_hint = "image files"
 
     def draw(self, index: int, rng: np.random.RandomState) -> Episode:
         class_id = index % len(self.categories)
         pool = self.classwise[self.categories[class_id]]
-        target = pick(rng, pool)
-        refs = draw_references(rng, pool, target, self.shots)
+        what = f"class '{self.class_names[class_id]}' ({self.categories[class_id]})"
+        target = pick(rng, pool, f"{self.empty_pool_hint} for {what}")
+        refs = draw_references(rng, pool, target, self.shots, what)
         # Keys are stored relative to the data root so records survive moving the data.
         rel = lambda p: os.path.relpath(p, self.data_root)  # noqa: E731
         return Episode(index, class_id, self.class_names[class_id], rel(target), tuple(rel(r) for r in refs))
@@ -119,6 +122,7 @@ class SUIM(_FolderBenchmark):
     """SUIM underwater scenes, 7 classes; as many episodes as non-empty masks."""
 
     name = "suim"
+    empty_pool_hint = "non-empty masks"
     categories = ("FV", "HD", "PF", "RI", "RO", "SR", "WR")
     _names = ("fish and vertebrates", "human divers", "plants and sea-grass", "reefs and invertebrates",
               "robots", "sea-floor and rocks", "wrecks and ruins")

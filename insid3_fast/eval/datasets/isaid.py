@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ...errors import InputError
-from ..episodes import Episode, EpisodeDataset, LoadedEpisode, draw_references, open_rgb, require_paths
+from ..episodes import Episode, EpisodeDataset, LoadedEpisode, draw_references, open_rgb, require_paths, split_file
 
 ISAID_CLASSES = (
     "ship", "storage tank", "baseball diamond", "tennis court", "basketball court",
@@ -33,16 +33,19 @@ class ISAID5i(EpisodeDataset):
     def __init__(self, data_root: str, fold: int = 0, shots: int = 1) -> None:
         super().__init__(data_root, fold, shots)
         self.root = os.path.join(data_root, "iSAID")
-        split_file = os.path.join(self.root, "splits", "val", f"fold{self.fold}.txt")
+        split_path = os.path.join(self.root, "splits", "val", f"fold{self.fold}.txt")
         require_paths("iSAID-5i", [os.path.join(self.root, "val", "images"),
-                                   os.path.join(self.root, "val", "semantic_png"), split_file], HOWTO)
-        with open(split_file) as fp:
-            # The published reader drops the last line (split on '\n', then [:-1]).
-            lines = fp.read().split("\n")[:-1]
+                                   os.path.join(self.root, "val", "semantic_png"), split_path], HOWTO)
         self.items: list[tuple[str, int]] = []
-        for line in lines:
-            name, cls = line.split("__")
-            self.items.append((name, int(cls) - 1))
+        with split_file("iSAID-5i", split_path):
+            with open(split_path, encoding="utf-8") as fp:
+                # The published reader drops the last line (split on '\n', then [:-1]).
+                lines = fp.read().split("\n")[:-1]
+            for number, line in enumerate(lines, 1):
+                name, cls = line.split("__")
+                if not 1 <= int(cls) <= len(ISAID_CLASSES):
+                    raise ValueError(f"line {number}: class {cls} is outside 1..{len(ISAID_CLASSES)}")
+                self.items.append((name, int(cls) - 1))
         self.classwise: dict[int, list[str]] = {c: [] for c in range(15)}
         for name, cls in self.items:
             self.classwise[cls].append(name)

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..episodes import Episode, EpisodeDataset, LoadedEpisode, draw_references, open_rgb, pick, require_paths
+from ..episodes import (Episode, EpisodeDataset, LoadedEpisode, draw_references, open_rgb, pick, require_paths,
+                        split_file)
 from ..masks import segmentation_to_mask
 
 HOWTO = (
@@ -30,11 +31,13 @@ def union_of_segmentations(segms: list[Any], image: Image.Image) -> torch.Tensor
 class LVIS92i(EpisodeDataset):
     """LVIS-92i: classes with more than ``shots`` val images, every 10th from the fold offset.
 
-    The published run has 2300 episodes cycling through the fold's classes in order.
+    The published run has 2300 episodes cycling through the fold's classes in order. Fold -1
+    takes every 10th class from offset 0, the classes of fold 0, as the published loader does.
     """
 
     name = "lvis"
     num_folds = 10
+    all_folds = "the classes of fold 0, as published"
 
     def __init__(self, data_root: str, fold: int = 0, shots: int = 1) -> None:
         super().__init__(data_root, fold, shots)
@@ -42,11 +45,13 @@ class LVIS92i(EpisodeDataset):
         self.image_root = os.path.join(self.anno_root, "coco")
         val_file = os.path.join(self.anno_root, "lvis_val.pkl")
         require_paths("LVIS-92i", [self.image_root, val_file], HOWTO)
-        with open(val_file, "rb") as fp:
-            self.annotations: dict[Any, dict[str, Any]] = pickle.load(fp)
-        eligible = [c for c in self.annotations if len(self.annotations[c]) > shots]
+        with split_file("LVIS-92i", val_file):
+            with open(val_file, "rb") as fp:
+                self.annotations: dict[Any, dict[str, Any]] = pickle.load(fp)
+            eligible = [c for c in self.annotations if len(self.annotations[c]) > shots]
         per_fold = len(eligible) // self.num_folds
-        self.fold_classes = [eligible[self.fold + self.num_folds * v] for v in range(per_fold)]
+        offset = max(self.fold, 0)
+        self.fold_classes = [eligible[offset + self.num_folds * v] for v in range(per_fold)]
         self.class_names = [str(c) for c in self.fold_classes]
 
     @property

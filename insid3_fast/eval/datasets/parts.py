@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ...errors import InputError
-from ..episodes import Episode, EpisodeDataset, LoadedEpisode, open_rgb, pick, require_paths
+from ..episodes import Episode, EpisodeDataset, LoadedEpisode, open_rgb, pick, require_paths, split_file
 from ..masks import rle_decode, segmentation_shape, segmentation_to_mask
 
 PASCAL_HOWTO = (
@@ -39,10 +39,14 @@ def _crop_len(n: int, start: float, stop: float) -> int:
 
 
 class PascalPart(EpisodeDataset):
-    """Pascal-Part: fold = super-category; classes are object+part pairs with train and val images."""
+    """Pascal-Part: fold = super-category; classes are object+part pairs with train and val images.
+
+    Fold -1 is the last super-category (vehicles), as Python's indexing gives the published loader.
+    """
 
     name = "pascal_part"
     num_folds = 4
+    all_folds = "the 'vehicles' super-category, as fold 3 (the published loader indexes the list with -1)"
 
     def __init__(self, data_root: str, fold: int = 0, shots: int = 1) -> None:
         super().__init__(data_root, fold, shots)
@@ -51,15 +55,16 @@ class PascalPart(EpisodeDataset):
         self.image_dir = os.path.join(voc, "JPEGImages")
         self.anno_dir = os.path.join(voc, "Annotations_Part_json_merged_part_classes")
         require_paths("Pascal-Part", [self.index_file, self.image_dir, self.anno_dir], PASCAL_HOWTO)
-        with open(self.index_file) as fp:
-            self.groups = json.load(fp)[PASCAL_FOLDS[self.fold]]["object"]
-        names: list[str] = []
-        for obj, info in self.groups.items():
-            for part, split in info["part"].items():
-                if split["train"] and split["val"] and f"{obj}+{part}" != "aeroplane+TAIL":
-                    names.append(f"{obj}+{part}")
+        with split_file("Pascal-Part", self.index_file):
+            with open(self.index_file, encoding="utf-8") as fp:
+                self.groups = json.load(fp)[PASCAL_FOLDS[self.fold]]["object"]
+            names: list[str] = []
+            for obj, info in self.groups.items():
+                for part, split in info["part"].items():
+                    if split["train"] and split["val"] and f"{obj}+{part}" != "aeroplane+TAIL":
+                        names.append(f"{obj}+{part}")
+            self.num_val_images = sum(len(s["val"]) for info in self.groups.values() for s in info["part"].values())
         self.class_names = names
-        self.num_val_images = sum(len(s["val"]) for info in self.groups.values() for s in info["part"].values())
         self._annotation = lru_cache(maxsize=4096)(self._read_annotation)
 
     @property
@@ -129,10 +134,14 @@ class PascalPart(EpisodeDataset):
 
 
 class PACOPart(EpisodeDataset):
-    """PACO-Part: 448 object-part classes in 4 folds; 2500 random episodes per fold."""
+    """PACO-Part: 448 object-part classes in 4 folds; 2500 random episodes per fold.
+
+    Fold -1 takes every 4th class from offset 0, the classes of fold 0, as the published loader does.
+    """
 
     name = "paco_part"
     num_folds = 4
+    all_folds = "the classes of fold 0, as published"
 
     def __init__(self, data_root: str, fold: int = 0, shots: int = 1) -> None:
         super().__init__(data_root, fold, shots)
@@ -141,25 +150,28 @@ class PACOPart(EpisodeDataset):
         train_file = os.path.join(anno_root, "paco_part_train.pkl")
         val_file = os.path.join(anno_root, "paco_part_val.pkl")
         require_paths("PACO-Part", [self.image_root, train_file, val_file], PACO_HOWTO)
-        with open(train_file, "rb") as fp:
-            train_classes = list(pickle.load(fp)["cid2img"].keys())
-        with open(val_file, "rb") as fp:
-            val = pickle.load(fp)
+        with split_file("PACO-Part", train_file):
+            with open(train_file, "rb") as fp:
+                train_classes = list(pickle.load(fp)["cid2img"].keys())
         if len(train_classes) != 448:
             raise InputError(f"PACO-Part: expected 448 classes in paco_part_train.pkl, found {len(train_classes)}")
-        # The val index lists an image once per annotation; keep the first of each image.
-        self.cid2img: dict[Any, list[dict[Any, str]]] = {}
-        for cid, samples in val["cid2img"].items():
-            seen: set[Any] = set()
-            kept = self.cid2img.setdefault(cid, [])
-            for s in samples:
-                img_id = next(iter(s.keys()))
-                if img_id not in seen:
-                    seen.add(img_id)
-                    kept.append(s)
-        self.img2anno: dict[Any, list[dict[str, Any]]] = val["img2anno"]
+        with split_file("PACO-Part", val_file):
+            with open(val_file, "rb") as fp:
+                val = pickle.load(fp)
+            # The val index lists an image once per annotation; keep the first of each image.
+            self.cid2img: dict[Any, list[dict[Any, str]]] = {}
+            for cid, samples in val["cid2img"].items():
+                seen: set[Any] = set()
+                kept = self.cid2img.setdefault(cid, [])
+                for s in samples:
+                    img_id = next(iter(s.keys()))
+                    if img_id not in seen:
+                        seen.add(img_id)
+                        kept.append(s)
+            self.img2anno: dict[Any, list[dict[str, Any]]] = val["img2anno"]
         eligible = {c for c in self.cid2img if len(self.cid2img[c]) > shots}
-        fold_all = [train_classes[self.fold + self.num_folds * v] for v in range(448 // self.num_folds)]
+        offset = max(self.fold, 0)
+        fold_all = [train_classes[offset + self.num_folds * v] for v in range(448 // self.num_folds)]
         self.fold_classes = [c for c in fold_all if c in eligible]
         self.class_names = [str(c) for c in self.fold_classes]
         self._sizes: dict[str, tuple[int, int]] = {}
