@@ -6,8 +6,8 @@ as already normalised and resized bilinearly. Masks are ``> 0`` resized with nea
 size x size, whatever their own size (as the published ``load_mask``).
 
 Where the published code gives a silently wrong image, this module gives the right one and
-says so: 16-bit images are scaled to 8 bits (the published ``convert("RGB")`` saturates them
-to white), integer tensors are taken as 0-255 pixels and normalised, float arrays in [0, 1]
+says so: 16-bit images (values above 255) are scaled to 8 bits (the published
+``convert("RGB")`` saturates them to white), integer tensors are taken as 0-255 pixels and normalised, float arrays in [0, 1]
 with NaN pixels are rescaled (NaN pixels become 0). Kept as published, on purpose: a palette
 ("P") mask is read by palette index (index > 0 is foreground), and the EXIF orientation of
 a photo is ignored unless ``exif_transpose=True``.
@@ -83,7 +83,13 @@ def open_image_file(path: str | os.PathLike, what: str = "image", exif_transpose
 
 
 def _sixteen_bit_to_8(array: np.ndarray) -> np.ndarray:
-    """0..65535 values to 0..255 (rounded), as 8-bit image viewers show them."""
+    """16-bit values to 0..255: scaled by 255 / 65535 (rounded), as image viewers show them.
+
+    Data that fits in 8 bits (maximum <= 255, e.g. an 8-bit image saved in a 16-bit
+    container) is kept as it is, which is what the published ``convert("RGB")`` gives.
+    """
+    if not array.size or array.max() <= 255:
+        return np.clip(array, 0, 255).astype(np.uint8)
     return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
 
 
@@ -93,11 +99,7 @@ def _to_rgb(image: Image.Image, source: object) -> Image.Image:
         array = np.array(image)
         if image.mode == "F":
             return _array_to_pil(array.astype(np.float32), source).convert("RGB")
-        if image.mode.startswith("I;16") or (array.size and array.max() > 255):
-            array = _sixteen_bit_to_8(array)
-        else:
-            array = np.clip(array, 0, 255).astype(np.uint8)
-        return Image.fromarray(array).convert("RGB")
+        return Image.fromarray(_sixteen_bit_to_8(array)).convert("RGB")
     return image.convert("RGB")
 
 

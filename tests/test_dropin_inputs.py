@@ -171,6 +171,10 @@ def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
     assert torch.equal(load_image(deep, 32)[0], expected)  # a uint16 array too
     white = load_image(Image.fromarray(np.full((40, 48), 255, np.uint8)), 32)[0]
     assert not torch.equal(expected, white)
+    # 8-bit values in a 16-bit file are kept, as the published conversion keeps them.
+    small = rng.integers(0, 256, size=(40, 48)).astype(np.uint16)
+    Image.fromarray(small).save(path)
+    assert torch.equal(load_image(path, 32)[0], load_image(Image.fromarray(small.astype(np.uint8)), 32)[0])
 
 
 def test_uint8_tensor_is_read_as_pixels_with_a_warning():
