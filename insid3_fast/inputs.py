@@ -7,8 +7,9 @@ size x size, whatever their own size (as the published ``load_mask``).
 
 Where the published code gives a silently wrong image, this module gives the right one and
 says so: 16-bit images (values above 255) are scaled to 8 bits (the published
-``convert("RGB")`` saturates them to white), integer tensors are taken as 0-255 pixels and normalised, float arrays in [0, 1]
-with NaN pixels are rescaled (NaN pixels become 0). Kept as published, on purpose: a palette
+``convert("RGB")`` saturates them to white), integer tensors (which the published backbone
+cannot take) are read as 0-255 pixels and normalised, float arrays in [0, 1] with NaN pixels
+are rescaled (NaN pixels become 0); each with an ``InputWarning`` where it is a guess. Kept as published, on purpose: a palette
 ("P") mask is read by palette index (index > 0 is foreground), and the EXIF orientation of
 a photo is ignored unless ``exif_transpose=True``.
 """

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from .errors import InputError, StateError, WeightsError
-from .inputs import (ImageLike, MaskLike, check_image_size_multiple, check_int, check_thresholds, load_image, load_mask,
-                     warn_input, warn_non_finite)
+from .inputs import (ImageLike, MaskLike, check_image_size_multiple, check_int, check_thresholds, load_image,
+                     load_mask, warn_input, warn_non_finite)
 from .keypoints import transfer_keypoints
 from .pipeline import EncodedReference, Segmenter
 
@@ -259,7 +259,8 @@ class INSID3(torch.nn.Module):
         try:
             kps = torch.as_tensor(ref_kps, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):
-            raise InputError(f"keypoints must be a (K, 2) array of numbers (x, y), got {type(ref_kps).__name__}") from None
+            raise InputError("keypoints must be a (K, 2) array of numbers (x, y), "
+                             f"got {type(ref_kps).__name__}") from None
         if kps.ndim != 2 or kps.shape[-1] != 2 or kps.shape[0] == 0:
             raise InputError(f"keypoints must be a non-empty (K, 2) array of (x, y), got shape {tuple(kps.shape)}")
         for name, image in (("ref_image", ref_image), ("tgt_image", tgt_image)):
