@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make demo` (set up, segment the bundled example)
+# Two commands on a fresh machine:  `make demo` (set up, segment the bundled example; without weights, a synthetic demo)
 # and `make test` (set up, run the tests). Everything installs into .venv.
 PYTHON ?= python3
 VENV   := .venv

@@ -3,7 +3,7 @@
 import torch
 
 from . import ops
-from .errors import BackendError, InputError, Insid3Error, WeightsError
+from .errors import BackendError, InputError, InputWarning, Insid3Error, StateError, WeightsError
 from .model import INSID3, build_insid3
 from .pipeline import EncodedReference, Segmenter
 
@@ -19,4 +19,4 @@ def load_dinov3(weights: str, model_size: str | None = None, device: object = No
 
 
 __all__ = ["INSID3", "build_insid3", "load_dinov3", "ops", "Segmenter", "EncodedReference",
-           "Insid3Error", "InputError", "WeightsError", "BackendError", "__version__"]
+           "Insid3Error", "InputError", "WeightsError", "BackendError", "StateError", "InputWarning", "__version__"]

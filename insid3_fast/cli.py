@@ -13,7 +13,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+import warnings
+from typing import Callable, Sequence
 
 from .atomic import atomic_write, atomic_write_many, atomic_write_text, check_output_path
 from .errors import InputError, Insid3Error
@@ -44,7 +45,11 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=1024, help="side images are resized to (multiple of 16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
-    p.add_argument("--svd-components", type=int, default=500, help="rank of the positional subspace removed")
+    p.add_argument("--svd-components", type=int, default=None,
+                   help="rank of the positional subspace removed (default: the published 500, or half the "
+                        "embedding size when that is 500 or less: 192 for small and small_plus)")
+    p.add_argument("--exif-transpose", action="store_true",
+                   help="apply the EXIF orientation of the images (the published code ignores it)")
     p.add_argument("--tau", type=float, default=0.6, help="clustering similarity threshold")
     p.add_argument("--merge-threshold", type=float, default=0.2, help="cluster score threshold (alpha)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
@@ -54,16 +59,31 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 def _build_model(args: argparse.Namespace, **kwargs):
     from .model import build_insid3
 
-    return build_insid3(model_size=args.model_size, weights=args.weights, image_size=args.image_size,
-                        svd_components=args.svd_components, tau=args.tau, merge_threshold=args.merge_threshold,
-                        device=_device(args.device), backend=args.backend, precision=args.precision, **kwargs)
+    model = build_insid3(model_size=args.model_size, weights=args.weights, image_size=args.image_size,
+                         svd_components=args.svd_components, tau=args.tau, merge_threshold=args.merge_threshold,
+                         device=_device(args.device), backend=args.backend, precision=args.precision,
+                         exif_transpose=args.exif_transpose, **kwargs)
+    basis = model.positional_basis
+    print(f"{PROG}: removing a rank-{basis.shape[1]} positional subspace (embedding size {basis.shape[0]})",
+          file=sys.stderr)
+    return model
+
+
+def _check_reference_files(args: argparse.Namespace) -> None:
+    """Every reference image and mask readable, each mask the size of its image unless --resize-mask."""
+    from .inputs import load_image, load_mask
+
+    for image, mask in zip(args.ref_image, args.ref_mask):
+        _, orig = load_image(image, 16, exif_transpose=args.exif_transpose)
+        load_mask(mask, 16, expected_hw=orig, mismatch="ignore" if args.resize_mask else "raise",
+                  exif_transpose=args.exif_transpose)
 
 
 def _segment(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .inputs import check_image_size_multiple, load_image, load_mask, open_image_file
+    from .inputs import check_image_size_multiple, load_image, open_image_file
 
     if len(args.ref_image) != len(args.ref_mask):
         raise InputError(f"give one --ref-mask per --ref-image (got {len(args.ref_image)} images, "
@@ -76,9 +96,7 @@ def _segment(args: argparse.Namespace) -> int:
     if args.overlay and os.path.abspath(args.overlay) == os.path.abspath(args.output):
         raise InputError("--overlay and --output name the same file: give each its own path")
     # Validate every input before the (slow) model load.
-    for image, mask in zip(args.ref_image, args.ref_mask):
-        _, orig = load_image(image, 16)
-        load_mask(mask, 16, expected_hw=orig)
+    _check_reference_files(args)
     load_image(args.target, 16)
 
     model = _build_model(args, mask_refiner="crf" if args.crf else "bilinear",
@@ -200,6 +218,7 @@ def _segment_many(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     targets = _list_targets(args)
+    _check_reference_files(args)
     outputs = {t: os.path.join(args.output_dir, os.path.splitext(os.path.basename(t))[0] + ".png")
                for t in targets}
     _check_output_dir(args, targets, outputs)
@@ -258,6 +277,10 @@ def _segment_many(args: argparse.Namespace) -> int:
     return 0
 
 
+RESIZE_MASK_HELP = ("accept a reference mask whose size differs from its image's (it is resized to the "
+                    "model size with nearest, as the published code does)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``insid3-fast``."""
     parser = argparse.ArgumentParser(prog=PROG, description="Fast INSID3 in-context segmentation with DINOv3.")
@@ -270,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--output", required=True, help="output mask PNG (0/255, the target's size)")
     seg.add_argument("--overlay", help="also write the target with the mask overlaid (PNG)")
     seg.add_argument("--crf", action="store_true", help="refine the boundary with the dense CRF")
+    seg.add_argument("--resize-mask", action="store_true", help=RESIZE_MASK_HELP)
     seg.add_argument("--connectivity", type=int, choices=[4, 8], default=None,
                      help="grid-constrained clustering (default: the published unconstrained one)")
     _add_model_arguments(seg)
@@ -283,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--target-dir", help="folder of target images")
     many.add_argument("--output-dir", required=True, help="one <target name>.png mask per target")
     many.add_argument("--batch-size", type=int, default=8)
+    many.add_argument("--resize-mask", action="store_true", help=RESIZE_MASK_HELP)
     many.add_argument("--connectivity", type=int, choices=[4, 8], default=None)
     _add_model_arguments(many)
     many.set_defaults(func=_segment_many)
@@ -309,11 +334,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """insid3_fast's own warnings as one line (``insid3-fast: warning: ...``); others as Python shows them."""
+    from .errors import InputWarning
+
+    if issubclass(category, InputWarning):
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a subcommand; expected errors become one line and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except Insid3Error as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

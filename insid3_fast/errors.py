@@ -15,3 +15,11 @@ class WeightsError(Insid3Error):
 
 class BackendError(Insid3Error):
     """A requested backend (native ops, CUDA, CRF dependency) that is not available."""
+
+
+class StateError(Insid3Error, RuntimeError):
+    """The stateful ``set_reference``/``set_target``/``segment`` API used by two threads at once."""
+
+
+class InputWarning(UserWarning):
+    """An input that is used, but probably not as its caller meant (the message says how it was read)."""

@@ -1,50 +1,113 @@
-"""Images and masks from paths, PIL images, numpy arrays or tensors, resized and normalised.
+"""Images and masks from paths, PIL images, numpy arrays or tensors, resized and normalised; argument checks.
 
 Follows the published preprocessing (SPEC.md section 1): RGB, PIL bilinear resize to
-size x size (aspect ratio not kept), [0, 1], ImageNet normalisation. Tensors are taken as
-already normalised and resized bilinearly. Masks are ``> 0`` resized with nearest.
+size x size (aspect ratio not kept), [0, 1], ImageNet normalisation. Float tensors are taken
+as already normalised and resized bilinearly. Masks are ``> 0`` resized with nearest to
+size x size, whatever their own size (as the published ``load_mask``).
+
+Where the published code gives a silently wrong image, this module gives the right one and
+says so: 16-bit images (values above 255) are scaled to 8 bits (the published
+``convert("RGB")`` saturates them to white), integer tensors (which the published backbone
+cannot take) are read as 0-255 pixels and normalised, float arrays in [0, 1] with NaN pixels
+are rescaled (NaN pixels become 0); each with an ``InputWarning`` where it is a guess. Kept as published, on purpose: a palette
+("P") mask is read by palette index (index > 0 is foreground), and the EXIF orientation of
+a photo is ignored unless ``exif_transpose=True``.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
+import sys
+import warnings
 from typing import Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .errors import InputError
+from .errors import InputError, InputWarning
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_SIZE = 16
+# The published rank of the positional subspace (every model size).
+DEFAULT_SVD_COMPONENTS = 500
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 MaskLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+# numpy dtype kinds that hold pixel values: bool, signed and unsigned integers, floats.
+_NUMERIC_KINDS = "biuf"
 
 
 def _describe(source: object) -> str:
     return f"'{os.fspath(source)}'" if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
-def open_image_file(path: str | os.PathLike, what: str = "image") -> Image.Image:
-    """Open an image file fully (so truncated files fail here), with a clear error otherwise."""
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_input(message: str) -> None:
+    """An ``InputWarning`` attributed to the first calling line outside this package (the user's call)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, InputWarning, stacklevel=level)
+
+
+_warn = warn_input
+
+
+def open_image_file(path: str | os.PathLike, what: str = "image", exif_transpose: bool = False) -> Image.Image:
+    """Open an image file fully (so truncated files fail here), with a clear error otherwise.
+
+    ``exif_transpose``: apply the EXIF orientation tag (the published code ignores it).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"{what} file not found: '{path}'")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.copy()
+            out = img.copy()
+            if exif_transpose:
+                out = ImageOps.exif_transpose(img) or out
+            return out
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"cannot read {what} file '{path}': {exc}") from None
 
 
+def _sixteen_bit_to_8(array: np.ndarray) -> np.ndarray:
+    """16-bit values to 0..255: scaled by 255 / 65535 (rounded), as image viewers show them.
+
+    Data that fits in 8 bits (maximum <= 255, e.g. an 8-bit image saved in a 16-bit
+    container) is kept as it is, which is what the published ``convert("RGB")`` gives.
+    """
+    if not array.size or array.max() <= 255:
+        return np.clip(array, 0, 255).astype(np.uint8)
+    return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image, source: object) -> Image.Image:
+    """``image.convert("RGB")``, except that 16-bit and float greyscale images are scaled, not saturated."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.array(image)
+        if image.mode == "F":
+            return _array_to_pil(array.astype(np.float32), source).convert("RGB")
+        return Image.fromarray(_sixteen_bit_to_8(array)).convert("RGB")
+    return image.convert("RGB")
+
+
 def _array_to_pil(array: np.ndarray, source: object) -> Image.Image:
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise InputError(f"image array {_describe(source)} has dtype {array.dtype}; pass an array of numbers "
+                         "(uint8 0-255, uint16, or float in [0, 1])")
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         raise InputError(f"image array {_describe(source)} looks channels-first {array.shape}; "
                          "pass (H, W, 3) arrays or a normalised (3, H, W) tensor")
@@ -52,8 +115,18 @@ def _array_to_pil(array: np.ndarray, source: object) -> Image.Image:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise InputError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
-    if array.dtype != np.uint8:
-        if np.issubdtype(array.dtype, np.floating) and array.size and array.min() >= 0 and array.max() <= 1:
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = _sixteen_bit_to_8(array)
+    elif array.dtype != np.uint8:
+        array = array.astype(np.float64)
+        bad = ~np.isfinite(array)
+        if bad.any():
+            _warn(f"image array {_describe(source)} holds {int(bad.sum())} non-finite value(s) (NaN/inf); "
+                  "they are read as 0 (black)")
+            array = np.where(bad, 0.0, array)
+        if array.dtype.kind == "f" and array.size and array.min() >= 0 and array.max() <= 1:
             array = np.round(array * 255.0)
         array = np.clip(array, 0, 255).astype(np.uint8)
     return Image.fromarray(array)
@@ -65,30 +138,68 @@ def _check_image_size(height: int, width: int, source: object) -> None:
                          f"{PATCH_SIZE}x{PATCH_SIZE} patch; use a larger image")
 
 
-def load_image(image: ImageLike, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def _tensor_image(image: torch.Tensor) -> torch.Tensor:
+    """A (1, 3, H, W) float32 normalised image from a tensor (float: as given; integers: 0-255 pixels)."""
+    if image.ndim not in (3, 4) or (image.ndim == 4 and image.shape[0] != 1) or image.shape[-3] != 3:
+        raise InputError(f"image tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
+    tensor = image.detach().reshape(1, *image.shape[-3:])
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise InputError(f"image tensor has dtype {tensor.dtype}; pass a normalised float tensor "
+                         "(or uint8 0-255 pixels)")
+    if not tensor.is_floating_point():
+        # The published code cannot run on these (a float backbone on integer input): take them
+        # as 0-255 RGB pixels, the only reading an integer image has.
+        lo, hi = int(tensor.min()), int(tensor.max())
+        if lo < 0 or hi > 255:
+            raise InputError(f"integer image tensor has values in [{lo}, {hi}]; pass 0-255 pixels or a "
+                             "normalised float tensor")
+        _warn(f"image tensor of dtype {tensor.dtype} taken as 0-255 RGB pixels and ImageNet-normalised; "
+              "pass a float tensor (normalised with the ImageNet mean/std) to silence this")
+        tensor = TF.normalize(tensor.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+        return tensor
+    tensor = tensor.float()
+    warn_non_finite(tensor, "image tensor")
+    return tensor
+
+
+def warn_non_finite(images: torch.Tensor, what: str) -> None:
+    """An ``InputWarning`` when a float image tensor holds NaN or inf (the published code runs on silently)."""
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        _warn(f"{what} holds {bad} non-finite value(s) (NaN/inf): its features are not finite and the "
+              "mask is meaningless (empty, or an error from the native ops); replace them first, "
+              "e.g. with torch.nan_to_num")
+
+
+def load_image(image: ImageLike, size: int, *, exif_transpose: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
     """Load an image as a normalised (1, 3, size, size) float32 tensor and its original (H, W).
 
     Paths, PIL images and arrays are converted to RGB, resized with PIL bilinear and
-    normalised with the ImageNet statistics. A tensor (3, H, W) or (1, 3, H, W) is taken as
-    already normalised and resized with bilinear interpolation (align_corners=False).
+    normalised with the ImageNet statistics (16-bit images are scaled to 8 bits first; float
+    arrays in [0, 1] are scaled to 0-255; NaN pixels of arrays become 0, with a warning). A
+    float tensor (3, H, W) or (1, 3, H, W) is taken as already normalised and resized with
+    bilinear interpolation (align_corners=False); an integer tensor is taken as 0-255 pixels
+    and normalised (with an ``InputWarning``). ``exif_transpose`` applies the EXIF orientation
+    of files and PIL images (off by default, as in the published code).
     """
     if isinstance(image, torch.Tensor):
-        if image.ndim not in (3, 4) or (image.ndim == 4 and image.shape[0] != 1) or image.shape[-3] != 3:
-            raise InputError(f"image tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
-        tensor = image.reshape(1, *image.shape[-3:]).float()
+        tensor = _tensor_image(image)
         orig = (int(tensor.shape[-2]), int(tensor.shape[-1]))
         _check_image_size(*orig, image)
         tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
         return tensor, orig
     source = image
     if isinstance(image, (str, os.PathLike)):
-        image = open_image_file(image)
+        image = open_image_file(image, exif_transpose=exif_transpose)
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image, source)
-    elif not isinstance(image, Image.Image):
+    elif isinstance(image, Image.Image):
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image) or image
+    else:
         raise InputError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, "
                          "numpy array or tensor")
-    image = image.convert("RGB")
+    image = _to_rgb(image, source)
     orig = (image.height, image.width)
     _check_image_size(*orig, source)
     resized = TF.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR)
@@ -96,8 +207,11 @@ def load_image(image: ImageLike, size: int) -> tuple[torch.Tensor, tuple[int, in
     return tensor.unsqueeze(0), orig
 
 
-def mask_to_bool_array(mask: MaskLike) -> np.ndarray:
-    """A mask as a bool (H, W) numpy array: ``value > 0`` (any channel for colour masks)."""
+def mask_to_bool_array(mask: MaskLike, *, exif_transpose: bool = False) -> np.ndarray:
+    """A mask as a bool (H, W) numpy array: ``value > 0`` (any channel for colour masks).
+
+    A palette ("P") image is read by palette index, as the published code does.
+    """
     source = mask
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu()
@@ -105,14 +219,20 @@ def mask_to_bool_array(mask: MaskLike) -> np.ndarray:
             mask = mask[0]
         if mask.ndim != 2:
             raise InputError(f"mask tensor must be (H, W) or (1, H, W), got {tuple(mask.shape)}")
+        if mask.is_complex():
+            raise InputError(f"mask tensor has dtype {mask.dtype}; pass a bool or numeric tensor")
         return (mask > 0).numpy() if mask.dtype != torch.bool else mask.numpy()
     if isinstance(mask, (str, os.PathLike)):
-        mask = open_image_file(mask, what="mask")
+        mask = open_image_file(mask, what="mask", exif_transpose=exif_transpose)
+    elif isinstance(mask, Image.Image) and exif_transpose:
+        mask = ImageOps.exif_transpose(mask) or mask
     if isinstance(mask, Image.Image):
         mask = np.array(mask)
     if not isinstance(mask, np.ndarray):
         raise InputError(f"unsupported mask type {type(source).__name__}; pass a path, PIL image, "
                          "numpy array or tensor")
+    if mask.dtype.kind not in _NUMERIC_KINDS:
+        raise InputError(f"mask {_describe(source)} has dtype {mask.dtype}; pass a bool or numeric array")
     if mask.ndim == 3:
         mask = (mask > 0).any(axis=-1)
     if mask.ndim != 2:
@@ -120,16 +240,32 @@ def mask_to_bool_array(mask: MaskLike) -> np.ndarray:
     return mask > 0
 
 
-def load_mask(mask: MaskLike, size: int, expected_hw: tuple[int, int] | None = None) -> torch.Tensor:
+def _same_aspect(a_hw: tuple[int, int], b_hw: tuple[int, int], tolerance: float = 0.02) -> bool:
+    return abs(a_hw[0] * b_hw[1] - a_hw[1] * b_hw[0]) <= tolerance * a_hw[1] * b_hw[0]
+
+
+def load_mask(mask: MaskLike, size: int, expected_hw: tuple[int, int] | None = None, *,
+              mismatch: str = "raise", exif_transpose: bool = False) -> torch.Tensor:
     """Load a reference mask as a bool (1, size, size) tensor (``> 0``, nearest resize).
 
-    Raises InputError when the mask has no foreground pixel or when its size differs from
-    ``expected_hw`` (the original size of the image it belongs to).
+    Raises InputError when the mask has no foreground pixel. ``expected_hw`` is the original
+    size of the image the mask belongs to; when the mask's size differs, ``mismatch`` says
+    what happens: ``raise`` (the command line's default), ``warn`` (the published behaviour:
+    the mask is resized to size x size anyway; an ``InputWarning`` when the aspect ratios
+    differ, a sign of a wrong mask) or ``ignore``.
     """
-    array = mask_to_bool_array(mask)
+    if mismatch not in ("raise", "warn", "ignore"):
+        raise InputError(f"mismatch must be 'raise', 'warn' or 'ignore', got {mismatch!r}")
+    array = mask_to_bool_array(mask, exif_transpose=exif_transpose)
     if expected_hw is not None and tuple(array.shape) != tuple(expected_hw):
-        raise InputError(f"mask {_describe(mask)} is {array.shape[1]}x{array.shape[0]} px but its image "
-                         f"is {expected_hw[1]}x{expected_hw[0]} px; they must have the same size")
+        sizes = (f"mask {_describe(mask)} is {array.shape[1]}x{array.shape[0]} px but its image "
+                 f"is {expected_hw[1]}x{expected_hw[0]} px")
+        if mismatch == "raise":
+            raise InputError(f"{sizes}; they must have the same size (or pass --resize-mask to resize "
+                             "the mask to the image, as the published code does)")
+        if mismatch == "warn" and not _same_aspect(tuple(array.shape), tuple(expected_hw)):
+            _warn(f"{sizes}, with another aspect ratio; both are resized to {size}x{size} (the mask "
+                  "with nearest, as the published code does): check that the mask belongs to the image")
     if not array.any():
         raise InputError(f"reference mask {_describe(mask)} is empty (no pixel > 0); "
                          "mark the object to segment in the mask")
@@ -145,7 +281,77 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     return image * std + mean
 
 
-def check_image_size_multiple(size: int) -> None:
-    """Raise unless ``size`` is a positive multiple of the 16 px patch."""
+# ---- arguments ----
+def check_int(name: str, value: object, minimum: int | None = None) -> int:
+    """``value`` as an int (Python or numpy integers; not bool, float or str), else InputError."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise InputError(f"{name} must be >= {minimum}, got {out}")
+    return out
+
+
+def check_real(name: str, value: object, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a finite float in [low, high] (ints, floats, numpy scalars, 1-element tensors)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise InputError(f"{name} must be a finite number, got {out}")
+    if (low is not None and out < low) or (high is not None and out > high):
+        raise InputError(f"{name} must be in [{low}, {high}], got {out}")
+    return out
+
+
+def check_thresholds(tau: object, merge_threshold: object) -> tuple[float, float]:
+    """Validated (tau, merge_threshold): tau a similarity in [0, 1], merge_threshold finite.
+
+    tau < 0 would merge clusters whose features point away from each other (everything ends
+    in one cluster); the published default is 0.6.
+    """
+    return check_real("tau", tau, 0.0, 1.0), check_real("merge_threshold", merge_threshold)
+
+
+def default_svd_components(embed_dim: int | None) -> int:
+    """The rank of the positional subspace for an embedding of size C.
+
+    The published 500 wherever it is smaller than C (every DINOv3 size from ViT-B up);
+    otherwise C // 2, the fraction the published setting removes at ViT-L (500 of 1024),
+    so that ViT-S and ViT-S+ (C = 384) get 192.
+    """
+    if embed_dim is None or DEFAULT_SVD_COMPONENTS < embed_dim:
+        return DEFAULT_SVD_COMPONENTS
+    return embed_dim // 2
+
+
+def resolve_svd_components(requested: object, embed_dim: int | None) -> int:
+    """The rank to use: ``requested``, or the default rule when it is None.
+
+    A rank >= C (the published default of 500 with C = 384, say) would remove the whole
+    embedding and leave noise, which the published code does silently: here it falls back to
+    ``default_svd_components(C)`` with an ``InputWarning``.
+    """
+    if requested is None:
+        return default_svd_components(embed_dim)
+    r = check_int("svd_components", requested, minimum=0)
+    if embed_dim is not None and r >= embed_dim:
+        fallback = default_svd_components(embed_dim)
+        _warn(f"svd_components={r} is not smaller than the embedding size ({embed_dim}): removing that "
+              f"subspace would leave only noise; using svd_components={fallback} instead "
+              "(pass svd_components=None for this rule, or a value below the embedding size)")
+        return fallback
+    return r
+
+
+def check_image_size_multiple(size: object) -> int:
+    """``size`` as an int; InputError unless it is a positive multiple of the 16 px patch."""
+    size = check_int("image size", size)
     if size < PATCH_SIZE or size % PATCH_SIZE:
         raise InputError(f"image size must be a positive multiple of {PATCH_SIZE}, got {size}")
+    return size

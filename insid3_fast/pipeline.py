@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import ops, reference
 from .debias import complement_basis, orthogonal_projector, positional_basis
 from .errors import BackendError, InputError
-from .inputs import check_image_size_multiple
+from .inputs import check_image_size_multiple, check_thresholds, resolve_svd_components
 from .refine import REFINERS, refine_with_crf, upsample_mask
 
 log = logging.getLogger("insid3_fast")
@@ -75,9 +75,10 @@ class Segmenter:
     Args:
         encoder: a module with Meta's ``get_intermediate_layers(x, n, reshape, norm)``.
         image_size: side of the square the images are resized to (multiple of 16).
-        svd_components: rank of the positional subspace.
-        tau: clustering similarity threshold (cut at distance 1 - tau).
-        merge_threshold: score above which a cluster joins the mask (alpha).
+        svd_components: rank of the positional subspace; None: ``inputs.default_svd_components``
+            (500, or C // 2 when C <= 500); a rank >= C falls back to that rule with a warning.
+        tau: clustering similarity threshold in [0, 1] (cut at distance 1 - tau).
+        merge_threshold: finite score above which a cluster joins the mask (alpha).
         mask_refiner: ``bilinear`` or ``crf``.
         connectivity: None (the published clustering) or 4 / 8 (grid-constrained merging).
         backend: ``auto``, ``native`` or ``reference``.
@@ -90,26 +91,22 @@ class Segmenter:
             a mode name such as ``"reduce-overhead"`` (CUDA graphs for fixed shapes).
     """
 
-    def __init__(self, encoder: torch.nn.Module, image_size: int = 1024, svd_components: int = 500,
+    def __init__(self, encoder: torch.nn.Module, image_size: int = 1024, svd_components: int | None = 500,
                  tau: float = 0.6, merge_threshold: float = 0.2, mask_refiner: str = "bilinear",
                  connectivity: int | None = None, backend: str = "auto",
                  device: torch.device | str = "cpu", noise: str = "constant",
                  cache_key: str | None = None, cache_dir: str | None = None,
                  precision: str = "fp32", compile: bool | str = False) -> None:
-        check_image_size_multiple(image_size)
+        image_size = check_image_size_multiple(image_size)
+        tau, merge_threshold = check_thresholds(tau, merge_threshold)
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if mask_refiner not in REFINERS:
             raise InputError(f"mask_refiner must be one of {REFINERS}, got {mask_refiner!r}")
         if connectivity not in (None, 4, 8):
             raise InputError(f"connectivity must be None, 4 or 8, got {connectivity!r}")
-        if svd_components < 0:
-            raise InputError(f"svd_components must be >= 0, got {svd_components}")
         embed_dim = getattr(encoder, "embed_dim", None)
-        if isinstance(embed_dim, int) and svd_components >= embed_dim:
-            raise InputError(f"svd_components ({svd_components}) must be smaller than the embedding size "
-                             f"({embed_dim}): nothing would be left after removing the positional "
-                             f"subspace; use e.g. svd_components={embed_dim // 2}")
+        svd_components = resolve_svd_components(svd_components, embed_dim if isinstance(embed_dim, int) else None)
         self.device = torch.device(device)
         self.encoder = encoder.to(self.device).eval()
         self.image_size = image_size
@@ -126,9 +123,9 @@ class Segmenter:
             self._backbone = torch.compile(self._backbone_pass, dynamic=False, mode=mode)
         self.basis = positional_basis(self.encoder, image_size, svd_components, noise, self.device,
                                       cache_key=cache_key, cache_dir=cache_dir)
-        if self.basis.shape[1] >= self.basis.shape[0]:
-            raise InputError(f"svd_components ({svd_components}) must be smaller than the embedding size "
-                             f"({self.basis.shape[0]}); use e.g. svd_components={self.basis.shape[0] // 2}")
+        if self.basis.shape[1] >= self.basis.shape[0]:  # an encoder without ``embed_dim``
+            self.svd_components = resolve_svd_components(svd_components, self.basis.shape[0])
+            self.basis = self.basis[:, :self.svd_components].contiguous()
         self.projector = orthogonal_projector(self.basis)
         self.complement = complement_basis(self.basis)
 

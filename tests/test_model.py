@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from insid3_fast import INSID3, ops
-from insid3_fast.errors import BackendError, InputError
+from insid3_fast.errors import BackendError, InputError, InputWarning
 from insid3_fast.synthetic import SyntheticEncoder, make_episode
 
 needs_native = pytest.mark.skipif(not ops.native_available(), reason="native ops not built")
@@ -159,8 +159,8 @@ def test_bad_configuration():
         INSID3(enc, image_size=128, mask_refiner="nope", device="cpu")
     with pytest.raises(InputError, match="connectivity"):
         INSID3(enc, image_size=128, connectivity=6, device="cpu")
-    with pytest.raises(InputError, match="smaller than the embedding size"):
-        INSID3(enc, image_size=128, svd_components=16, device="cpu")
+    with pytest.warns(InputWarning, match="not smaller than the embedding size"):
+        assert INSID3(enc, image_size=128, svd_components=16, device="cpu").svd_components == 8
     if not ops.native_available():
         with pytest.raises(BackendError, match="reference"):
             INSID3(enc, image_size=128, backend="native", device="cpu")

@@ -75,3 +75,35 @@ def test_same_masks_as_published(published_cls, backend, size, dim, shots, seed,
     assert expected.shape == got.shape
     assert np.array_equal(expected, got), f"{(expected != got).sum()} pixels differ"
     assert expected.any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("pattern", ["tensor at model size, photo-size mask", "PIL, half-resolution mask",
+                                     "PIL, mask of another aspect ratio"])
+def test_masks_of_another_size_as_published(published_cls, backend, pattern):
+    """Issue 12: the published set_reference resizes any mask to the model size; ours gives the same masks."""
+    if backend == "native" and not __import__("insid3_fast").ops.native_available():
+        pytest.skip("native ops not built")
+    import warnings
+
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    size = 512
+    norm = lambda img: TF.normalize(TF.to_tensor(img), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    refs, masks, target, _ = make_episode(9, 2, size_hw=(240, 320))
+    if pattern.startswith("tensor"):
+        refs = [norm(r.resize((size, size), Image.BILINEAR))[None] for r in refs]
+        masks, target = [torch.from_numpy(m) for m in masks], norm(target.resize((size, size), Image.BILINEAR))
+    elif "half" in pattern:
+        masks = [Image.fromarray(m.astype(np.uint8) * 255).resize((160, 120), Image.NEAREST) for m in masks]
+    else:
+        masks = [np.array(Image.fromarray(m.astype(np.uint8)).resize((100, 100), Image.NEAREST)) for m in masks]
+    encoder = SyntheticEncoder(64, seed=9)
+    expected = _run(published_cls(encoder, image_size=size, svd_components=32, device="cpu"), refs, masks, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the aspect-ratio warning of the third pattern
+        got = _run(INSID3(encoder, image_size=size, svd_components=32, device="cpu", backend=backend),
+                   refs, masks, target)
+    assert np.array_equal(expected, got), f"{(expected != got).sum()} pixels differ"
+    assert expected.any()

@@ -1,0 +1,403 @@
+"""Issue 12: the published call patterns run unchanged, and ordinary inputs are never silently wrong.
+
+Each test reproduces one reported case: it failed (raised, or returned a wrong result with no
+warning) before the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from insid3_fast import INSID3, build_insid3
+from insid3_fast.backbone import _FAMILIES
+from insid3_fast.errors import InputError, InputWarning
+from insid3_fast.inputs import (IMAGENET_MEAN, IMAGENET_STD, default_svd_components, load_image, load_mask,
+                                resolve_svd_components)
+from insid3_fast.synthetic import SyntheticEncoder, make_episode
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def model():
+    return INSID3(SyntheticEncoder(32, seed=1), image_size=SIZE, svd_components=16, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def episode():
+    return make_episode(21, 1, size_hw=(240, 320))
+
+
+def published_mask(mask: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """What the published ``load_mask`` makes of any mask: ``> 0``, nearest to size x size, (1, size, size)."""
+    m = torch.as_tensor(np.asarray(mask)) > 0
+    return F.interpolate(m[None, None].float(), size=(size, size), mode="nearest")[0] > 0.5
+
+
+def normalised(image: Image.Image, size: int) -> torch.Tensor:
+    return load_image(image, size)[0]
+
+
+def no_input_warnings():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("error", InputWarning)
+    return ctx
+
+
+# ---- item 1: the mask is resized to the model size whatever its size ----
+def test_tensor_image_at_model_size_with_a_photo_size_mask(model, episode):
+    refs, masks, target, _ = episode
+    image = normalised(refs[0], SIZE)  # (1, 3, 256, 256), the user's own preprocessing
+    assert masks[0].shape == (240, 320)
+    expected = model.predict_mask(image, published_mask(masks[0], SIZE), normalised(target, SIZE))
+    for mask in (masks[0], torch.from_numpy(masks[0]), Image.fromarray(masks[0].astype(np.uint8) * 255)):
+        ctx = no_input_warnings()  # nothing to warn about: the tensor says nothing of the photo's size
+        try:
+            model.set_reference(image, mask)
+        finally:
+            ctx.__exit__(None, None, None)
+        model.set_target(normalised(target, SIZE))
+        got = model.segment()
+        assert torch.equal(got, expected)
+        assert got.any()
+
+
+def test_pil_image_with_a_half_resolution_mask(model, episode):
+    refs, masks, target, _ = episode
+    half = Image.fromarray(masks[0].astype(np.uint8) * 255).resize((160, 120), Image.NEAREST)
+    expected_mask = published_mask(np.array(half), SIZE)
+    model.set_target(target)  # the published predict_mask sizes its output from set_target
+    expected = model.predict_mask(normalised(refs[0], SIZE), expected_mask, normalised(target, SIZE))
+    model.reset_state()
+    ctx = no_input_warnings()  # same aspect ratio: a scaled annotation, no warning
+    try:
+        model.set_reference(refs[0], half)
+    finally:
+        ctx.__exit__(None, None, None)
+    model.set_target(target)
+    got = model.segment()
+    assert got.shape == (240, 320)
+    assert torch.equal(got, expected)
+    ref = model.encode_reference([refs[0]], [half])
+    assert torch.equal(ref.masks, expected_mask)
+    assert torch.equal(model.segment_targets(ref, [target])[0], expected)
+
+
+def test_mask_of_another_aspect_ratio_is_used_with_a_warning(model, episode):
+    refs, masks, target, _ = episode
+    odd = np.zeros((100, 100), bool)
+    odd[20:70, 30:90] = True
+    with pytest.warns(InputWarning, match="another aspect ratio"):
+        model.set_reference(refs[0], odd)
+    model.set_target(target)
+    got = model.segment()
+    model.set_target(target)
+    expected = model.predict_mask(normalised(refs[0], SIZE), published_mask(odd, SIZE), normalised(target, SIZE))
+    model.reset_state()
+    assert got.shape == (240, 320) and torch.equal(got, expected)
+
+
+def test_load_mask_modes():
+    mask = np.ones((20, 30), bool)
+    with pytest.raises(InputError, match="same size.*--resize-mask"):
+        load_mask(mask, 16, expected_hw=(40, 60))
+    assert torch.equal(load_mask(mask, 16, expected_hw=(40, 60), mismatch="warn"), published_mask(mask, 16))
+    with pytest.raises(InputError, match="mismatch"):
+        load_mask(mask, 16, mismatch="nope")
+
+
+# ---- item 2: the rank of the positional subspace for every offered size ----
+def test_default_rank_rule_for_every_model_size():
+    expected = {"small": 192, "small_plus": 192, "base": 500, "large": 500, "huge_plus": 500, "7b": 500}
+    assert set(expected) == set(_FAMILIES)
+    for name, family in _FAMILIES.items():
+        assert default_svd_components(family.embed_dim) == expected[name], name
+        r = default_svd_components(family.embed_dim)
+        assert 0 < r < family.embed_dim
+    assert resolve_svd_components(None, None) == 500
+    assert resolve_svd_components(499, 500) == 499
+
+
+def test_published_default_rank_on_a_384_wide_encoder_warns_and_works():
+    encoder = SyntheticEncoder(384)
+    with pytest.warns(InputWarning, match="svd_components=192"):
+        m = INSID3(encoder, image_size=256, device="cpu")  # the published default, 500
+    assert m.svd_components == 192 and m.positional_basis.shape == (384, 192)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = INSID3(encoder, image_size=256, svd_components=None, device="cpu")
+    assert torch.equal(quiet.positional_basis, m.positional_basis)
+    refs, masks, target, truth = make_episode(0, 1)
+    m.set_reference(refs[0], masks[0])
+    m.set_target(target)
+    pred = m.segment().numpy()
+    assert (pred & truth).sum() / (pred | truth).sum() > 0.5  # a real mask, not noise
+
+
+class NoWidthEncoder(SyntheticEncoder):
+    """An encoder without an ``embed_dim`` attribute: the rank is checked on the basis itself."""
+
+    def __getattribute__(self, name):
+        if name == "embed_dim":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_rank_fallback_without_embed_dim():
+    with pytest.warns(InputWarning, match="svd_components=8"):
+        m = INSID3(NoWidthEncoder(16), image_size=128, svd_components=40, device="cpu")
+    assert m.positional_basis.shape == (16, 8) and m.svd_components == 8
+
+
+# ---- item 4: silently wrong images ----
+def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, size=(40, 48), dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(deep).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    eight = np.round(deep / 257.0).astype(np.uint8)
+    expected = load_image(Image.fromarray(eight), 32)[0]
+    assert torch.equal(load_image(path, 32)[0], expected)
+    assert torch.equal(load_image(deep, 32)[0], expected)  # a uint16 array too
+    white = load_image(Image.fromarray(np.full((40, 48), 255, np.uint8)), 32)[0]
+    assert not torch.equal(expected, white)
+    # 8-bit values in a 16-bit file are kept, as the published conversion keeps them.
+    small = rng.integers(0, 256, size=(40, 48)).astype(np.uint16)
+    Image.fromarray(small).save(path)
+    assert torch.equal(load_image(path, 32)[0], load_image(Image.fromarray(small.astype(np.uint8)), 32)[0])
+
+
+def test_uint8_tensor_is_read_as_pixels_with_a_warning():
+    rng = np.random.default_rng(1)
+    pixels = torch.from_numpy(rng.integers(0, 256, size=(3, 40, 48), dtype=np.uint8))
+    with pytest.warns(InputWarning, match="0-255 RGB pixels"):
+        got, orig = load_image(pixels, 32)
+    float_norm = TF.normalize(pixels.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+    assert orig == (40, 48)
+    assert torch.equal(got, load_image(float_norm, 32)[0])
+    with pytest.raises(InputError, match="values in"):
+        load_image(torch.full((3, 32, 32), 300, dtype=torch.int32), 32)
+
+
+def test_float_array_with_nan_pixels_is_still_rescaled():
+    rng = np.random.default_rng(2)
+    arr = rng.random((40, 48, 3)).astype(np.float32)
+    arr[5, 7] = np.nan
+    with pytest.warns(InputWarning, match="non-finite"):
+        got = load_image(arr, 32)[0]
+    clean = np.where(np.isnan(arr), 0, arr)
+    assert torch.equal(got, load_image(np.round(clean * 255).astype(np.uint8), 32)[0])
+
+
+def test_nan_in_a_reference_tensor_warns(model, episode):
+    refs, masks, _, _ = episode
+    image = normalised(refs[0], SIZE).clone()
+    image[0, :, 10, 10] = float("nan")
+    with pytest.warns(InputWarning, match="non-finite"):
+        model.set_reference(image, masks[0])
+    model.reset_state()
+    with pytest.warns(InputWarning, match="non-finite"):
+        model.predict_mask(image, published_mask(masks[0], SIZE), normalised(refs[0], SIZE))
+
+
+@pytest.mark.parametrize("kw", [dict(tau=float("nan")), dict(tau=float("inf")), dict(tau=-1.0), dict(tau=1.5),
+                                dict(merge_threshold=float("nan")), dict(merge_threshold=-float("inf"))])
+def test_non_finite_or_out_of_range_thresholds_are_refused(kw):
+    with pytest.raises(InputError, match="tau|merge_threshold"):
+        INSID3(SyntheticEncoder(16), image_size=64, svd_components=4, device="cpu", **kw)
+
+
+def test_threshold_setters_are_validated(model):
+    with pytest.raises(InputError, match="tau"):
+        model.tau = float("nan")
+    with pytest.raises(InputError, match="merge_threshold"):
+        model.merge_threshold = float("inf")
+    assert model.tau == 0.6 and model.merge_threshold == 0.2
+    assert model.core.tau == 0.6
+
+
+def test_nan_keypoints_give_nan_predictions(model, episode):
+    refs, _, target, _ = episode
+    kps = torch.tensor([[100.0, 50.0], [float("nan"), 20.0], [30.0, 200.0], [5.0, float("inf")]])
+    model.set_reference(refs[0])
+    model.set_target(target)
+    with pytest.warns(InputWarning, match="2 of 4 keypoints"):
+        got = model.match(kps)
+    model.set_reference(refs[0])
+    model.set_target(target)
+    finite = model.match(kps[[0, 2]])
+    assert torch.isnan(got[[1, 3]]).all()
+    assert torch.equal(got[[0, 2]], finite)
+    model.set_reference(refs[0])
+    model.set_target(target)
+    with pytest.warns(InputWarning):
+        assert torch.isnan(model.match(torch.full((2, 2), float("nan")))).all()
+
+
+def test_reference_encoded_at_another_size_is_refused(model, episode):
+    refs, masks, target, _ = episode
+    other = INSID3(SyntheticEncoder(32, seed=1), image_size=128, svd_components=16, device="cpu")
+    ref = other.encode_reference(refs, masks)
+    with pytest.raises(InputError, match="encoded at image size 128.*segments at 256"):
+        model.segment_targets(ref, [target])
+    with pytest.raises(InputError, match="encoded at image size"):
+        model.stream(ref, [target])  # at the call, not at the first next()
+    wider = INSID3(SyntheticEncoder(48, seed=1), image_size=SIZE, svd_components=16, device="cpu")
+    with pytest.raises(InputError, match="embedding size"):
+        model.segment_targets(wider.encode_reference(refs, masks), [target])
+    with pytest.raises(InputError, match="encode_reference"):
+        model.segment_targets("not a reference", [target])
+
+
+def test_palette_masks_are_read_by_index():
+    # Kept as published: index > 0 is foreground, whatever the palette colour (index 0 here is white).
+    index = np.zeros((32, 32), np.uint8)
+    index[8:20, 4:12] = 1
+    index[0:4, 0:4] = 2
+    pal = Image.fromarray(index, mode="P")
+    pal.putpalette([255, 255, 255, 0, 0, 0, 10, 10, 10] + [0] * (256 * 3 - 9))
+    assert torch.equal(load_mask(pal, 32), published_mask(index, 32))
+
+
+def test_exif_orientation_is_opt_in(tmp_path, episode):
+    refs, _, _, _ = episode
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    refs[0].save(path, exif=exif, quality=95)
+    stored = Image.open(path)
+    assert load_image(path, 32)[1] == (240, 320)  # ignored by default, as published
+    tensor, orig = load_image(path, 32, exif_transpose=True)
+    assert orig == (320, 240)
+    upright = stored.transpose(Image.Transpose.ROTATE_270)
+    assert torch.equal(tensor, load_image(upright, 32)[0])
+    m = INSID3(SyntheticEncoder(32, seed=1), image_size=SIZE, svd_components=16, device="cpu", exif_transpose=True)
+    m.set_target(path)
+    assert m._orig_tgt_size == (320, 240)
+
+
+# ---- item 5: wrong argument types get a message ----
+@pytest.mark.parametrize("kw,match", [
+    (dict(tau="0.6"), "tau must be a number"),
+    (dict(merge_threshold=None), "merge_threshold must be a number"),
+    (dict(image_size=512.0), "image size must be an integer"),
+    (dict(image_size="512"), "image size must be an integer"),
+    (dict(svd_components=8.5), "svd_components must be an integer"),
+    (dict(svd_components=-1), "svd_components must be >= 0"),
+])
+def test_wrong_argument_types(kw, match):
+    args = dict(image_size=64, svd_components=4, device="cpu")
+    args.update(kw)
+    with pytest.raises(InputError, match=match):
+        INSID3(SyntheticEncoder(16), **args)
+
+
+def test_numpy_scalars_are_accepted():
+    m = INSID3(SyntheticEncoder(16), image_size=np.int64(64), svd_components=np.int32(4), tau=np.float32(0.5),
+               device="cpu")
+    assert m.image_size == 64 and isinstance(m.image_size, int) and m.tau == 0.5
+
+
+def test_build_insid3_checks_arguments_before_the_weights(tmp_path):
+    with pytest.raises(InputError, match="tau must be a number"):
+        build_insid3("small", weights=tmp_path / "missing.pth", tau="0.6")
+    with pytest.raises(InputError, match="image size"):
+        build_insid3("small", weights=tmp_path / "missing.pth", image_size=512.0)
+
+
+def test_object_arrays_are_refused(model):
+    obj = np.empty((32, 32, 3), dtype=object)
+    obj[:] = 1
+    with pytest.raises(InputError, match="dtype object"):
+        load_image(obj, 32)
+    with pytest.raises(InputError, match="dtype object"):
+        load_mask(obj[..., 0], 32)
+    with pytest.raises(InputError, match="dtype"):
+        load_image(np.zeros((32, 32, 3), np.complex64), 32)
+
+
+def test_predict_mask_shapes_are_checked(model, episode):
+    refs, masks, target, _ = episode
+    images = torch.cat([normalised(refs[0], SIZE)] * 2)
+    one_mask = published_mask(masks[0], SIZE)
+    tgt = normalised(target, SIZE)
+    with pytest.raises(InputError, match="one mask per reference image"):
+        model.predict_mask(images, one_mask, tgt)
+    with pytest.raises(InputError, match="tensor"):
+        model.predict_mask(refs[0], one_mask, tgt)
+    with pytest.raises(InputError, match="one image"):
+        model.predict_mask(images[:1], one_mask, images)
+    with pytest.raises(InputError, match="one batch"):
+        model.predict_mask(images[:1], one_mask, normalised(target, 128))
+    with pytest.raises(InputError, match="keypoints"):
+        model.predict_keypoint(images[:1], [["a", "b"]], tgt)
+
+
+def test_single_image_encode_reference_and_bad_targets(model, episode):
+    refs, masks, target, _ = episode
+    ref = model.encode_reference(refs[0], masks[0])
+    assert torch.equal(ref.masks, model.encode_reference([refs[0]], [masks[0]]).masks)
+    with pytest.raises(InputError, match="wrap it in a list"):
+        model.segment_targets(ref, target)
+    with pytest.raises(InputError, match="batch_size"):
+        model.segment_targets(ref, [target], batch_size=0)
+    assert not math.isnan(float(model.segment_targets(ref, [target])[0].float().mean()))
+
+
+# ---- the command line: strict masks unless --resize-mask; every model size out of the box ----
+from pathlib import Path  # noqa: E402
+
+from checkpoints import write_meta_checkpoint  # noqa: E402
+from insid3_fast.cli import main  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REF, MASK, TARGET = EXAMPLES / "ref_cat_image.jpg", EXAMPLES / "ref_cat_mask.png", EXAMPLES / "target_cat_image.jpg"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSID3_CACHE", str(tmp_path / "cache"))
+
+
+def _segment_args(weights, out, *extra, size=128):
+    return ["segment", "--ref-image", str(REF), "--ref-mask", str(extra[0] if extra else MASK),
+            "--target", str(TARGET), "--output", str(out), "--weights", str(weights),
+            "--image-size", str(size), "--device", "cpu", *map(str, extra[1:])]
+
+
+def test_cli_mask_of_another_size_needs_resize_mask(tmp_path, capsys):
+    weights = write_meta_checkpoint(tmp_path / "dinov3_vits16_test.pth")
+    half = tmp_path / "half.png"
+    mask = Image.open(MASK)
+    mask.resize((mask.width // 2, mask.height // 2), Image.NEAREST).save(half)
+    code = main(_segment_args(weights, tmp_path / "a.png", half, "--svd-components", 16))
+    _, err = capsys.readouterr()
+    assert code == 2 and "same size" in err and "--resize-mask" in err
+    assert main(_segment_args(weights, tmp_path / "a.png", half, "--svd-components", 16, "--resize-mask")) == 0
+    assert Image.open(tmp_path / "a.png").size == Image.open(TARGET).size
+    code = main(["segment-many", "--ref-image", str(REF), "--ref-mask", str(half), "--target", str(TARGET),
+                 "--output-dir", str(tmp_path / "many"), "--weights", str(weights), "--image-size", "128",
+                 "--device", "cpu", "--svd-components", "16"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--resize-mask" in err
+
+
+@pytest.mark.parametrize("size,rank", [("small", 192), ("small_plus", 192), ("base", 500)])
+def test_cli_default_rank_for_each_model_size(size, rank, tmp_path, capsys):
+    weights = write_meta_checkpoint(tmp_path / f"{size}.pth", size, depth=1)
+    # 1024 patches at 512 px: enough for a rank-500 basis.
+    code = main(_segment_args(weights, tmp_path / "m.png", MASK, "--model-size", size, size=512))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert err.count(f"rank-{rank} positional subspace") == 1
+    assert "warning" not in err

@@ -1,0 +1,147 @@
+"""Issue 12: one model shared by several Python threads.
+
+The stateless calls give the single-threaded masks; the stateful set_reference/segment
+sequence of one thread is never mixed with another's: the second thread gets a StateError.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from insid3_fast import INSID3, ops
+from insid3_fast.errors import StateError
+from insid3_fast.synthetic import SyntheticEncoder, make_episode
+
+BACKENDS = ["reference", pytest.param("native", marks=pytest.mark.skipif(not ops.native_available(),
+                                                                          reason="native ops not built"))]
+
+
+def run_threads(fns):
+    """Run each fn in its own thread, started together; re-raise the first failure."""
+    barrier = threading.Barrier(len(fns))
+    results, errors = [None] * len(fns), []
+
+    def body(i, fn):
+        try:
+            barrier.wait()
+            results[i] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stateless_calls_from_threads_give_the_single_threaded_masks(backend):
+    model = INSID3(SyntheticEncoder(32, seed=4), image_size=256, svd_components=16, device="cpu", backend=backend)
+    # Each thread: its own reference (episodes of different concepts) and its own targets.
+    jobs = []
+    for j in range(4):
+        refs, masks, target, _ = make_episode(200 + j, 1 + j % 2)
+        extra = [make_episode(300 + 10 * j + k, 1)[2] for k in range(2)]
+        jobs.append((refs, masks, [target] + extra))
+
+    def work(refs, masks, targets):
+        ref = model.encode_reference(refs, masks)
+        return [m.clone() for m in model.segment_targets(ref, targets, batch_size=2)]
+
+    expected = [work(*job) for job in jobs]
+    for _ in range(2):
+        got = run_threads([lambda job=job: work(*job) for job in jobs])
+        for exp, out in zip(expected, got):
+            assert all(torch.equal(a, b) for a, b in zip(exp, out))
+    assert any(m.any() for masks in expected for m in masks)
+
+
+def test_a_second_thread_cannot_join_a_pending_sequence():
+    model = INSID3(SyntheticEncoder(32, seed=4), image_size=128, svd_components=16, device="cpu")
+    refs_a, masks_a, target_a, _ = make_episode(1, 1)
+    refs_b, masks_b, target_b, _ = make_episode(2, 1)
+    model.set_reference(refs_a[0], masks_a[0])
+    model.set_target(target_a)
+
+    def other_thread():
+        model.set_reference(refs_b[0], masks_b[0])
+
+    with pytest.raises(StateError, match="another thread|thread .* is pending"):
+        run_threads([other_thread])
+    with pytest.raises(StateError):
+        run_threads([lambda: model.set_target(target_b)])
+    with pytest.raises(StateError):
+        run_threads([model.segment])
+    # The owner's sequence is intact: the same mask as on a model nobody else touched.
+    alone = INSID3(SyntheticEncoder(32, seed=4), image_size=128, svd_components=16, device="cpu")
+    alone.set_reference(refs_a[0], masks_a[0])
+    alone.set_target(target_a)
+    assert torch.equal(model.segment(), alone.segment())
+    # Once segment() has cleared the state, any thread may start a sequence.
+    def full_sequence():
+        model.set_reference(refs_b[0], masks_b[0])
+        model.set_target(target_b)
+        return model.segment()
+    assert run_threads([full_sequence])[0].shape == (target_b.height, target_b.width)
+
+
+class GatedEncoder(SyntheticEncoder):
+    """Blocks inside the backbone pass while ``hold`` is set, so a segment() is in flight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold = threading.Event()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def get_intermediate_layers(self, *args, **kwargs):
+        if self.hold.is_set():
+            self.entered.set()
+            assert self.release.wait(60)
+        return super().get_intermediate_layers(*args, **kwargs)
+
+
+def test_a_call_during_another_threads_segment_is_refused():
+    encoder = GatedEncoder(32, seed=4)
+    model = INSID3(encoder, image_size=128, svd_components=16, device="cpu")
+    refs_a, masks_a, target_a, _ = make_episode(1, 1, size_hw=(200, 260))
+    refs_b, masks_b, target_b, _ = make_episode(2, 1, size_hw=(120, 90))
+    out = {}
+
+    def sequence():
+        model.set_reference(refs_a[0], masks_a[0])
+        model.set_target(target_a)
+        encoder.hold.set()
+        out["mask"] = model.segment()
+
+    worker = threading.Thread(target=sequence)
+    worker.start()
+    try:
+        assert encoder.entered.wait(60)
+        with pytest.raises(StateError, match="set_target"):
+            model.set_target(target_b)  # before the fix: taken silently, the mask got its size
+        with pytest.raises(StateError):
+            model.set_reference(refs_b[0], masks_b[0])
+    finally:
+        encoder.hold.clear()
+        encoder.release.set()
+        worker.join(60)
+    assert out["mask"].shape == (200, 260)
+    model.set_reference(refs_b[0], masks_b[0])  # free again
+    model.reset_state()
+
+
+def test_reset_state_from_another_thread_discards_the_sequence():
+    model = INSID3(SyntheticEncoder(16), image_size=64, svd_components=4, device="cpu")
+    refs, masks, target, _ = make_episode(1, 1)
+    model.set_reference(refs[0], masks[0])
+    run_threads([model.reset_state])
+    run_threads([lambda: model.set_target(target)])  # no longer pending: allowed
+    model.reset_state()
