@@ -78,6 +78,7 @@ def test_emu_toy_data_race_is_caught_by_tsan():
     res = _sanitized_toy("tsan", "racy")
     assert "WARNING: ThreadSanitizer: data race" in res.stderr, res.stderr[-3000:]
     assert "toy_racy" in res.stderr
+    assert "kernel toy_racy block (0,0,0) thread (" in res.stderr  # the racing CUDA threads, named
     assert res.returncode == 66
 
 
@@ -93,4 +94,6 @@ def test_emu_toy_out_of_bounds_is_caught_by_asan():
     res = _sanitized_toy("asan", "out_of_bounds")
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in res.stderr, res.stderr[-3000:]
     assert "toy_out_of_bounds" in res.stderr
+    assert "the faulting CUDA thread: kernel 'toy_out_of_bounds'" in res.stderr
+    assert "block (0,0,0), thread (63,0,0)" in res.stderr
     assert res.returncode != 0

@@ -44,6 +44,10 @@ struct Slot {
   uint64_t payload = 0, result = 0;
   ShflKind kind = ShflKind::Idx;
   int arg = 0, width = 32;
+  // ThreadSanitizer orderings (threads mode): episode counters, and the parity of each lane's
+  // arrival at the shuffle this lane was released from.
+  uint32_t barriers = 0, shuffles = 0;
+  uint8_t parity = 0, peer_parity[32] = {};
 #if !defined(CUDA_EMU_OS_THREADS)
   void* sp = nullptr;  // saved stack pointer of its fiber
   char* stack = nullptr;
@@ -136,7 +140,12 @@ struct Block {
       o.result = slots[base + src].payload;
     }
     for (int k = 0; k < 32; ++k) {
-      if (m >> k & 1u) { slots[base + k].state = State::Runnable; ++released; }
+      if (!(m >> k & 1u)) continue;
+#if defined(CUDA_EMU_OS_THREADS)
+      for (int j = 0; j < lanes; ++j) slots[base + k].peer_parity[j] = slots[base + j].parity;
+#endif
+      slots[base + k].state = State::Runnable;
+      ++released;
     }
     return true;
   }
@@ -339,9 +348,10 @@ void start_fiber(Worker& w, Slot& s) {
 
 // A thread reaches a synchronisation point: record it and let the scheduler go on.
 template <class Fill>
-void arrive(Slot* s, Fill&& fill) {
+uint64_t arrive(Slot* s, Fill&& fill) {
   fill(s);
   cuda_emu_switch_stack(&s->sp, tls_worker.scheduler_sp);
+  return s->result;
 }
 
 // Runs one block on this worker; returns the bug found ("" if none).
@@ -399,6 +409,57 @@ void run_grid(const Launch& L, const std::function<void()>& body) {
 
 struct Abort {};  // unwinds a blocked thread after a bug
 
+// Under ThreadSanitizer the runtime's own locking must not order the CUDA threads, or every
+// thread of a block would seem ordered after the one before it and no race would show. So the
+// runtime's bookkeeping runs with TSan ignoring its accesses and its synchronisation (Quiet),
+// and the orderings CUDA guarantees are declared explicitly: launch -> every thread of a block
+// (start), a barrier episode -> every thread of the block, a shuffle -> its lanes, every thread ->
+// the end of the block. Tokens alternate by episode parity: a thread may be one episode ahead.
+#if defined(__SANITIZE_THREAD__)
+extern "C" {
+void AnnotateHappensBefore(const char* f, int l, const volatile void* addr);
+void AnnotateHappensAfter(const char* f, int l, const volatile void* addr);
+void AnnotateIgnoreSyncBegin(const char* f, int l);
+void AnnotateIgnoreSyncEnd(const char* f, int l);
+void AnnotateIgnoreReadsBegin(const char* f, int l);
+void AnnotateIgnoreReadsEnd(const char* f, int l);
+void AnnotateIgnoreWritesBegin(const char* f, int l);
+void AnnotateIgnoreWritesEnd(const char* f, int l);
+void AnnotateThreadName(const char* f, int l, const char* name);
+}
+struct Quiet {
+  Quiet() {
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~Quiet() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+  }
+};
+inline void release(const void* token) { AnnotateHappensBefore(__FILE__, __LINE__, token); }
+inline void acquire(const void* token) { AnnotateHappensAfter(__FILE__, __LINE__, token); }
+// Reports then name the CUDA thread: "kernel K block (x,y,z) thread (x,y,z)".
+inline void name_thread(const Slot& s) {
+  const std::string name = std::string("kernel ") + s.t.launch->kernel + " block " + dims(s.t.block_idx) +
+                           " thread " + dims(s.t.thread_idx);
+  AnnotateThreadName(__FILE__, __LINE__, name.c_str());
+}
+#else
+inline void name_thread(const Slot&) {}
+struct Quiet {};
+inline void release(const void*) {}
+inline void acquire(const void*) {}
+#endif
+
+// Ordering tokens (their addresses only).
+struct Tokens {
+  char start, end, barrier[2];
+  char lane[1024][2];
+};
+
 struct Pool {
   std::mutex mu;
   std::condition_variable cv;
@@ -410,6 +471,7 @@ struct Pool {
   int running = 0, exited = 0;
   bool failed = false;
   std::exception_ptr thrown;
+  Tokens tokens;
 
   void resolve_locked() {
     const int r = blk.resolve();
@@ -418,38 +480,79 @@ struct Pool {
     cv.notify_all();
   }
 
-  // A CUDA thread reaches a synchronisation point; `fill` records it, under the lock that
-  // resolve() reads it with.
+  // A CUDA thread reaches a synchronisation point: `fill` records it (under the lock that
+  // resolve() reads it with); returns the shuffle's result once released.
   template <class Fill>
-  void arrive(Slot* s, Fill&& fill) {
-    std::unique_lock<std::mutex> lk(mu);
-    fill(s);
-    --running;
-    if (running == 0) resolve_locked();
-    cv.wait(lk, [&] { return s->state == State::Runnable || failed; });
-    if (failed && s->state != State::Runnable) throw Abort{};
+  uint64_t arrive(Slot* s, Fill&& fill) {
+    const void* mine;
+    {
+      Quiet q;
+      std::lock_guard<std::mutex> lk(mu);
+      fill(s);
+      mine = s->state == State::Barrier ? &tokens.barrier[s->barriers++ & 1]
+                                        : &tokens.lane[s->t.linear][s->parity = (s->shuffles++ & 1)];
+    }
+    release(mine);  // what this thread did so far happens before what the released threads do next
+    uint64_t result;
+    unsigned group = 0;
+    int base = 0;
+    uint8_t parity[32];
+    bool abort;
+    {
+      Quiet q;
+      std::unique_lock<std::mutex> lk(mu);
+      --running;
+      if (running == 0) resolve_locked();
+      cv.wait(lk, [&] { return s->state == State::Runnable || failed; });
+      abort = failed && s->state != State::Runnable;
+      result = s->result;
+      if (!abort && mine != &tokens.barrier[0] && mine != &tokens.barrier[1]) {
+        group = s->mask;
+        base = s->t.linear & ~31;
+        for (int k = 0; k < 32; ++k) parity[k] = (group >> k & 1u) ? s->peer_parity[k] : 0;
+      }
+    }
+    if (abort) throw Abort{};
+    if (mine == &tokens.barrier[0] || mine == &tokens.barrier[1]) {
+      acquire(mine);
+    } else {
+      for (int k = 0; k < 32; ++k)
+        if (group >> k & 1u) acquire(&tokens.lane[base + k][parity[k]]);
+    }
+    return result;
   }
 
   void worker(int i) {
     uint64_t seen = 0;
     for (;;) {
+      Slot* s;
+      const std::function<void()>* b;
       {
+        Quiet q;
         std::unique_lock<std::mutex> lk(mu);
         cv.wait(lk, [&] { return generation != seen && i < blk.n; });
         seen = generation;
+        s = &slots[i];
+        b = body;
       }
-      Slot* s = &slots[i];
+      acquire(&tokens.start);
+      name_thread(*s);
       tls_current = &s->t;
+      std::exception_ptr ex;
       try {
-        (*body)();
+        (*b)();
       } catch (const Abort&) {
       } catch (...) {
-        std::lock_guard<std::mutex> g(mu);
-        if (!thrown) thrown = std::current_exception();
-        failed = true;
+        ex = std::current_exception();
       }
       tls_current = nullptr;
-      std::unique_lock<std::mutex> lk(mu);
+      release(&tokens.end);
+      Quiet q;
+      std::lock_guard<std::mutex> lk(mu);
+      if (ex) {
+        if (!thrown) thrown = ex;
+        failed = true;
+      }
       s->state = State::Exited;
       --running;
       ++exited;
@@ -459,27 +562,51 @@ struct Pool {
   }
 
   std::string run_block(const Launch& L, dim3 bidx, const std::function<void()>& b) {
-    std::unique_lock<std::mutex> lk(mu);
-    init_slots(slots, L, bidx);
-    const int n = static_cast<int>(slots.size());
-    while (static_cast<int>(threads.size()) < n) {
+    const int n = static_cast<int>(L.block.x * L.block.y * L.block.z);
+    while (static_cast<int>(threads.size()) < n) {  // outside Quiet: thread creation orders nothing here
       const int i = static_cast<int>(threads.size());
       threads.emplace_back([this, i] { worker(i); });
       threads.back().detach();
     }
-    blk = Block{slots.data(), n, {}};
-    body = &b;
-    running = n;
-    exited = 0;
-    failed = false;
-    thrown = nullptr;
-    ++generation;
-    cv.notify_all();
-    cv.wait(lk, [&] { return exited == n; });
-    if (thrown) return "cuda_emu: kernel '" + std::string(L.kernel) + "' threw: " + exception_text(thrown);
-    return blk.error;
+    {
+      Quiet q;
+      std::lock_guard<std::mutex> lk(mu);
+      init_slots(slots, L, bidx);
+      blk = Block{slots.data(), n, {}};
+      body = &b;
+      running = n;
+      exited = 0;
+      failed = false;
+      thrown = nullptr;
+    }
+    release(&tokens.start);  // the launch (its arguments, earlier grids) happens before the block
+    std::string err;
+    {
+      Quiet q;
+      std::unique_lock<std::mutex> lk(mu);
+      ++generation;
+      cv.notify_all();
+      cv.wait(lk, [&] { return exited == n; });
+      if (thrown) err = "cuda_emu: kernel '" + std::string(L.kernel) + "' threw: " + exception_text(thrown);
+      else err = blk.error;
+    }
+    acquire(&tokens.end);  // every thread of the block happens before what follows it
+    return err;
   }
 };
+
+#if defined(__SANITIZE_ADDRESS__)
+// An AddressSanitizer report ends with the CUDA thread that faulted (the report itself names
+// the OS thread and the kernel's source line).
+extern "C" void __sanitizer_set_death_callback(void (*callback)(void));
+void name_faulting_thread() {
+  if (tls_current)
+    std::fprintf(stderr, "cuda_emu: the faulting CUDA thread: kernel '%s' (launched at %s), block %s, thread %s\n",
+                 tls_current->launch->kernel, tls_current->launch->site, dims(tls_current->block_idx).c_str(),
+                 dims(tls_current->thread_idx).c_str());
+}
+const bool death_callback_set = (__sanitizer_set_death_callback(&name_faulting_thread), true);
+#endif
 
 Pool& pool() {
   static Pool* p = new Pool();  // never destroyed: its threads wait for work until the process ends
@@ -487,7 +614,7 @@ Pool& pool() {
 }
 
 template <class Fill>
-void arrive(Slot* s, Fill&& fill) { pool().arrive(s, fill); }
+uint64_t arrive(Slot* s, Fill&& fill) { return pool().arrive(s, fill); }
 
 void run_grid(const Launch& L, const std::function<void()>& body) {
   static std::mutex one_launch;  // one grid at a time: __shared__ variables are single instances
@@ -519,8 +646,7 @@ void syncthreads(const char* file, int line) {
 }
 
 uint64_t shfl(unsigned mask, uint64_t payload, ShflKind kind, int arg, int width, const char* file, int line) {
-  Slot* me = current_slot();
-  arrive(me, [&](Slot* s) {
+  return arrive(current_slot(), [&](Slot* s) {
     s->state = State::Shfl;
     s->file = file;
     s->line = line;
@@ -530,7 +656,6 @@ uint64_t shfl(unsigned mask, uint64_t payload, ShflKind kind, int arg, int width
     s->arg = arg;
     s->width = width;
   });
-  return me->result;
 }
 
 void run(const Launch& launch, const std::function<void()>& body) {

@@ -29,10 +29,6 @@ FILES = ["tests/test_ops_cuda.py", "tests/test_emu_toys.py", "tests/test_opcheck
 def run(mode: str) -> int:
     env = sanitizers.env(mode)
     env["CUDA_EMU_TUNABLES"] = "average_linkage.first_chunk_rounds=2,grid_average_linkage.first_chunk_rounds=2"
-    # Build first without the runtime preloaded (the compilers crash under it), then test.
-    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {TESTS!r}); "
-                    f"from cuda_emu import build; build.load({mode!r})"],
-                   check=True, cwd=os.path.dirname(TESTS))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECT, *FILES]
     print(f"== {mode}: {' '.join(cmd)}", flush=True)
     res = subprocess.run(cmd, env=env, cwd=os.path.dirname(TESTS))

@@ -23,10 +23,18 @@ def runtime_path(mode: str) -> str:
     return os.path.realpath(path)
 
 
+def _libstdcxx() -> str:
+    path = subprocess.run(["g++", "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    return os.path.realpath(path)
+
+
 def env(mode: str, base: dict | None = None) -> dict:
     """Environment that runs Python under the sanitizer of ``mode`` with the emulation of that mode."""
     e = dict(os.environ if base is None else base)
-    e["LD_PRELOAD"] = runtime_path(mode)
+    # libstdc++ too: the runtimes resolve their C++ interceptors (__cxa_throw) when they start,
+    # and Python itself does not link libstdc++ (ASan otherwise fails a CHECK on the first throw).
+    e["LD_PRELOAD"] = f"{runtime_path(mode)} {_libstdcxx()}"
     e["INSID3_EMU_MODE"] = mode
     e["OMP_NUM_THREADS"] = "1"  # libgomp is not instrumented: keep the host code on one thread
     if mode == "tsan":
