@@ -63,7 +63,15 @@ struct Launch {
   size_t dynamic_smem;
 };
 
-Thread* current();  // aborts with a clear message outside a kernel
+// The CUDA thread running on this OS thread, read inline by threadIdx & co. (initial-exec TLS:
+// one pointer, no __tls_get_addr call per access).
+extern thread_local Thread* tls_current __attribute__((tls_model("initial-exec")));
+[[noreturn]] void outside_kernel();  // aborts with a clear message
+inline Thread* current() {
+  Thread* t = tls_current;
+  if (__builtin_expect(t == nullptr, 0)) outside_kernel();
+  return t;
+}
 
 // Block barrier; file/line identify the barrier (two different ones reached together is an error).
 void syncthreads(const char* file, int line);

@@ -26,9 +26,11 @@
 #endif
 
 namespace cuda_emu {
+
+thread_local Thread* tls_current __attribute__((tls_model("initial-exec"))) = nullptr;
+
 namespace {
 
-thread_local Thread* tls_current = nullptr;
 std::atomic<uint64_t> g_launches{0};
 std::atomic<bool> g_capturing{false};
 
@@ -629,12 +631,9 @@ void run_grid(const Launch& L, const std::function<void()>& body) {
 
 }  // namespace
 
-Thread* current() {
-  if (!tls_current) {
-    std::fprintf(stderr, "cuda_emu: threadIdx/blockIdx/__syncthreads used outside a kernel\n");
-    std::abort();
-  }
-  return tls_current;
+void outside_kernel() {
+  std::fprintf(stderr, "cuda_emu: threadIdx/blockIdx/__syncthreads used outside a kernel\n");
+  std::abort();
 }
 
 void syncthreads(const char* file, int line) {
