@@ -62,7 +62,6 @@ class Gen:
         self.np, self.torch, self.rng, self.api = np, torch, rng, api
         self.raw = api == "raw"
         self.defects: list[str] = []
-        self.oom_ok = False
 
     def coin(self, p: float) -> bool:
         return self.rng.random() < p
@@ -289,9 +288,9 @@ def gen_average_linkage(gen: Gen):
     if gen.coin(0.03):  # a wrong ndim
         gen.defects.append("features:ndim")
         return Case((gen.torch.zeros(int(gen.rng.integers(0, 4))), 0.5), "error", "ndim")
-    if gen.coin(0.02):  # huge N with C = 0: N (N - 1) / 2 must be refused or fail cleanly
-        n = int(gen.rng.choice([2**31, 2**32 + 1, 2**40, 2**62]))
-        gen.oom_ok = True
+    if gen.coin(0.02):  # huge N with C = 0: N (N - 1) / 2 overflows int64, or the 68+ GB
+        # distance buffer cannot be allocated (an OutOfMemoryError, under the worker's cap)
+        n = int(gen.rng.choice([2**17, 2**18, 2**31, 2**32 + 1, 2**40, 2**62]))
         return Case((gen.torch.empty(n, 0), 0.5), "error", "huge-N", oom_ok=True)
     f = gen_features(gen)
     t = gen.threshold()
@@ -321,6 +320,10 @@ def gen_precomputed(gen: Gen):
 
 
 def gen_cluster_and_vote(gen: Gen):
+    if gen.coin(0.01):  # a distance buffer too large to allocate
+        one = gen.torch.ones(1, 1)
+        return Case((gen.torch.empty(2**17, 0), 0.5, one, one[None], gen.torch.ones(1, 1, dtype=gen.torch.bool),
+                     gen.torch.ones(1, dtype=gen.torch.bool)), "error", "huge-N", oom_ok=True)
     f = gen_features(gen)
     t = gen.threshold()
     vote = gen_nn_vote(gen)

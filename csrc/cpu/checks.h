@@ -89,12 +89,25 @@ inline void check_threshold(double threshold, const char* op) {
   TORCH_CHECK(!std::isnan(threshold), op, ": threshold must not be NaN");
 }
 
+// Is this c10::Error torch's CPU allocator failing (it is not an OutOfMemoryError)?
+inline bool is_cpu_alloc_failure(const c10::Error& e) {
+  const char* m = e.what_without_backtrace();
+  return std::strstr(m, "DefaultCPUAllocator") != nullptr &&
+         (std::strstr(m, "can't allocate memory") != nullptr || std::strstr(m, "not enough memory") != nullptr);
+}
+
 // Runs a kernel body, turning an allocation failure (std::bad_alloc, std::length_error from a
-// too large container) into torch's OutOfMemoryError with the op's name.
+// too large container, torch's CPU allocator) into torch's OutOfMemoryError with the op's name.
 template <typename F>
 auto guard_alloc(const char* op, F&& body) -> decltype(body()) {
   try {
     return body();
+  } catch (const c10::OutOfMemoryError&) {
+    throw;
+  } catch (const c10::Error& e) {
+    if (!is_cpu_alloc_failure(e)) throw;
+    TORCH_CHECK_WITH(OutOfMemoryError, false, op, ": out of memory (", e.what_without_backtrace(),
+                     "); try a smaller input or free memory");
   } catch (const std::bad_alloc& e) {
     TORCH_CHECK_WITH(OutOfMemoryError, false, op, ": out of memory (", e.what(),
                      "); try a smaller input or free memory");

@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_impl(
     const at::Tensor& key_mask, const at::Tensor& active) {
   insid3_cpu::check_threshold(threshold, "cluster_and_vote");
   const at::Tensor X = insid3_cpu::linkage_features(features, "cluster_and_vote");
-  insid3_cpu::NnVoteJob job(queries, keys, key_mask, active);
+  insid3_cpu::NnVoteJob job(queries, keys, key_mask, active, "cluster_and_vote");
   const insid3_cpu::MaybeReleaseGIL no_gil;
   const int64_t n = X.size(0), A = job.active_count();
   insid3_cpu::HugeBuffer D = insid3_cpu::cosine_distances_condensed(X, "cluster_and_vote");

@@ -110,40 +110,41 @@ int64_t exact_argmax(const Score* scores, const float* q, const float* keys, int
 class NnVoteJob {
  public:
   // Validates the inputs of insid3_fast::nn_vote and allocates its outputs (votes 0, argmax -1).
+  // `op` names the op in error messages.
   NnVoteJob(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& key_mask,
-            const at::Tensor& active) {
+            const at::Tensor& active, const char* op = "nn_vote") {
     TORCH_CHECK(queries.device().is_cpu() && keys.device().is_cpu() && key_mask.device().is_cpu() &&
                     active.device().is_cpu(),
-                "nn_vote (CPU): all inputs must be CPU tensors");
+                op, " (CPU): all inputs must be CPU tensors");
     TORCH_CHECK(queries.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat,
-                "nn_vote: queries and keys must be float32, got ", queries.scalar_type(), " and ",
+                op, ": queries and keys must be float32, got ", queries.scalar_type(), " and ",
                 keys.scalar_type());
     TORCH_CHECK(key_mask.scalar_type() == at::kBool && active.scalar_type() == at::kBool,
-                "nn_vote: key_mask and active must be bool, got ", key_mask.scalar_type(), " and ",
+                op, ": key_mask and active must be bool, got ", key_mask.scalar_type(), " and ",
                 active.scalar_type());
-    TORCH_CHECK(queries.dim() == 2, "nn_vote: queries must be (Q, C), got ", queries.sizes());
+    TORCH_CHECK(queries.dim() == 2, op, ": queries must be (Q, C), got ", queries.sizes());
     TORCH_CHECK(keys.dim() == 3 && keys.size(2) == queries.size(1),
-                "nn_vote: keys must be (S, M, C) with C = ", queries.size(1), ", got ", keys.sizes());
+                op, ": keys must be (S, M, C) with C = ", queries.size(1), ", got ", keys.sizes());
     TORCH_CHECK(key_mask.dim() == 2 && key_mask.size(0) == keys.size(0) && key_mask.size(1) == keys.size(1),
-                "nn_vote: key_mask must be (S, M) = (", keys.size(0), ", ", keys.size(1), "), got ",
+                op, ": key_mask must be (S, M) = (", keys.size(0), ", ", keys.size(1), "), got ",
                 key_mask.sizes());
-    TORCH_CHECK(active.dim() == 1 && active.size(0) == queries.size(0), "nn_vote: active must be (Q,) = (",
+    TORCH_CHECK(active.dim() == 1 && active.size(0) == queries.size(0), op, ": active must be (Q,) = (",
                 queries.size(0), ",), got ", active.sizes());
     Q_ = queries.size(0);
     C_ = queries.size(1);
     S_ = keys.size(0);
     M_ = keys.size(1);
-    TORCH_CHECK(M_ > 0 || S_ == 0, "nn_vote: every shot needs at least one key (M = 0)");
-    TORCH_CHECK(S_ <= INT32_MAX, "nn_vote: at most 2^31 - 1 shots (votes are int32), got S = ", S_);
-    checked_mul(S_, Q_, "nn_vote", "the argmax size S * Q");
+    TORCH_CHECK(M_ > 0 || S_ == 0, op, ": every shot needs at least one key (M = 0)");
+    TORCH_CHECK(S_ <= INT32_MAX, op, ": at most 2^31 - 1 shots (votes are int32), got S = ", S_);
+    checked_mul(S_, Q_, op, "the argmax size S * Q");
 
     q_ = queries.contiguous();
     k_ = keys.contiguous();
     m_ = key_mask.contiguous();
     // Non-finite input is rejected, and so are magnitudes whose float32 dots could overflow.
-    const float q_max = finite_absmax(q_, "nn_vote", "queries");
-    const float k_max = finite_absmax(k_, "nn_vote", "keys");
-    check_dot_magnitude("nn_vote", C_, q_max, k_max, "queries", "keys");
+    const float q_max = finite_absmax(q_, op, "queries");
+    const float k_max = finite_absmax(k_, op, "keys");
+    check_dot_magnitude(op, C_, q_max, k_max, "queries", "keys");
     votes = at::zeros({Q_}, queries.options().dtype(at::kInt));
     argmax = at::full({S_, Q_}, -1, queries.options().dtype(at::kLong));
 
