@@ -10,7 +10,7 @@ MAX_JOBS ?= 2
 export MAX_JOBS
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test sanitize bench gpu-check clean
+.PHONY: setup demo test sanitize bench gpu-check fuzz clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ bench: setup
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The full fuzz run of the native ops (10,000 inputs per op and API; tests/fuzz_ops.py).
+fuzz: setup
+	$(PY) tests/fuzz_ops.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info insid3_fast/*.so

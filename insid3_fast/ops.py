@@ -3,10 +3,30 @@
 Each wrapper validates its inputs, makes them contiguous and calls ``torch.ops.insid3_fast.*``.
 The fake kernels let the ops trace under ``torch.compile``. ``native_available()`` says whether
 the extension was built and loaded; the pipeline falls back to the reference path otherwise.
+
+Input rule, the same in these wrappers and in the kernels of every backend (the wrappers raise
+:class:`InputError`, the raw ``torch.ops.insid3_fast.*`` a ``RuntimeError``, with the same
+message, which starts with the op's name):
+
+* tensors must be real; features, queries, keys and distances must be finite (no NaN or inf);
+* dot products must not be able to overflow float32: ``C * max|queries| * max|keys|`` (and
+  ``C * max|features|^2`` for the linkage ops) must be below ``2**100`` (about 1.27e30);
+  L2-normalised inputs are far below it;
+* sizes are Python ints or numpy integers (not bools or floats) in int64, and every product of
+  sizes must fit int64;
+* ``threshold`` is a real number other than NaN (``inf`` merges everything, ``-inf`` nothing);
+  ``connectivity`` is 4 or 8.
+
+An allocation failure inside a kernel raises ``torch.OutOfMemoryError`` (a ``RuntimeError``).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
+import numpy as np
 import torch
 
 from .errors import BackendError, InputError
@@ -78,6 +98,84 @@ def _require(device: torch.device) -> None:
         )
 
 
+_INT64_MAX = 2**63 - 1
+_INT32_MAX = 2**31 - 1
+_MAX_DOT_MAGNITUDE = 2.0**100  # insid3::kMaxDotMagnitude (csrc/common/exact_dot.h)
+
+
+def _tensor(x: object, op: str, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise InputError(f"{op}: {name} must be real, got {x.dtype}")
+    return x
+
+
+def _same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {str(t.device) for t in tensors.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
+        raise InputError(f"{op}: all tensors must be on one device, got {where}")
+
+
+def _size_arg(x: object, op: str, name: str) -> int:
+    """A size: a Python int or numpy integer (not a bool, not a float) in [0, 2^63 - 1]."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Integral, np.integer)):
+        raise InputError(f"{op}: {name} must be an int, got {type(x).__name__} {x!r}")
+    v = operator.index(x)
+    if not 0 <= v <= _INT64_MAX:
+        raise InputError(f"{op}: {name} must be in [0, 2^63 - 1], got {v}")
+    return v
+
+
+def _checked_mul(a: int, b: int, op: str, what: str) -> int:
+    if a * b > _INT64_MAX:
+        raise InputError(f"{op}: {what} ({a} * {b}) overflows int64")
+    return a * b
+
+
+def _threshold(t: object, op: str) -> float:
+    if isinstance(t, torch.Tensor) and t.numel() == 1 and not (t.is_complex() or t.dtype == torch.bool):
+        t = t.item()
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (numbers.Real, np.floating, np.integer)):
+        raise InputError(f"{op}: threshold must be a real number, got {type(t).__name__} {t!r}")
+    try:
+        v = float(t)
+    except OverflowError:  # an int beyond float range: as good as infinite
+        v = math.inf if t > 0 else -math.inf
+    if math.isnan(v):
+        raise InputError(f"{op}: threshold must not be NaN")
+    return v
+
+
+def _finite_absmax(x: torch.Tensor, op: str, name: str) -> float:
+    """max |x| of a float32 tensor (0 when empty); InputError when an element is NaN or inf."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # aminmax propagates NaN
+        raise InputError(f"{op}: {name} must be finite (found NaN or inf)")
+    return max(-lo, hi)
+
+
+def _check_dot_magnitude(op: str, c: int, amax_a: float, amax_b: float, a: str, b: str) -> None:
+    v = float(c) * amax_a * amax_b  # the kernels' double product, in the same order
+    if v < _MAX_DOT_MAGNITUDE:
+        return
+    tail = (" must be below 2^100 (about 1.27e30) so that float32 dot products cannot overflow; "
+            "L2-normalise them")
+    if a == b:
+        raise InputError(f"{op}: {a} are too large: C * max|{a}|^2 = {v:g}{tail}")
+    raise InputError(f"{op}: {a} and {b} are too large: C * max|{a}| * max|{b}| = {v:g}{tail}")
+
+
+def _condensed_size(n: int, op: str) -> None:
+    """The N (N - 1) / 2 float64 distances of the linkage ops must be addressable."""
+    if n > 1:
+        pairs = _checked_mul(n, n - 1, op, "the number of pairs N * (N - 1)") // 2
+        _checked_mul(pairs, 8, op, "the size in bytes of the N * (N - 1) / 2 distances")
+
+
 def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
             active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reverse nearest-neighbour voting.
@@ -91,7 +189,14 @@ def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
     Returns:
         votes (Q,) int32, the number of shots whose nearest reference patch lies inside that
         shot's mask; argmax (S, Q) int64, the nearest reference patch of each query per shot
-        (exact argmax of the dot product, ties to the lowest index; -1 for inactive queries).
+        (-1 for inactive queries): the argmax of the exact real-number dot products of the
+        float32 values (no rounding: two keys whose dots are equal in exact arithmetic tie, and
+        ties go to the lowest index), the same on every backend.
+
+    Raises:
+        InputError: wrong types or shapes, a shot without keys (M = 0 with S > 0), NaN or inf
+            in queries or keys, or ``C * max|queries| * max|keys| >= 2**100`` (float32 dot
+            products could overflow).
     """
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
     _require(queries.device)
@@ -99,16 +204,30 @@ def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
 
 
 def _vote_inputs(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-                 active: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                 active: torch.Tensor | None, op: str = "nn_vote") -> tuple[torch.Tensor, ...]:
+    queries, keys = _tensor(queries, op, "queries"), _tensor(keys, op, "keys")
+    key_mask = _tensor(key_mask, op, "key_mask")
     if queries.dim() != 2 or keys.dim() != 3 or keys.shape[-1] != queries.shape[-1]:
-        raise InputError(f"nn_vote expects queries (Q, C) and keys (S, M, C); got "
+        raise InputError(f"{op} expects queries (Q, C) and keys (S, M, C); got "
                          f"{tuple(queries.shape)} and {tuple(keys.shape)}")
     if key_mask.shape != keys.shape[:2]:
         raise InputError(f"key_mask must be (S, M) = {tuple(keys.shape[:2])}, got {tuple(key_mask.shape)}")
     if active is None:
         active = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device)
-    return (queries.float().contiguous(), keys.float().contiguous(),
-            key_mask.bool().contiguous(), active.bool().contiguous())
+    active = _tensor(active, op, "active")
+    if active.shape != queries.shape[:1]:
+        raise InputError(f"active must be (Q,) = {tuple(queries.shape[:1])}, got {tuple(active.shape)}")
+    _same_device(op, queries=queries, keys=keys, key_mask=key_mask, active=active)
+    (S, M, C), Q = keys.shape, queries.shape[0]
+    if M == 0 and S > 0:
+        raise InputError(f"{op}: every shot needs at least one key (M = 0)")
+    if S > _INT32_MAX:
+        raise InputError(f"{op}: at most 2^31 - 1 shots (votes are int32), got S = {S}")
+    _checked_mul(S, Q, op, "the argmax size S * Q")
+    queries, keys = queries.float().contiguous(), keys.float().contiguous()
+    _check_dot_magnitude(op, C, _finite_absmax(queries, op, "queries"), _finite_absmax(keys, op, "keys"),
+                         "queries", "keys")
+    return queries, keys, key_mask.bool().contiguous(), active.bool().contiguous()
 
 
 def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -116,9 +235,19 @@ def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.T
 
     Every merge whose linkage distance is < ``threshold`` is made (scikit-learn's
     ``distance_threshold`` cut). Returns (N,) int64 labels numbered by first appearance.
+
+    Raises:
+        InputError: ``dist`` not a real square matrix, NaN or inf anywhere in it (both
+            triangles, as scikit-learn checks), or a NaN ``threshold``.
     """
+    op = "average_linkage_precomputed"
+    dist = _tensor(dist, op, "dist")
     if dist.dim() != 2 or dist.shape[0] != dist.shape[1]:
         raise InputError(f"dist must be a square (N, N) matrix, got {tuple(dist.shape)}")
+    threshold = _threshold(threshold, op)
+    _condensed_size(dist.shape[0], op)
+    dist = dist.float().contiguous()
+    _finite_absmax(dist, op, "dist")
     _require(dist.device)
     return _lib().average_linkage_precomputed(dist.float().contiguous(), float(threshold))
 
@@ -129,18 +258,28 @@ def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     Same partition as scikit-learn's ``AgglomerativeClustering(metric='precomputed',
     linkage='average', distance_threshold=threshold)`` on ``1 - clamp(X Xᵀ, -1, 1)``.
     Returns (N,) int64 labels numbered by first appearance.
+
+    Raises:
+        InputError: ``features`` not a real (N, C) tensor, NaN or inf in it,
+            ``C * max|features|^2 >= 2**100`` (float32 dot products could overflow), or a NaN
+            ``threshold``.
     """
+    threshold = _threshold(threshold, "average_linkage")
     features = _linkage_features(features)
     _require(features.device)
     return _lib().average_linkage(features, float(threshold))
 
 
-def _linkage_features(features: torch.Tensor) -> torch.Tensor:
+def _linkage_features(features: torch.Tensor, op: str = "average_linkage") -> torch.Tensor:
+    features = _tensor(features, op, "features")
     if features.dim() != 2:
         raise InputError(f"features must be (N, C), got {tuple(features.shape)}")
+    _condensed_size(features.shape[0], op)
     features = features.float()
     if not (features.is_contiguous() or features.T.is_contiguous()):
         features = features.contiguous()  # (N, C) rows, or the transposed view of a (C, N) map
+    amax = _finite_absmax(features, op, "features")
+    _check_dot_magnitude(op, features.shape[1], amax, amax, "features", "features")
     return features
 
 
@@ -152,9 +291,16 @@ def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Te
     Returns (labels, votes, argmax), equal to the two ops' results. On the CPU the sequential
     NN-chain of the clustering runs on one core while the other cores vote, so the pair costs
     less than the two calls in a row; on CUDA it runs them one after the other.
+
+    Raises:
+        InputError: anything :func:`average_linkage` or :func:`nn_vote` rejects, or tensors on
+            different devices.
     """
-    features = _linkage_features(features)
-    queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
+    op = "cluster_and_vote"
+    threshold = _threshold(threshold, op)
+    features = _linkage_features(features, op)
+    queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active, op)
+    _same_device(op, features=features, queries=queries)
     _require(features.device)
     return _lib().cluster_and_vote(features, float(threshold), queries, keys, key_mask, active)
 
@@ -165,11 +311,27 @@ def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: i
 
     Only clusters that touch (4- or 8-neighbourhood) merge; the linkage is the true average
     cosine distance between all their members. Returns (h*w,) int64 labels.
+
+    ``h``, ``w`` and ``connectivity`` are Python ints or numpy integers. Any finite float32
+    features are handled exactly as specified (sums and dots in float64, which float32 values
+    cannot overflow).
+
+    Raises:
+        InputError: ``features`` not a real (h*w, C) tensor, ``h * w`` beyond int64, NaN or
+            inf in ``features``, ``connectivity`` other than 4 or 8, or a NaN ``threshold``.
     """
-    if features.dim() != 2 or features.shape[0] != h * w:
-        raise InputError(f"features must be (h*w, C) = ({h * w}, C), got {tuple(features.shape)}")
-    if connectivity not in (4, 8):
-        raise InputError(f"connectivity must be 4 or 8, got {connectivity}")
+    op = "grid_average_linkage"
+    features = _tensor(features, op, "features")
+    h, w = _size_arg(h, op, "h"), _size_arg(w, op, "w")
+    n = _checked_mul(h, w, op, "the grid size h * w")
+    if features.dim() != 2 or features.shape[0] != n:
+        raise InputError(f"features must be (h*w, C) = ({n}, C), got {tuple(features.shape)}")
+    if isinstance(connectivity, (bool, np.bool_)) or not isinstance(connectivity, (numbers.Integral, np.integer)) \
+            or connectivity not in (4, 8):
+        raise InputError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    threshold = _threshold(threshold, op)
+    features = features.float().contiguous()
+    _finite_absmax(features, op, "features")
     _require(features.device)
     return _lib().grid_average_linkage(
         features.float().contiguous(), int(h), int(w), int(connectivity), float(threshold))

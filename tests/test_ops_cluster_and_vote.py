@@ -103,10 +103,14 @@ def test_errors_are_raised_not_crashes(threads):
     feats, queries, keys, key_mask, active = episode(64, 1, 8, seed=2)
     bad = feats.clone()
     bad[3, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="finite"):
+    with pytest.raises(InputError, match="features must be finite"):
         ops.cluster_and_vote(bad, 0.4, queries, keys, key_mask, active)
-    with pytest.raises(RuntimeError, match="at least one key"):
+    with pytest.raises(RuntimeError, match="cluster_and_vote: features must be finite"):
+        torch.ops.insid3_fast.cluster_and_vote(bad, 0.4, queries, keys, key_mask, active)
+    with pytest.raises(InputError, match="at least one key"):
         ops.cluster_and_vote(feats, 0.4, queries, keys[:, :0], key_mask[:, :0], active)
+    with pytest.raises(RuntimeError, match="at least one key"):
+        torch.ops.insid3_fast.cluster_and_vote(feats, 0.4, queries, keys[:, :0], key_mask[:, :0], active)
     with pytest.raises(InputError):
         ops.cluster_and_vote(feats, 0.4, queries, keys, key_mask[:, :5], active)
     with pytest.raises(InputError):

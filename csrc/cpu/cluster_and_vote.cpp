@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <exception>
 #include <vector>
 
 #include "cpu/cosine_condensed.h"
@@ -27,11 +26,13 @@ namespace {
 // the last ranges balance the threads, large enough that one GEMM amortises packing the keys.
 constexpr int64_t kRange = 128;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_cpu(
+// Input rule: average_linkage's on features and threshold, nn_vote's on the rest.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_impl(
     const at::Tensor& features, double threshold, const at::Tensor& queries, const at::Tensor& keys,
     const at::Tensor& key_mask, const at::Tensor& active) {
+  insid3_cpu::check_threshold(threshold, "cluster_and_vote");
   const at::Tensor X = insid3_cpu::linkage_features(features, "cluster_and_vote");
-  insid3_cpu::NnVoteJob job(queries, keys, key_mask, active);
+  insid3_cpu::NnVoteJob job(queries, keys, key_mask, active, "cluster_and_vote");
   const insid3_cpu::MaybeReleaseGIL no_gil;
   const int64_t n = X.size(0), A = job.active_count();
   insid3_cpu::HugeBuffer D = insid3_cpu::cosine_distances_condensed(X, "cluster_and_vote");
@@ -44,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_cpu(
     job.run_all();
   } else {
     std::atomic<int64_t> next{0};
-    std::exception_ptr error;
+    insid3_cpu::OmpError error;  // the chain and the GEMMs allocate: caught here, rethrown below
 #pragma omp parallel num_threads(threads)
     {
       try {
@@ -52,15 +53,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_cpu(
         for (int64_t a0 = next.fetch_add(kRange); a0 < A; a0 = next.fetch_add(kRange))
           job.run(a0, std::min(kRange, A - a0));
       } catch (...) {
-#pragma omp critical(insid3_cluster_and_vote_error)
-        if (!error) error = std::current_exception();
+        error.capture();
         next.store(A);  // the other threads stop at their next range
       }
     }
-    if (error) std::rethrow_exception(error);
+    error.rethrow();
   }
   at::Tensor labels = insid3_cpu::cut_labels(merges, n, threshold, features.options());
   return {labels, job.votes, job.argmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_cpu(
+    const at::Tensor& features, double threshold, const at::Tensor& queries, const at::Tensor& keys,
+    const at::Tensor& key_mask, const at::Tensor& active) {
+  return insid3_cpu::guard_alloc(
+      "cluster_and_vote", [&] { return cluster_and_vote_impl(features, threshold, queries, keys, key_mask, active); });
 }
 
 }  // namespace

@@ -7,32 +7,40 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/checks.h"
 #include "cpu/huge_buffer.h"
 #include "cpu/nn_chain.h"
 
 namespace insid3_cpu {
 
+// Number of entries of the condensed matrix of n items, n (n - 1) / 2, checked so that its
+// float64 buffer's size in bytes fits int64.
+inline int64_t condensed_size(int64_t n, const char* op) {
+  const int64_t pairs = n > 1 ? checked_mul(n, n - 1, op, "the number of pairs N * (N - 1)") / 2 : 0;
+  checked_mul(pairs, static_cast<int64_t>(sizeof(double)), op, "the size in bytes of the N * (N - 1) / 2 distances");
+  return pairs;
+}
+
 // (N, C) float32 features, contiguous or the transposed view of a (C, N) map (MKL gives the
 // same products as for the contiguous copy, checked in the tests); anything else is copied.
+// Rejects non-finite features and magnitudes whose float32 dots could overflow
+// (C * max|features|^2 >= 2^100), so every distance is finite.
 inline at::Tensor linkage_features(const at::Tensor& features, const char* op) {
   TORCH_CHECK(features.device().is_cpu(), op, " (CPU): features must be a CPU tensor");
   TORCH_CHECK(features.scalar_type() == at::kFloat, op, ": features must be float32, got ",
               features.scalar_type());
   TORCH_CHECK(features.dim() == 2, op, ": features must be (N, C), got ", features.sizes());
   const int64_t n = features.size(0);
+  condensed_size(n, op);
   const bool transposed = features.stride(0) == 1 && features.stride(1) == n;
-  return transposed ? features : features.contiguous();
+  const at::Tensor X = transposed ? features : features.contiguous();
+  const float amax = finite_absmax(X, op, "features");
+  check_dot_magnitude(op, features.size(1), amax, amax, "features", "features");
+  return X;
 }
 
 inline void require_finite(bool finite, const char* op) {
   TORCH_CHECK(finite, op, ": the distances must be finite (scipy's linkage rejects NaN/inf)");
-}
-
-inline void check_finite(const HugeBuffer& D, const char* op) {
-  bool finite = true;
-#pragma omp parallel for reduction(&& : finite)
-  for (int64_t i = 0; i < D.size(); ++i) finite = finite && std::isfinite(D.data()[i]);
-  require_finite(finite, op);
 }
 
 // Condensed dist = 1 - clamp(X X^T, -1, 1) in float32, as torch computes it, widened to
@@ -42,14 +50,16 @@ inline void check_finite(const HugeBuffer& D, const char* op) {
 inline HugeBuffer cosine_distances_condensed(const at::Tensor& X, const char* op) {
   constexpr int64_t kRowBlock = 512;
   const int64_t n = X.size(0);
+  const int64_t pairs = condensed_size(n, op);
   const std::vector<int64_t> off = condensed_row_offsets(n);
-  HugeBuffer D(n > 1 ? n * (n - 1) / 2 : 0);
+  HugeBuffer D(pairs);
   bool finite = true;
   for (int64_t i0 = 0; i0 + 1 < n; i0 += kRowBlock) {
     const int64_t B = std::min(kRowBlock, n - i0);
     const at::Tensor G = at::mm(X.narrow(0, i0, B), X.narrow(0, i0, n - i0).t()).contiguous();
     const float* g = G.data_ptr<float>();
     const int64_t ld = n - i0;
+    // Arithmetic only: nothing in the region allocates or throws.
 #pragma omp parallel for schedule(dynamic, 16) reduction(&& : finite)
     for (int64_t r = 0; r < B; ++r) {
       const int64_t i = i0 + r;

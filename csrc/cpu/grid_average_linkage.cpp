@@ -5,6 +5,10 @@
 // Each cluster keeps its double sum vector, its size and a list of adjacent clusters with
 // their cached linkage, sorted by id. After a round only the linkages that involve a merged
 // cluster are recomputed.
+//
+// Input rule: h, w >= 0 with h * w (overflow-checked) equal to features.size(0); connectivity
+// 4 or 8; features finite (any finite float32 is handled: sums and dots are in double, which
+// float32 inputs cannot overflow); threshold not NaN. Errors name the op (cpu/checks.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,6 +20,8 @@
 #include "common/grid_rounds.h"
 #include "common/linkage.h"
 #include "common/relabel.h"
+#include "cpu/checks.h"
+#include "cpu/checks.h"
 
 namespace {
 
@@ -68,6 +74,7 @@ void compute_linkages(std::vector<PairTask>& tasks, const std::vector<double>& s
   const double* s = sums.data();
   // Threads only for big batches (in practice the first round): a thread team per round costs
   // more than it saves when the cores are shared (measured: 7x slower on a busy 2-core box).
+  // Arithmetic only: nothing in the region allocates or throws.
 #pragma omp parallel for schedule(dynamic, 4) if (T * C > (int64_t(1) << 22))
   for (int64_t t0 = 0; t0 < T; t0 += 4) {
     const double* sa[4];
@@ -113,23 +120,27 @@ void refresh_linkages(std::vector<Adj>& adj, const std::vector<int64_t>& cluster
   for (const PairTask& p : tasks) *find_entry(adj[p.b], p.a) = *p.out;
 }
 
-at::Tensor grid_average_linkage_cpu(const at::Tensor& features, int64_t h, int64_t w, int64_t connectivity,
-                                    double threshold) {
+at::Tensor grid_average_linkage_impl(const at::Tensor& features, int64_t h, int64_t w, int64_t connectivity,
+                                     double threshold) {
+  constexpr const char* kOp = "grid_average_linkage";
   TORCH_CHECK(features.device().is_cpu(), "grid_average_linkage (CPU): features must be a CPU tensor");
   TORCH_CHECK(features.scalar_type() == at::kFloat, "grid_average_linkage: features must be float32, got ",
               features.scalar_type());
   TORCH_CHECK(h >= 0 && w >= 0, "grid_average_linkage: h and w must be >= 0, got ", h, " and ", w);
-  TORCH_CHECK(features.dim() == 2 && features.size(0) == h * w,
-              "grid_average_linkage: features must be (h*w, C) = (", h * w, ", C), got ", features.sizes());
+  const int64_t n = insid3_cpu::checked_mul(h, w, kOp, "the grid size h * w");
+  TORCH_CHECK(features.dim() == 2 && features.size(0) == n,
+              "grid_average_linkage: features must be (h*w, C) = (", n, ", C), got ", features.sizes());
   TORCH_CHECK(connectivity == 4 || connectivity == 8, "grid_average_linkage: connectivity must be 4 or 8, got ",
               connectivity);
-  const int64_t n = h * w, C = features.size(1);
+  insid3_cpu::check_threshold(threshold, kOp);
+  const int64_t C = features.size(1);
   at::Tensor labels = at::empty({n}, features.options().dtype(at::kLong));
   if (n == 0) return labels;
 
   const at::Tensor X = features.contiguous();
+  insid3_cpu::finite_absmax(X, kOp, "features");
   const float* xp = X.data_ptr<float>();
-  std::vector<double> sums(n * C);
+  std::vector<double> sums(insid3_cpu::checked_mul(n, C, kOp, "the number of feature values h * w * C"));
   for (int64_t i = 0; i < n * C; ++i) sums[i] = static_cast<double>(xp[i]);
   std::vector<int64_t> size(n, 1), parent(n), alive(n);
   for (int64_t i = 0; i < n; ++i) parent[i] = alive[i] = i;
@@ -169,6 +180,7 @@ at::Tensor grid_average_linkage_cpu(const at::Tensor& features, int64_t h, int64
     if (merges.empty()) break;
 
     const int64_t Mg = static_cast<int64_t>(merges.size());
+    // Arithmetic only: nothing in the region allocates or throws.
 #pragma omp parallel for if (Mg * C > (int64_t(1) << 20))
     for (int64_t t = 0; t < Mg; ++t) {
       const int64_t a = merges[t].first, b = merges[t].second;
@@ -200,25 +212,32 @@ at::Tensor grid_average_linkage_cpu(const at::Tensor& features, int64_t h, int64
       for (const auto& e : adj[m.second]) touch(rep[e.first]);
     }
     const int64_t Tn = static_cast<int64_t>(touched.size());
+    insid3_cpu::OmpError error;  // the merged lists allocate: caught in the region, rethrown after it
 #pragma omp parallel for schedule(dynamic, 16) if (Tn > 4096)
     for (int64_t t = 0; t < Tn; ++t) {
-      const int64_t c = touched[t];
-      Adj& own = adj[c];
-      if (changed[c]) {  // the union of both lists, every linkage stale
-        Adj out;
-        out.reserve(own.size() + adj[partner[c]].size());
-        for (const Adj* src : {&own, &adj[partner[c]]})
-          for (const auto& e : *src)
-            if (rep[e.first] != c) out.push_back({rep[e.first], NAN});
-        own.swap(out);
-      } else {  // a neighbour merged: rename it, its linkage is stale
-        for (auto& e : own)
-          if (changed[rep[e.first]]) e = {rep[e.first], NAN};
+      if (error.failed()) continue;
+      try {
+        const int64_t c = touched[t];
+        Adj& own = adj[c];
+        if (changed[c]) {  // the union of both lists, every linkage stale
+          Adj out;
+          out.reserve(own.size() + adj[partner[c]].size());
+          for (const Adj* src : {&own, &adj[partner[c]]})
+            for (const auto& e : *src)
+              if (rep[e.first] != c) out.push_back({rep[e.first], NAN});
+          own.swap(out);
+        } else {  // a neighbour merged: rename it, its linkage is stale
+          for (auto& e : own)
+            if (changed[rep[e.first]]) e = {rep[e.first], NAN};
+        }
+        std::sort(own.begin(), own.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+        own.erase(std::unique(own.begin(), own.end(), [](const auto& x, const auto& y) { return x.first == y.first; }),
+                  own.end());
+      } catch (...) {
+        error.capture();
       }
-      std::sort(own.begin(), own.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
-      own.erase(std::unique(own.begin(), own.end(), [](const auto& x, const auto& y) { return x.first == y.first; }),
-                own.end());
     }
+    error.rethrow();
     refresh_linkages(adj, touched, changed, sums, size, C);
     for (const auto& m : merges) {
       Adj().swap(adj[m.second]);
@@ -236,6 +255,12 @@ at::Tensor grid_average_linkage_cpu(const at::Tensor& features, int64_t h, int64
   }
   insid3::relabel_first_appearance(root.data(), n, scratch.data(), labels.data_ptr<int64_t>());
   return labels;
+}
+
+at::Tensor grid_average_linkage_cpu(const at::Tensor& features, int64_t h, int64_t w, int64_t connectivity,
+                                    double threshold) {
+  return insid3_cpu::guard_alloc("grid_average_linkage",
+                                 [&] { return grid_average_linkage_impl(features, h, w, connectivity, threshold); });
 }
 
 }  // namespace

@@ -9,9 +9,11 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> nn_vote_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                                const at::Tensor& key_mask, const at::Tensor& active) {
-  insid3_cpu::NnVoteJob job(queries, keys, key_mask, active);
-  job.run_all();
-  return {job.votes, job.argmax};
+  return insid3_cpu::guard_alloc("nn_vote", [&]() -> std::tuple<at::Tensor, at::Tensor> {
+    insid3_cpu::NnVoteJob job(queries, keys, key_mask, active);
+    job.run_all();
+    return {job.votes, job.argmax};
+  });
 }
 
 }  // namespace
