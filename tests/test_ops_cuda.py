@@ -334,16 +334,73 @@ def test_average_linkage_empty_input(backend):
         assert out.shape == (0,) and out.dtype == torch.int64
 
 
-@pytest.mark.parametrize("op", ["average_linkage", "average_linkage_precomputed"])
-def test_average_linkage_rejects_non_finite_like_cpu(backend, op):
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0]
+
+
+def _same_rejection(backend, op: str, *args) -> str:
+    """The raw op rejects args on the CPU and on `backend` with the same message; returns it."""
+    with pytest.raises(RuntimeError) as cpu_err:
+        getattr(torch.ops.insid3_fast, op)(*args)
+    with pytest.raises(RuntimeError) as dev_err:
+        getattr(backend.raw, op)(*(backend.dev(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert _first_line(dev_err.value) == _first_line(cpu_err.value)
+    return _first_line(cpu_err.value)
+
+
+NON_FINITE = [float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.mark.parametrize("bad", NON_FINITE, ids=["nan", "inf", "-inf"])
+def test_non_finite_input_is_rejected_like_cpu(backend, bad):
+    """One rule on every backend: non-finite input is an error naming the op and the argument."""
     x = _clustered_features(51, 40, 16)
-    arg = x if op == "average_linkage" else _dist_of(x)
-    arg[3, 5] = float("nan")
-    with pytest.raises(RuntimeError, match="finite") as cpu_err:
-        getattr(torch.ops.insid3_fast, op)(arg, 0.4)
-    with pytest.raises(RuntimeError, match="finite"):
-        getattr(backend.raw, op)(backend.dev(arg), 0.4)
-    assert "finite" in str(cpu_err.value)
+    d = _dist_of(x)
+    x_bad, d_bad, d_low = x.clone(), d.clone(), d.clone()
+    x_bad[3, 5] = bad
+    d_bad[3, 5] = bad
+    d_low[5, 3] = bad  # the lower triangle too (scikit-learn checks the whole matrix)
+    q, k, km, act = _nn_case(seed=52, Q=20, S=2, M=10, C=16)
+    q_bad, k_bad = q.clone(), k.clone()
+    q_bad[4, 2] = bad
+    k_bad[1, 0, 0] = bad  # key 0 of a shot: it used to win every query
+    assert "features must be finite" in _same_rejection(backend, "average_linkage", x_bad, 0.4)
+    assert "dist must be finite" in _same_rejection(backend, "average_linkage_precomputed", d_bad, 0.4)
+    assert "dist must be finite" in _same_rejection(backend, "average_linkage_precomputed", d_low, 0.4)
+    assert "features must be finite" in _same_rejection(backend, "grid_average_linkage", x_bad, 8, 5, 4, 0.4)
+    assert "queries must be finite" in _same_rejection(backend, "nn_vote", q_bad, k, km, act)
+    assert "keys must be finite" in _same_rejection(backend, "nn_vote", q, k_bad, km, act)
+
+
+def test_overflowing_magnitudes_and_nan_threshold_are_rejected_like_cpu(backend):
+    q, k, km, act = _nn_case(seed=53, Q=8, S=1, M=6, C=16)
+    assert "too large" in _same_rejection(backend, "nn_vote", q * 1e16, k * 1e16, km, act)
+    x = _clustered_features(54, 30, 16)
+    assert "too large" in _same_rejection(backend, "average_linkage", x * 1e16, 0.4)
+    for op, args in (("average_linkage", (x,)), ("average_linkage_precomputed", (_dist_of(x),)),
+                     ("grid_average_linkage", (x, 6, 5, 4))):
+        assert "threshold must not be NaN" in _same_rejection(backend, op, *args, float("nan"))
+
+
+def test_nn_vote_exact_ties_go_to_the_lowest_index(backend):
+    """Keys of +-1/sqrt(524) entries: different keys with exactly equal dot products, which a
+    float64 sum can separate; the exact rule returns the lowest index on both backends."""
+    g = _gen(55)
+    C = 524
+    base = torch.where(torch.rand(64, C, generator=g) < 0.5, -1.0, 1.0) / math.sqrt(C)
+    keys = base[None].float().contiguous()
+    perm = torch.randperm(C, generator=g)
+    queries = base[:, perm][:16].float().contiguous()  # permuted copies: many exact ties
+    km = torch.ones(1, 64, dtype=torch.bool)
+    act = torch.ones(16, dtype=torch.bool)
+    _, a_cpu = torch.ops.insid3_fast.nn_vote(queries, keys, km, act)
+    _, a_dev = backend.raw.nn_vote(*map(backend.dev, (queries, keys, km, act)))
+    assert torch.equal(a_dev.cpu(), a_cpu)
+    # every entry is +-a with the same a: the exact dot is a^2 times the integer dot of the signs
+    exact = queries.sign().long() @ keys[0].sign().long().T
+    best = exact.max(dim=1, keepdim=True).values
+    first = torch.argmax((exact == best).int(), dim=1)
+    assert torch.equal(a_cpu[0], first)
 
 
 @pytest.mark.parametrize("rounds", [0, 1, 5])

@@ -1,11 +1,6 @@
-// Input checks and error plumbing shared by the CPU kernels.
-//
-// Every error is a c10::Error (RuntimeError in Python) whose message starts with the op's name:
-//  * sizes: every product of sizes is computed with an overflow check (checked_mul);
-//  * non-finite input: "<op>: <argument> must be finite (found NaN or inf)";
-//  * dot products that could overflow float32: rejected unless
-//    C * max|a| * max|b| < 2^100 (insid3::kMaxDotMagnitude), see check_dot_magnitude;
-//  * threshold NaN: "<op>: threshold must not be NaN";
+// Input checks and error plumbing of the CPU kernels. The rules themselves (sizes, finiteness,
+// magnitudes, thresholds) are common/input_rules.h, shared with the CUDA kernels; here:
+//  * finite_absmax: the finiteness rule over CPU memory;
 //  * allocation failure: c10::OutOfMemoryError (torch.OutOfMemoryError, a RuntimeError),
 //    "<op>: out of memory (...)", via guard_alloc at the kernel's entry.
 // An exception must never leave an OpenMP region (it would abort the process): regions that can
@@ -23,16 +18,14 @@
 #include <utility>
 
 #include "common/exact_dot.h"
+#include "common/input_rules.h"
 
 namespace insid3_cpu {
 
-// a * b for sizes (a, b >= 0), or an error naming what overflows int64.
-inline int64_t checked_mul(int64_t a, int64_t b, const char* op, const char* what) {
-  int64_t r = 0;
-  TORCH_CHECK(a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, &r), op, ": ", what, " (", a, " * ", b,
-              ") overflows int64");
-  return r;
-}
+using insid3::check_dot_magnitude;
+using insid3::check_threshold;
+using insid3::checked_mul;
+
 
 // The first exception thrown inside an OpenMP region, rethrown by the caller after the region.
 class OmpError {
@@ -69,25 +62,11 @@ inline float finite_absmax(const at::Tensor& t, const char* op, const char* arg)
     finite = finite && a <= FLT_MAX;  // false for NaN and inf
     m = a > m ? a : m;
   }
-  TORCH_CHECK(finite, op, ": ", arg, " must be finite (found NaN or inf)");
+  insid3::require_finite_absmax(finite ? m : NAN, op, arg);
   return m;
 }
 
-// Rejects dot products of length C between vectors of arguments `a` and `b` (entries up to
-// amax_a and amax_b) that could overflow float32: C * amax_a * amax_b must be < 2^100
-// (insid3::kMaxDotMagnitude; computed in double, in this order, on every backend).
-inline void check_dot_magnitude(const char* op, int64_t C, float amax_a, float amax_b, const char* a,
-                                const char* b) {
-  const double v = static_cast<double>(C) * static_cast<double>(amax_a) * static_cast<double>(amax_b);
-  if (v < insid3::kMaxDotMagnitude) return;
-  const char* tail = " must be below 2^100 (about 1.27e30) so that float32 dot products cannot overflow; L2-normalise them";
-  TORCH_CHECK(std::strcmp(a, b) != 0, op, ": ", a, " are too large: C * max|", a, "|^2 = ", v, tail);
-  TORCH_CHECK(false, op, ": ", a, " and ", b, " are too large: C * max|", a, "| * max|", b, "| = ", v, tail);
-}
 
-inline void check_threshold(double threshold, const char* op) {
-  TORCH_CHECK(!std::isnan(threshold), op, ": threshold must not be NaN");
-}
 
 // Is this c10::Error torch's CPU allocator failing (it is not an OutOfMemoryError)?
 inline bool is_cpu_alloc_failure(const c10::Error& e) {

@@ -31,11 +31,9 @@
 // row blocks of kGramRows rows (the CPU kernel's blocks) straight into D, so the peak is
 // 8 N^2 + 4 kGramRows N bytes (plus X).
 //
-// Non-finite distances are rejected, as on the CPU (scipy's linkage rejects them): the build
-// counts them on the device and the host reads that count (one 4-byte read), except while the
-// stream is being captured into a CUDA graph, where no host read is possible: there the
-// partition follows the device rule (a NaN distance never merges nor wins a nearest-neighbour
-// search) and the check is the caller's (the pipeline validates its features before capture).
+// Input rule (common/input_rules.h, the CPU kernels'): the threshold is not NaN; dist finite
+// (both triangles, as scikit-learn checks); features finite with C * max|x|^2 < 2^100, so every
+// distance is finite. One host read checks it (none under graph capture, see cuda_utils.cuh).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -221,9 +219,8 @@ dense_tail_kernel(DenseState st, const int32_t* __restrict__ last_count, int32_t
 // column c of the block = column c0 + c of D): D[i][j] = D[j][i] = value(src) for j > i (the
 // upper triangle, as scikit-learn passes it to scipy), D[i][i] = 0. value = 1 - clamp(g, -1, 1)
 // in float32 for a Gram block (NaN stays NaN, like torch's clamp), the entry itself otherwise.
-// Non-finite values are counted in *bad.
 __global__ void build_dense_kernel(const float* __restrict__ src, int64_t ld, int64_t r0, int64_t rows,
-                                   int64_t c0, bool gram, double* __restrict__ D, int64_t N, int32_t* bad) {
+                                   int64_t c0, bool gram, double* __restrict__ D, int64_t N) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= rows * (N - c0)) return;
   const int64_t r = e / (N - c0), j = c0 + e % (N - c0), i = r0 + r;
@@ -234,7 +231,6 @@ __global__ void build_dense_kernel(const float* __restrict__ src, int64_t ld, in
     const float c = v < -1.f ? -1.f : (v > 1.f ? 1.f : v);
     v = 1.f - c;
   }
-  if (!isfinite(v)) atomicAdd(bad, 1);
   D[i * N + j] = static_cast<double>(v);
   D[j * N + i] = static_cast<double>(v);
 }
@@ -256,6 +252,12 @@ void enqueue_rounds(const DenseState& st, int32_t* counts, int rounds, double th
     INSID3_LAUNCH(finalize_kernel, grid_1d(N / 2 + 1, kPointThreads), kPointThreads, 0, stream)(st, cur);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+// The size in bytes of the (N, N) double matrix, overflow-checked.
+int64_t dense_bytes(int64_t N, const char* op) {
+  return insid3::checked_mul(insid3::checked_mul(N, N, op, "the dense matrix N * N"), 8, op,
+                             "the size in bytes of the N * N distances");
 }
 
 // Core: D is a contiguous symmetric (N, N) double matrix on the device (overwritten).
@@ -284,29 +286,23 @@ at::Tensor cluster_dense(at::Tensor D, double threshold) {
   return labels_from_parent(parent);
 }
 
-// Raises like the CPU op when the build counted a non-finite distance (one 4-byte read; none
-// while the stream is being captured, see the header).
-void require_finite(const at::Tensor& bad, const char* op) {
-  if (c10::cuda::isStreamCapturingMayInitCtx(c10::cuda::getCurrentCUDAStream())) return;
-  TORCH_CHECK(bad.item<int32_t>() == 0, op, ": the distances must be finite (scipy's linkage rejects NaN/inf)");
-}
-
 at::Tensor average_linkage_precomputed_cuda(const at::Tensor& dist, double threshold) {
   constexpr const char* op = "average_linkage_precomputed";
   check_cuda_tensor(dist, op, "dist", at::kFloat, 2);
   TORCH_CHECK(dist.size(0) == dist.size(1), op, ": dist must be square (N, N), got ", dist.sizes());
   TORCH_CHECK(dist.size(0) < (int64_t(1) << 31), op, ": N must be < 2^31");
+  insid3::check_threshold(threshold, op);
   c10::cuda::CUDAGuard guard(dist.device());
   const int64_t N = dist.size(0);
-  if (N == 0) return at::empty({0}, dist.options().dtype(at::kLong));
+  dense_bytes(N, op);
   const auto d = dist.contiguous();
+  check_finite(d, op, "dist");
+  if (N == 0) return at::empty({0}, dist.options().dtype(at::kLong));
   auto D = at::empty({N, N}, dist.options().dtype(at::kDouble));
-  auto bad = at::zeros({1}, dist.options().dtype(at::kInt));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   INSID3_LAUNCH(build_dense_kernel, grid_1d(N * N, kPointThreads), kPointThreads, 0, stream)(
-      d.data_ptr<float>(), N, 0, N, 0, false, D.data_ptr<double>(), N, bad.data_ptr<int32_t>());
+      d.data_ptr<float>(), N, 0, N, 0, false, D.data_ptr<double>(), N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  require_finite(bad, op);
   return cluster_dense(D, threshold);
 }
 
@@ -314,12 +310,14 @@ at::Tensor average_linkage_cuda(const at::Tensor& features, double threshold) {
   constexpr const char* op = "average_linkage";
   check_cuda_tensor(features, op, "features", at::kFloat, 2);
   TORCH_CHECK(features.size(0) < (int64_t(1) << 31), op, ": N must be < 2^31");
+  insid3::check_threshold(threshold, op);
   c10::cuda::CUDAGuard guard(features.device());
   const int64_t N = features.size(0);
-  if (N == 0) return at::empty({0}, features.options().dtype(at::kLong));
+  dense_bytes(N, op);
   const auto X = features.contiguous();
+  check_dot_inputs(X, "features", X, "features", X.size(1), op);
+  if (N == 0) return at::empty({0}, features.options().dtype(at::kLong));
   auto D = at::empty({N, N}, features.options().dtype(at::kDouble));
-  auto bad = at::zeros({1}, features.options().dtype(at::kInt));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = INSID3_TUNABLE("average_linkage.gram_rows", kGramRows);
   for (int64_t i0 = 0; i0 < N; i0 += rows) {  // trip count from shapes only
@@ -331,10 +329,9 @@ at::Tensor average_linkage_cuda(const at::Tensor& features, double threshold) {
       G = at::mm(X.narrow(0, i0, B), X.narrow(0, i0, N - i0).t()).contiguous();
     }
     INSID3_LAUNCH(build_dense_kernel, grid_1d(B * (N - i0), kPointThreads), kPointThreads, 0, stream)(
-        G.data_ptr<float>(), N - i0, i0, B, i0, true, D.data_ptr<double>(), N, bad.data_ptr<int32_t>());
+        G.data_ptr<float>(), N - i0, i0, B, i0, true, D.data_ptr<double>(), N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  require_finite(bad, op);
   return cluster_dense(D, threshold);
 }
 

@@ -5,10 +5,14 @@
 #include <cuda_runtime.h>
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <utility>
+
 #include "common/exact_dot.h"
+#include "common/input_rules.h"
 #include "common/linkage.h"
 
 // Kernel launches and registrations go through these macros so that the same sources also
@@ -55,6 +59,45 @@ inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* n
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
+// Is the current stream being captured into a CUDA graph? Then no host read is possible.
+inline bool capturing() { return c10::cuda::isStreamCapturingMayInitCtx(c10::cuda::getCurrentCUDAStream()); }
+
+// The input rules of common/input_rules.h over device memory, one host read each (a 0-d
+// result's .item()). While the stream is being captured into a CUDA graph nothing is read: the
+// inputs are the caller's to validate before capture (the pipeline's features come from the
+// backbone), and the kernels' device rule applies: a NaN never wins a comparison, so it never
+// merges, nor becomes an argmax it does not tie.
+
+// max |t| must be finite.
+inline void check_finite(const at::Tensor& t, const char* op, const char* arg) {
+  if (capturing() || t.numel() == 0) return;
+  insid3::require_finite_absmax(at::max(t.abs()).item<float>(), op, arg);
+}
+
+inline double absmax_f64(const at::Tensor& t) {
+  return t.numel() ? at::max(t.abs()).item<float>() : 0.0;
+}
+
+// a and b finite, and C * max|a| * max|b| < 2^100 (no float32 dot can overflow). The product
+// is formed in double on the device (inf or NaN when an input is not finite) and read once;
+// only when it fails are the two maxima read again, to raise the CPU kernels' exact message.
+inline void check_dot_inputs(const at::Tensor& a, const char* arg_a, const at::Tensor& b, const char* arg_b,
+                             int64_t C, const char* op) {
+  if (capturing()) return;
+  if (a.numel() == 0 || b.numel() == 0) {  // no dot product: only the finiteness rule
+    check_finite(a, op, arg_a);
+    check_finite(b, op, arg_b);
+    return;
+  }
+  const double prod = (at::max(a.abs()).to(at::kDouble) * at::max(b.abs()).to(at::kDouble)).item<double>();
+  // Accept only clear of the bound: near it, the exact CPU computation below decides.
+  if (std::isfinite(prod) && static_cast<double>(C) * prod < insid3::kMaxDotMagnitude * (1.0 - 0x1p-40)) return;
+  const float ma = static_cast<float>(absmax_f64(a)), mb = static_cast<float>(absmax_f64(b));
+  insid3::require_finite_absmax(ma, op, arg_a);
+  insid3::require_finite_absmax(mb, op, arg_b);
+  insid3::check_dot_magnitude(op, C, ma, mb, arg_a, arg_b);
+}
+
 // insid3::average_update with every operation rounded on its own. nvcc contracts
 // `nx*a + ny*b` into an fma by default, which the (x86-64 baseline) CPU build and scipy do
 // not; the _rn intrinsics are never contracted, so the device value is the CPU value.
@@ -90,31 +133,46 @@ __device__ __forceinline__ bool better(double v, int64_t j, double bv, int64_t b
   return kMax ? insid3::better_max(v, j, bv, bj) : insid3::better_min(v, j, bv, bj);
 }
 
-template <bool kMax>
-__device__ __forceinline__ void warp_best(double& v, int64_t& j) {
+template <class Better>
+__device__ __forceinline__ void warp_best_by(double& v, int64_t& j, const Better& better) {
   for (int o = kWarp / 2; o > 0; o >>= 1) {
     const double ov = __shfl_down_sync(0xffffffffu, v, o);
     const long long oj = __shfl_down_sync(0xffffffffu, static_cast<long long>(j), o);
-    if (better<kMax>(ov, oj, v, j)) { v = ov; j = oj; }
+    if (better(ov, oj, v, j)) { v = ov; j = oj; }
   }
 }
 
-// Best (value, index) pair over the block; the result is valid in every thread.
-// Empty contributions must be passed as (kMax ? -inf : +inf, INT64_MAX).
-template <bool kMax>
-__device__ __forceinline__ void block_best(double& v, int64_t& j) {
+// Best (value, index) pair over the block under the total order `better(v, j, bv, bj)` ("is
+// (v, j) better than (bv, bj)"); the result is valid in every thread. Empty contributions must
+// be passed as (worst value, INT64_MAX), and `better` must never prefer INT64_MAX.
+template <class Better>
+__device__ __forceinline__ void block_best_by(double& v, int64_t& j, const Better& better, double worst) {
   __shared__ double shv[32];
   __shared__ long long shj[32];
   const int lane = threadIdx.x % kWarp, wid = threadIdx.x / kWarp, nw = blockDim.x / kWarp;
-  warp_best<kMax>(v, j);
+  warp_best_by(v, j, better);
   __syncthreads();
   if (lane == 0) { shv[wid] = v; shj[wid] = j; }
   __syncthreads();
   if (lane < nw) { v = shv[lane]; j = shj[lane]; }
-  else { v = kMax ? -INFINITY : INFINITY; j = INT64_MAX; }
-  warp_best<kMax>(v, j);
+  else { v = worst; j = INT64_MAX; }
+  warp_best_by(v, j, better);
   v = __shfl_sync(0xffffffffu, v, 0);
   j = __shfl_sync(0xffffffffu, static_cast<long long>(j), 0);
+}
+
+template <bool kMax>
+struct PairBetter {
+  __device__ __forceinline__ bool operator()(double v, int64_t j, double bv, int64_t bj) const {
+    return better<kMax>(v, j, bv, bj);
+  }
+};
+
+// block_best_by with the tie rules of exact_dot.h / linkage.h (largest / smallest value,
+// ties to the lowest index). Empty contributions: (kMax ? -inf : +inf, INT64_MAX).
+template <bool kMax>
+__device__ __forceinline__ void block_best(double& v, int64_t& j) {
+  block_best_by(v, j, PairBetter<kMax>{}, kMax ? -INFINITY : INFINITY);
 }
 
 // The merge counters of a chunk of `rounds` clustering rounds plus the tail kernel's counter:

@@ -237,14 +237,17 @@ void enqueue_rounds(const GridState& st, int32_t* counts, int rounds, double thr
 
 at::Tensor grid_average_linkage_cuda(const at::Tensor& features, int64_t h, int64_t w, int64_t connectivity,
                                      double threshold) {
-  constexpr const char* op = "insid3_fast::grid_average_linkage (CUDA)";
+  constexpr const char* op = "grid_average_linkage";
   check_cuda_tensor(features, op, "features", at::kFloat, 2);
   TORCH_CHECK(h >= 0 && w >= 0, op, ": h and w must be >= 0, got h=", h, " w=", w);
-  TORCH_CHECK(features.size(0) == h * w, op, ": features must be (h*w, C) = (", h * w, ", C), got ",
-              features.sizes());
+  const int64_t N = insid3::checked_mul(h, w, op, "the grid size h * w");
+  TORCH_CHECK(features.size(0) == N, op, ": features must be (h*w, C) = (", N, ", C), got ", features.sizes());
   TORCH_CHECK(connectivity == 4 || connectivity == 8, op, ": connectivity must be 4 or 8, got ", connectivity);
-  const int64_t N = h * w, C = features.size(1);
   TORCH_CHECK(N < (int64_t(1) << 30), op, ": h*w must be < 2^30, got ", N);
+  insid3::check_threshold(threshold, op);
+  const int64_t C = features.size(1);
+  insid3::checked_mul(N, C, op, "the number of feature values h * w * C");
+  check_finite(features, op, "features");
   c10::cuda::CUDAGuard guard(features.device());
   auto opts = features.options();
   if (N == 0) return at::empty({0}, opts.dtype(at::kLong));

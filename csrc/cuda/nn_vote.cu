@@ -1,13 +1,17 @@
 // CUDA kernel of insid3_fast::nn_vote: reverse nearest-neighbour voting with an exact argmax.
 //
-// Exactness rule (shared with csrc/cpu): float32 GEMM scores, then every key whose float32
-// score is within fp32_dot_error_bound of the best one is re-scored in double with
-// insid3::dot_f32_as_f64 (one sequential sum, same order as the CPU) and the winner is picked
-// with insid3::better_max (largest double, ties to the lowest index). Both backends therefore
-// return the argmax of the same double scores, whatever rounding their GEMMs had.
+// Exactness rule (common/exact_dot.h, the CPU kernel's): the argmax of the EXACT real dot
+// products of the float32 values, ties to the lowest index. A float32 GEMM scores every key;
+// only keys within fp32_dot_error_bound of the best score can be the exact argmax. Each
+// candidate is re-scored in double (insid3::dot_f32_as_f64); two candidates whose doubles are
+// more than fp64_dot_error_bound apart are ordered by them, closer ones by the exact sign of
+// the difference (insid3::exact_dot_cmp). Every comparison is thus exact, the order is total,
+// and the block reduction returns the CPU kernel's index whatever the GEMM's rounding.
 //
-// No host synchronisation: all launch sizes depend on shapes only; inactive queries are
-// scored too (cheaper than a data-dependent gather, which would need a sync) and masked.
+// Input rule (common/input_rules.h): queries and keys finite with C * max|q| * max|k| < 2^100,
+// checked with one host read (none under graph capture, see cuda_utils.cuh). Otherwise no host
+// synchronisation: all launch sizes depend on shapes only; inactive queries are scored too
+// (cheaper than a data-dependent gather, which would need a sync) and masked.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <torch/library.h>
@@ -22,11 +26,33 @@ constexpr int kVoteThreads = 256;
 // Budget of the float32 score buffer (elements): 2^25 floats = 128 MiB per query tile.
 constexpr int64_t kScoreBudget = int64_t(1) << 25;
 
+// The exact order of candidates (v = double dot, j = key index) of one query: larger exact dot
+// first, ties to the lower index; (any, INT64_MAX) is "no candidate" and loses to everything.
+struct ExactBetter {
+  const float* q;
+  const float* keys;  // the shot's keys, (M, C)
+  int64_t C;
+  double b64;         // fp64_dot_error_bound of the query and the shot's longest key
+  __device__ __forceinline__ bool operator()(double v, int64_t j, double bv, int64_t bj) const {
+    if (j == INT64_MAX) return false;
+    if (bj == INT64_MAX) return true;
+    const double d = v - bv;
+    if (d > b64) return true;
+    if (d < -b64) return false;
+    const float* kj = keys + j * C;
+    const float* kb = keys + bj * C;
+    bool same = true;
+    for (int64_t k = 0; k < C && same; ++k) same = kj[k] == kb[k];
+    const int sign = same ? 0 : insid3::exact_dot_cmp(q, kj, kb, C);
+    return sign > 0 || (sign == 0 && j < bj);
+  }
+};
+
 // One block per (query of the tile, shot). scores: (T, S*M) row-major, row t = query q0 + t.
 __global__ void __launch_bounds__(kArgmaxThreads)
 nn_argmax_kernel(const float* __restrict__ scores, const float* __restrict__ queries,
                  const float* __restrict__ keys, const bool* __restrict__ active,
-                 const float* __restrict__ qnorm, const float* __restrict__ knorm_max, float extra_rel,
+                 const double* __restrict__ qnorm, const double* __restrict__ knorm_max, float extra_rel,
                  int64_t q0, int64_t Q, int64_t S, int64_t M, int64_t C, int64_t* __restrict__ argmax) {
   const int64_t t = blockIdx.x;
   const int64_t s = blockIdx.y;
@@ -37,43 +63,41 @@ nn_argmax_kernel(const float* __restrict__ scores, const float* __restrict__ que
   }
   const float* row = scores + t * (S * M) + s * M;
 
-  // 1. float32 max. Same value as the CPU's sequential `best = s[0]; best = s[j] > best ?
-  //    s[j] : best`: the max of the non-NaN scores, or NaN when s[0] is NaN (then nothing
-  //    passes the cut and, as on the CPU, index 0 is returned).
+  // 1. The best float32 score (finite inputs: no NaN).
   float m = -INFINITY;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) m = fmaxf(m, row[j]);
   m = block_max(m);
-  if (isnan(row[0])) m = NAN;
 
   // 2. Candidates: every key whose float32 score may hide the exact best one. The cut is in
   //    double, as on the CPU, so it adds no rounding of its own.
-  const float nq = qnorm[q], nk = knorm_max[s];
-  const double cut = static_cast<double>(m) - static_cast<double>(insid3::fp32_dot_error_bound(nq, nk, C)) -
-                     static_cast<double>(extra_rel * nq * nk);
+  const double nq = qnorm[q], nk = knorm_max[s];
+  const float nq32 = static_cast<float>(nq), nk32 = static_cast<float>(nk);
+  const double cut = static_cast<double>(m) - static_cast<double>(insid3::fp32_dot_error_bound(nq32, nk32, C)) -
+                     static_cast<double>(extra_rel * nq32 * nk32);
 
-  // 3. Double re-score of the candidates (usually 1-3; one thread per candidate, since the
-  //    sum must be sequential to match the CPU bit for bit) and block-wide better_max.
-  double bv = -INFINITY;
-  int64_t bj = INT64_MAX;  // "none yet": better_max accepts any non-NaN candidate over it
+  // 3. Double re-score of the candidates (usually 1-3; one thread per candidate, the sum is
+  //    sequential) and the exact order, within each thread and over the block.
   const float* qv = queries + q * C;
-  const float* ks = keys + s * M * C;
+  const ExactBetter better{qv, keys + s * M * C, C, insid3::fp64_dot_error_bound(nq, nk, C)};
+  double bv = -INFINITY;
+  int64_t bj = INT64_MAX;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
     if (static_cast<double>(row[j]) >= cut) {
-      const double v = insid3::dot_f32_as_f64(qv, ks + j * C, C);
-      if (insid3::better_max(v, j, bv, bj)) { bv = v; bj = j; }
+      const double v = insid3::dot_f32_as_f64(qv, better.keys + j * C, C);
+      if (better(v, j, bv, bj)) { bv = v; bj = j; }
     }
   }
-  block_best<true>(bv, bj);
-  // No candidate (only with NaN scores): index 0, like the CPU kernel.
+  block_best_by(bv, bj, better, -INFINITY);
+  // The best score passes its own cut, so there is a candidate (index 0 only for M = 0 guards).
   if (threadIdx.x == 0) argmax[s * Q + q] = (bj == INT64_MAX) ? 0 : bj;
 }
 
-// out[r] = float(sqrt(sum_k v[r][k]^2)) with the sum in double, in order: exactly the CPU's norm.
-__global__ void row_norm_kernel(const float* __restrict__ v, int64_t rows, int64_t C, float* __restrict__ out) {
+// out[r] = sqrt(sum_k v[r][k]^2) with the sum in double, in order: exactly the CPU's norm.
+__global__ void row_norm_kernel(const float* __restrict__ v, int64_t rows, int64_t C, double* __restrict__ out) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows) return;
   const float* x = v + r * C;
-  out[r] = static_cast<float>(sqrt(insid3::dot_f32_as_f64(x, x, C)));
+  out[r] = sqrt(insid3::dot_f32_as_f64(x, x, C));
 }
 
 // votes[q] = number of shots whose argmax lies inside that shot's mask (0 when inactive).
@@ -108,7 +132,7 @@ bool reduced_precision_matmul_allowed() {
 
 std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const at::Tensor& keys,
                                                 const at::Tensor& key_mask, const at::Tensor& active) {
-  constexpr const char* op = "insid3_fast::nn_vote (CUDA)";
+  constexpr const char* op = "nn_vote";
   check_cuda_tensor(queries, op, "queries", at::kFloat, 2);
   check_cuda_tensor(keys, op, "keys", at::kFloat, 3);
   check_cuda_tensor(key_mask, op, "key_mask", at::kBool, 2);
@@ -125,12 +149,16 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
   TORCH_CHECK(active.size(0) == Q, op, ": active must be (Q,) = (", Q, ",), got ", active.sizes());
   TORCH_CHECK(S <= 65535, op, ": at most 65535 shots are supported, got ", S);
   TORCH_CHECK(M > 0 || S == 0, op, ": every shot needs at least one key (M = 0)");  // as the CPU kernel
+  insid3::checked_mul(S, Q, op, "the argmax size S * Q");
+  insid3::checked_mul(S, M, op, "the number of keys S * M");
 
   c10::cuda::CUDAGuard guard(dev);
   const auto q = queries.contiguous();
   const auto k = keys.contiguous();
   const auto km = key_mask.contiguous();
   const auto act = active.contiguous();
+
+  check_dot_inputs(q, "queries", k, "keys", C, op);  // before the early exit, as on the CPU
 
   auto votes = at::zeros({Q}, queries.options().dtype(at::kInt));
   auto argmax = at::full({S, Q}, -1, queries.options().dtype(at::kLong));
@@ -139,20 +167,17 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float extra_rel = reduced_precision_matmul_allowed() ? 2.0f * (1.0f / 64.0f + 1.0f / 4096.0f) : 0.0f;
 
-  // Norms exactly as the CPU computes them (only the size of the candidate set depends on
-  // them, never the selected index, but equal norms make the two backends easier to compare).
-  auto qnorm = at::empty({Q}, queries.options());
-  auto knorm_all = at::empty({S, M}, queries.options());
+  // Norms exactly as the CPU computes them (double): the fp64 stage's error bound needs them;
+  // the candidate set's size depends on them, never the selected index.
+  auto qnorm = at::empty({Q}, queries.options().dtype(at::kDouble));
+  auto knorm_all = at::empty({S, M}, queries.options().dtype(at::kDouble));
   INSID3_LAUNCH(row_norm_kernel, grid_1d(Q, kVoteThreads), kVoteThreads, 0, stream)(q.data_ptr<float>(), Q, C,
-                                                                          qnorm.data_ptr<float>());
+                                                                          qnorm.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   INSID3_LAUNCH(row_norm_kernel, grid_1d(S * M, kVoteThreads), kVoteThreads, 0, stream)(k.data_ptr<float>(), S * M, C,
-                                                                              knorm_all.data_ptr<float>());
+                                                                              knorm_all.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // (S,) max key norm per shot. The CPU folds with fmax from 0, which skips NaN norms; amax
-  // would propagate them (NaN cut -> argmax 0 for the whole shot), so NaN norms count as 0.
-  knorm_all.masked_fill_(at::isnan(knorm_all), 0.0f);
-  const auto knorm = at::amax(knorm_all, at::IntArrayRef{1}).contiguous();
+  const auto knorm = at::amax(knorm_all, at::IntArrayRef{1}).contiguous();  // (S,) longest key per shot
   const auto keys2d_t = k.view({S * M, C}).t();  // (C, S*M), a view: cuBLAS handles the transpose
 
   const int64_t row = S * M;
@@ -170,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
     dim3 grid(static_cast<unsigned int>(T), static_cast<unsigned int>(S));
     INSID3_LAUNCH(nn_argmax_kernel, grid, kArgmaxThreads, 0, stream)(
         sc.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), act.data_ptr<bool>(),
-        qnorm.data_ptr<float>(), knorm.data_ptr<float>(), extra_rel, q0, Q, S, M, C, argmax.data_ptr<int64_t>());
+        qnorm.data_ptr<double>(), knorm.data_ptr<double>(), extra_rel, q0, Q, S, M, C, argmax.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   INSID3_LAUNCH(nn_votes_kernel, grid_1d(Q, kVoteThreads), kVoteThreads, 0, stream)(
