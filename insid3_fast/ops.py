@@ -9,9 +9,9 @@ Input rule, the same in these wrappers and in the kernels of every backend (the 
 message, which starts with the op's name):
 
 * tensors must be real; features, queries, keys and distances must be finite (no NaN or inf);
-* dot products must not be able to overflow float32: ``C * max|queries| * max|keys|`` (and
-  ``C * max|features|^2`` for the linkage ops) must be below ``2**100`` (about 1.27e30);
-  L2-normalised inputs are far below it;
+* dot products must not be able to overflow float32: ``max|queries|``, ``max|keys|`` and
+  ``C * max|queries| * max|keys|`` (``max|features|`` and ``C * max|features|^2`` for the
+  linkage ops) must each be below ``2**100`` (about 1.27e30); L2-normalised inputs are far below;
 * sizes are Python ints or numpy integers (not bools or floats) in int64, and every product of
   sizes must fit int64;
 * ``threshold`` is a real number other than NaN (``inf`` merges everything, ``-inf`` nothing);
@@ -160,13 +160,15 @@ def _finite_absmax(x: torch.Tensor, op: str, name: str) -> float:
 
 def _check_dot_magnitude(op: str, c: int, amax_a: float, amax_b: float, a: str, b: str) -> None:
     v = float(c) * amax_a * amax_b  # the kernels' double product, in the same order
-    if v < _MAX_DOT_MAGNITUDE:
+    lim = _MAX_DOT_MAGNITUDE
+    if v < lim and amax_a < lim and amax_b < lim:
         return
-    tail = (" must be below 2^100 (about 1.27e30) so that float32 dot products cannot overflow; "
+    tail = (" must each be below 2^100 (about 1.27e30) so that float32 dot products cannot overflow; "
             "L2-normalise them")
     if a == b:
-        raise InputError(f"{op}: {a} are too large: C * max|{a}|^2 = {v:g}{tail}")
-    raise InputError(f"{op}: {a} and {b} are too large: C * max|{a}| * max|{b}| = {v:g}{tail}")
+        raise InputError(f"{op}: {a} are too large: max|{a}| = {amax_a:g} and C * max|{a}|^2 = {v:g}{tail}")
+    raise InputError(f"{op}: {a} and {b} are too large: max|{a}| = {amax_a:g}, max|{b}| = {amax_b:g} and "
+                     f"C * max|{a}| * max|{b}| = {v:g}{tail}")
 
 
 def _condensed_size(n: int, op: str) -> None:
@@ -195,8 +197,8 @@ def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
 
     Raises:
         InputError: wrong types or shapes, a shot without keys (M = 0 with S > 0), NaN or inf
-            in queries or keys, or ``C * max|queries| * max|keys| >= 2**100`` (float32 dot
-            products could overflow).
+            in queries or keys, or ``max|queries|``, ``max|keys|`` or
+            ``C * max|queries| * max|keys|`` at least ``2**100`` (dot products could overflow).
     """
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
     _require(queries.device)
@@ -260,9 +262,9 @@ def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     Returns (N,) int64 labels numbered by first appearance.
 
     Raises:
-        InputError: ``features`` not a real (N, C) tensor, NaN or inf in it,
-            ``C * max|features|^2 >= 2**100`` (float32 dot products could overflow), or a NaN
-            ``threshold``.
+        InputError: ``features`` not a real (N, C) tensor, NaN or inf in it, ``max|features|``
+            or ``C * max|features|^2`` at least ``2**100`` (dot products could overflow), or a
+            NaN ``threshold``.
     """
     threshold = _threshold(threshold, "average_linkage")
     features = _linkage_features(features)

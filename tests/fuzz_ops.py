@@ -208,12 +208,12 @@ def _nonfinite(v) -> bool:
 
 
 def _too_large(c: int, a, b) -> bool:
-    """The documented rule: C * max|a| * max|b| >= 2^100 (float32 dots could overflow)."""
+    """The documented rule: max|a|, max|b| or C * max|a| * max|b| >= 2^100 (dots could overflow)."""
     if a is None or b is None:
         return False
     am = float(a.abs().max()) if a.numel() else 0.0
     bm = float(b.abs().max()) if b.numel() else 0.0
-    return float(c) * am * bm >= 2.0**100
+    return max(float(c) * am * bm, am, bm) >= 2.0**100
 
 
 def value_defects(op: str, raw: bool, args) -> list[str]:

@@ -126,7 +126,16 @@ def _vote_args(q, k):
 def test_nn_vote_rejects_finite_inputs_whose_dots_overflow(gemm_mode):
     q = torch.tensor([[1e30, 1e30]])
     k = torch.tensor([[[1e30, 1e30], [2e30, 2e30]]])  # used to return index 0 (inf == inf)
-    with pytest.raises(InputError, match=r"queries and keys are too large: C \* max\|queries\| \* max\|keys\|"):
+    too_large = r"queries and keys are too large: max\|queries\| = .* C \* max\|queries\| \* max\|keys\|"
+    with pytest.raises(InputError, match=too_large):
+        ops.nn_vote(*_vote_args(q, k))
+    with pytest.raises(RuntimeError, match="nn_vote: queries and keys are too large"):
+        RAW.nn_vote(*_vote_args(q, k))
+    # A subnormal query against a key holding FLT_MAX: the product is tiny, but FLT_MAX rounds to
+    # inf in bf16 and the query flushes to zero (inf * 0 = NaN): found by the fuzz harness.
+    q = torch.tensor([[-2.8026e-45, 1.4013e-45, 0.0]])
+    k = torch.tensor([[[-0.6, 1.3, 3.4028e38], [0.8, 0.3, -0.8], [-1.9, 0.5, -0.9]]])
+    with pytest.raises(InputError, match=r"max\|keys\| = 3.4028e\+38"):
         ops.nn_vote(*_vote_args(q, k))
     with pytest.raises(RuntimeError, match="nn_vote: queries and keys are too large"):
         RAW.nn_vote(*_vote_args(q, k))

@@ -12,7 +12,7 @@
 // a fixed-point accumulator that no rounding can reach).
 //
 // The bounds assume finite inputs whose products cannot overflow float32: the kernels reject
-// anything with C * max|q| * max|k| >= 2^100 (kMaxDotMagnitude) before scoring.
+// anything with max|q|, max|k| or C * max|q| * max|k| >= 2^100 (kMaxDotMagnitude) before scoring.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -21,10 +21,11 @@
 
 namespace insid3 {
 
-// Inputs are rejected unless C * max|queries| * max|keys| < 2^100 (C * max|features|^2 for the
-// linkage ops): then no float32 partial sum of a dot product can overflow, whatever the order
-// (even with every rounding upwards, (1 + 2^-24)^C stays far below 2^28 for any C a tensor
-// can have), and the bf16 rounding of an input cannot overflow either.
+// Inputs are rejected unless max|queries|, max|keys| and C * max|queries| * max|keys| are all
+// below 2^100 (max|features| and C * max|features|^2 for the linkage ops): then no float32
+// partial sum of a dot product can overflow, whatever the order (even with every rounding
+// upwards, (1 + 2^-24)^C stays far below 2^28 for any C a tensor can have), and the bf16
+// rounding of an input cannot overflow either (FLT_MAX itself rounds to inf in bf16).
 constexpr double kMaxDotMagnitude = 1267650600228229401496703205376.0;  // 2^100
 
 // Products of two floats are exact in double, so the only rounding is the sequential

@@ -3,8 +3,8 @@
 // Every error is a c10::Error (RuntimeError in Python) whose message starts with the op's name:
 //  * sizes: every product of sizes is computed with an overflow check (checked_mul);
 //  * non-finite input: "<op>: <argument> must be finite (found NaN or inf)" (finite_message);
-//  * dot products that could overflow float32: rejected unless
-//    C * max|a| * max|b| < 2^100 (insid3::kMaxDotMagnitude), see check_dot_magnitude;
+//  * dot products that could overflow float32: rejected unless max|a|, max|b| and
+//    C * max|a| * max|b| are below 2^100 (insid3::kMaxDotMagnitude), see check_dot_magnitude;
 //  * threshold NaN: "<op>: threshold must not be NaN".
 #pragma once
 #include <c10/util/Exception.h>
@@ -31,15 +31,26 @@ inline void require_finite_absmax(float absmax, const char* op, const char* arg)
 }
 
 // Rejects dot products of length C between vectors of arguments `a` and `b` (entries up to
-// amax_a and amax_b) that could overflow float32: C * amax_a * amax_b must be < 2^100
-// (insid3::kMaxDotMagnitude; computed in double, in this order, on every backend).
+// amax_a and amax_b) that could overflow: max|a|, max|b| and C * max|a| * max|b| must all be
+// below 2^100 (insid3::kMaxDotMagnitude; in double, in this order, on every backend). The
+// product bounds every float32 partial sum; the entries bound the bf16 rounding of the inputs
+// (FLT_MAX rounds to inf in bf16, and inf times a subnormal flushed to zero is NaN).
+inline bool dot_magnitude_ok(int64_t C, float amax_a, float amax_b) {
+  const double v = static_cast<double>(C) * static_cast<double>(amax_a) * static_cast<double>(amax_b);
+  const double lim = insid3::kMaxDotMagnitude;
+  return v < lim && amax_a < lim && amax_b < lim;
+}
+
 inline void check_dot_magnitude(const char* op, int64_t C, float amax_a, float amax_b, const char* a,
                                 const char* b) {
+  if (dot_magnitude_ok(C, amax_a, amax_b)) return;
   const double v = static_cast<double>(C) * static_cast<double>(amax_a) * static_cast<double>(amax_b);
-  if (v < insid3::kMaxDotMagnitude) return;
-  const char* tail = " must be below 2^100 (about 1.27e30) so that float32 dot products cannot overflow; L2-normalise them";
-  TORCH_CHECK(std::strcmp(a, b) != 0, op, ": ", a, " are too large: C * max|", a, "|^2 = ", v, tail);
-  TORCH_CHECK(false, op, ": ", a, " and ", b, " are too large: C * max|", a, "| * max|", b, "| = ", v, tail);
+  const char* tail = " must each be below 2^100 (about 1.27e30) so that float32 dot products cannot overflow; "
+                     "L2-normalise them";
+  TORCH_CHECK(std::strcmp(a, b) != 0, op, ": ", a, " are too large: max|", a, "| = ", amax_a, " and C * max|", a,
+              "|^2 = ", v, tail);
+  TORCH_CHECK(false, op, ": ", a, " and ", b, " are too large: max|", a, "| = ", amax_a, ", max|", b, "| = ",
+              amax_b, " and C * max|", a, "| * max|", b, "| = ", v, tail);
 }
 
 inline void check_threshold(double threshold, const char* op) {

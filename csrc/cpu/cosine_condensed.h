@@ -24,7 +24,7 @@ inline int64_t condensed_size(int64_t n, const char* op) {
 // (N, C) float32 features, contiguous or the transposed view of a (C, N) map (MKL gives the
 // same products as for the contiguous copy, checked in the tests); anything else is copied.
 // Rejects non-finite features and magnitudes whose float32 dots could overflow
-// (C * max|features|^2 >= 2^100), so every distance is finite.
+// (max|features| or C * max|features|^2 >= 2^100), so every distance is finite.
 inline at::Tensor linkage_features(const at::Tensor& features, const char* op) {
   TORCH_CHECK(features.device().is_cpu(), op, " (CPU): features must be a CPU tensor");
   TORCH_CHECK(features.scalar_type() == at::kFloat, op, ": features must be float32, got ",

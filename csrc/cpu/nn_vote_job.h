@@ -7,9 +7,9 @@
 // product of the float32 values, ties to the lowest index) and the same as the CUDA kernel's.
 // Disjoint ranges may run on different threads.
 //
-// Input rule (the same on every backend): queries and keys must be finite and satisfy
-// C * max|queries| * max|keys| < 2^100, so no float32 dot product can overflow; anything else
-// is rejected with an error naming the op and the argument (checks.h).
+// Input rule (the same on every backend): queries and keys must be finite, with max|queries|,
+// max|keys| and C * max|queries| * max|keys| below 2^100, so no float32 (or bf16) dot product
+// can overflow; anything else is rejected with an error naming the op and the argument (checks.h).
 //
 // On CPUs with native bf16 dot products (AVX512-BF16) the GEMM runs on bf16-rounded inputs,
 // about 2.4x faster; every key within bf16_dot_error_bound of the best bf16 score then enters

@@ -78,9 +78,10 @@ inline double absmax_f64(const at::Tensor& t) {
   return t.numel() ? at::max(t.abs()).item<float>() : 0.0;
 }
 
-// a and b finite, and C * max|a| * max|b| < 2^100 (no float32 dot can overflow). The product
-// is formed in double on the device (inf or NaN when an input is not finite) and read once;
-// only when it fails are the two maxima read again, to raise the CPU kernels' exact message.
+// a and b finite, and the dot magnitude rule (insid3::dot_magnitude_ok). The rule is evaluated on
+// the device in the same double operations as on the host (false for inf and NaN) and its one
+// boolean read; only when it fails are the two maxima read again, to raise the CPU kernels'
+// exact message.
 inline void check_dot_inputs(const at::Tensor& a, const char* arg_a, const at::Tensor& b, const char* arg_b,
                              int64_t C, const char* op) {
   if (capturing()) return;
@@ -89,13 +90,14 @@ inline void check_dot_inputs(const at::Tensor& a, const char* arg_a, const at::T
     check_finite(b, op, arg_b);
     return;
   }
-  const double prod = (at::max(a.abs()).to(at::kDouble) * at::max(b.abs()).to(at::kDouble)).item<double>();
-  // Accept only clear of the bound: near it, the exact CPU computation below decides.
-  if (std::isfinite(prod) && static_cast<double>(C) * prod < insid3::kMaxDotMagnitude * (1.0 - 0x1p-40)) return;
-  const float ma = static_cast<float>(absmax_f64(a)), mb = static_cast<float>(absmax_f64(b));
-  insid3::require_finite_absmax(ma, op, arg_a);
-  insid3::require_finite_absmax(mb, op, arg_b);
-  insid3::check_dot_magnitude(op, C, ma, mb, arg_a, arg_b);
+  const at::Tensor ma = at::max(a.abs()).to(at::kDouble), mb = at::max(b.abs()).to(at::kDouble);
+  const double lim = insid3::kMaxDotMagnitude;
+  const at::Tensor ok = (ma * static_cast<double>(C) * mb).lt(lim).logical_and_(ma.lt(lim)).logical_and_(mb.lt(lim));
+  if (ok.item<bool>()) return;
+  const float fa = static_cast<float>(absmax_f64(a)), fb = static_cast<float>(absmax_f64(b));
+  insid3::require_finite_absmax(fa, op, arg_a);
+  insid3::require_finite_absmax(fb, op, arg_b);
+  insid3::check_dot_magnitude(op, C, fa, fb, arg_a, arg_b);
 }
 
 // insid3::average_update with every operation rounded on its own. nvcc contracts
