@@ -100,7 +100,6 @@ def _require(device: torch.device) -> None:
 
 _INT64_MAX = 2**63 - 1
 _INT32_MAX = 2**31 - 1
-_MAX_DOT_MAGNITUDE = 2.0**100  # insid3::kMaxDotMagnitude (csrc/common/exact_dot.h)
 
 
 def _tensor(x: object, op: str, name: str) -> torch.Tensor:
@@ -148,27 +147,25 @@ def _threshold(t: object, op: str) -> float:
     return v
 
 
-def _finite_absmax(x: torch.Tensor, op: str, name: str) -> float:
-    """max |x| of a float32 tensor (0 when empty); InputError when an element is NaN or inf."""
-    if x.numel() == 0:
-        return 0.0
-    lo, hi = (float(v) for v in torch.aminmax(x))
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # aminmax propagates NaN
-        raise InputError(f"{op}: {name} must be finite (found NaN or inf)")
-    return max(-lo, hi)
+_OPS = ("nn_vote", "average_linkage_precomputed", "average_linkage", "cluster_and_vote", "grid_average_linkage")
 
 
-def _check_dot_magnitude(op: str, c: int, amax_a: float, amax_b: float, a: str, b: str) -> None:
-    v = float(c) * amax_a * amax_b  # the kernels' double product, in the same order
-    lim = _MAX_DOT_MAGNITUDE
-    if v < lim and amax_a < lim and amax_b < lim:
-        return
-    tail = (" must each be below 2^100 (about 1.27e30) so that float32 dot products cannot overflow; "
-            "L2-normalise them")
-    if a == b:
-        raise InputError(f"{op}: {a} are too large: max|{a}| = {amax_a:g} and C * max|{a}|^2 = {v:g}{tail}")
-    raise InputError(f"{op}: {a} and {b} are too large: max|{a}| = {amax_a:g}, max|{b}| = {amax_b:g} and "
-                     f"C * max|{a}| * max|{b}| = {v:g}{tail}")
+def _call(op: str, *args: object):
+    """Run ``op`` of the current library; the kernels' input errors become :class:`InputError`.
+
+    The data-dependent rules (finite values, dot magnitudes; csrc/common/input_rules.h) are
+    checked once, by the kernels, with the same message on every backend: here they would cost
+    a second pass, and on a GPU a host synchronisation. A kernel error names its op first.
+    """
+    try:
+        return getattr(_lib(), op)(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        message = str(exc).split("\n")[0]
+        if not message.startswith(tuple(f"{name}:" for name in _OPS)):
+            raise  # not an input error of ours (e.g. a CUDA runtime failure)
+        raise InputError(message) from None
 
 
 def _condensed_size(n: int, op: str) -> None:
@@ -202,7 +199,7 @@ def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
     """
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
     _require(queries.device)
-    return _lib().nn_vote(queries, keys, key_mask, active)
+    return _call("nn_vote", queries, keys, key_mask, active)
 
 
 def _vote_inputs(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
@@ -227,8 +224,6 @@ def _vote_inputs(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tens
         raise InputError(f"{op}: at most 2^31 - 1 shots (votes are int32), got S = {S}")
     _checked_mul(S, Q, op, "the argmax size S * Q")
     queries, keys = queries.float().contiguous(), keys.float().contiguous()
-    _check_dot_magnitude(op, C, _finite_absmax(queries, op, "queries"), _finite_absmax(keys, op, "keys"),
-                         "queries", "keys")
     return queries, keys, key_mask.bool().contiguous(), active.bool().contiguous()
 
 
@@ -249,9 +244,8 @@ def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.T
     threshold = _threshold(threshold, op)
     _condensed_size(dist.shape[0], op)
     dist = dist.float().contiguous()
-    _finite_absmax(dist, op, "dist")
     _require(dist.device)
-    return _lib().average_linkage_precomputed(dist.float().contiguous(), float(threshold))
+    return _call(op, dist, float(threshold))
 
 
 def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -269,7 +263,7 @@ def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     threshold = _threshold(threshold, "average_linkage")
     features = _linkage_features(features)
     _require(features.device)
-    return _lib().average_linkage(features, float(threshold))
+    return _call("average_linkage", features, float(threshold))
 
 
 def _linkage_features(features: torch.Tensor, op: str = "average_linkage") -> torch.Tensor:
@@ -280,8 +274,6 @@ def _linkage_features(features: torch.Tensor, op: str = "average_linkage") -> to
     features = features.float()
     if not (features.is_contiguous() or features.T.is_contiguous()):
         features = features.contiguous()  # (N, C) rows, or the transposed view of a (C, N) map
-    amax = _finite_absmax(features, op, "features")
-    _check_dot_magnitude(op, features.shape[1], amax, amax, "features", "features")
     return features
 
 
@@ -304,7 +296,7 @@ def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Te
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active, op)
     _same_device(op, features=features, queries=queries)
     _require(features.device)
-    return _lib().cluster_and_vote(features, float(threshold), queries, keys, key_mask, active)
+    return _call(op, features, float(threshold), queries, keys, key_mask, active)
 
 
 def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: int,
@@ -333,10 +325,8 @@ def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: i
         raise InputError(f"connectivity must be 4 or 8, got {connectivity!r}")
     threshold = _threshold(threshold, op)
     features = features.float().contiguous()
-    _finite_absmax(features, op, "features")
     _require(features.device)
-    return _lib().grid_average_linkage(
-        features.float().contiguous(), int(h), int(w), int(connectivity), float(threshold))
+    return _call(op, features, int(h), int(w), int(connectivity), float(threshold))
 
 
 def register_fakes(library: str) -> None:

@@ -44,6 +44,10 @@ class EncodedReference:
     masks_down: torch.Tensor
     prototype: torch.Tensor
     keys: torch.Tensor
+    # False when the reference's features hold NaN or inf (e.g. a NaN pixel in an image
+    # tensor): the published code then matches nothing and returns an empty mask, and so do we
+    # (the native ops reject non-finite input, so they are not called).
+    finite: bool = True
 
     @property
     def shots(self) -> int:
@@ -174,7 +178,9 @@ class Segmenter:
         masks_down = torch.stack([reference.downsample_mask(masks[s], h, w) for s in range(S)])
         shot_protos = [keys[s][masks_down[s].reshape(-1)].mean(dim=0) for s in range(S)]
         prototype = F.normalize(torch.stack(shot_protos).mean(dim=0), p=2, dim=0)
-        return EncodedReference(feats, masks, masks_down, prototype, keys)
+        # One host read per reference (not per target): is everything the targets use finite?
+        finite = bool(torch.isfinite(keys).all() & torch.isfinite(prototype).all())
+        return EncodedReference(feats, masks, masks_down, prototype, keys, finite)
 
     # ---- target ----
     @torch.no_grad()
@@ -192,6 +198,8 @@ class Segmenter:
     def _segment_patches_native(self, ref: EncodedReference, tgt_feat: torch.Tensor) -> torch.Tensor:
         # Written without host synchronisation: fallbacks are selected with torch.where.
         C, h, w = tgt_feat.shape
+        if not ref.finite:  # the published result: NaN similarities match nothing
+            return torch.zeros(h, w, dtype=torch.bool, device=tgt_feat.device)
         N = h * w
         queries = self.debiased_coordinates(tgt_feat[None])[0]
         sim = queries @ ref.prototype
