@@ -68,10 +68,10 @@ def test_emu_toy_static_shared_memory_over_48k_is_refused_by_ptxas(tmp_path):
     assert "too much shared data" in res.stderr and "toy_big_static_smem" in res.stderr, res.stderr
 
 
-def _sanitized_toy(mode: str, name: str) -> subprocess.CompletedProcess:
+def _sanitized_toy(mode: str, name: str, **extra_env: str) -> subprocess.CompletedProcess:
     script = os.path.join(HERE, "cuda_emu", "run_toy.py")
     return subprocess.run([sys.executable, script, mode, name], capture_output=True, text=True,
-                          env=sanitizers.env(mode), timeout=1800)
+                          env={**sanitizers.env(mode), **extra_env}, timeout=1800)
 
 
 @pytest.mark.sanitizer
@@ -97,4 +97,15 @@ def test_emu_toy_out_of_bounds_is_caught_by_asan():
     assert "toy_out_of_bounds" in res.stderr
     assert "the faulting CUDA thread: kernel 'toy_out_of_bounds'" in res.stderr
     assert "block (0,0,0), thread (63,0,0)" in res.stderr
+    assert res.returncode != 0
+
+
+@pytest.mark.sanitizer
+def test_emu_toy_kernel_that_never_ends_is_stopped_by_the_watchdog():
+    # A hang in OS-thread mode (the sanitizer runs) must end the process with a message that says
+    # where the block's threads stand, not run until CI's own limit.
+    res = _sanitized_toy("asan", "spin", CUDA_EMU_HANG_SECONDS="2")
+    assert "cuda_emu: no progress for 2 s in kernel 'toy_spin'" in res.stderr, res.stderr[-3000:]
+    assert "32 of 32 threads running" in res.stderr
+    assert "thread (0,0,0) runnable" in res.stderr
     assert res.returncode != 0

@@ -6,6 +6,7 @@
 #include "cuda_emu.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -350,7 +351,7 @@ void start_fiber(Worker& w, Slot& s) {
 
 // A thread reaches a synchronisation point: record it and let the scheduler go on.
 template <class Fill>
-uint64_t arrive(Slot* s, Fill&& fill) {
+uint64_t arrive(Slot* s, Fill&& fill, bool /*barrier*/) {
   fill(s);
   cuda_emu_switch_stack(&s->sp, tls_worker.scheduler_sp);
   return s->result;
@@ -471,6 +472,7 @@ struct Pool {
   const std::function<void()>* body = nullptr;
   uint64_t generation = 0;
   int running = 0, exited = 0;
+  uint64_t events = 0;  // arrivals and exits: the watchdog's measure of progress
   bool failed = false;
   std::exception_ptr thrown;
   Tokens tokens;
@@ -485,15 +487,11 @@ struct Pool {
   // A CUDA thread reaches a synchronisation point: `fill` records it (under the lock that
   // resolve() reads it with); returns the shuffle's result once released.
   template <class Fill>
-  uint64_t arrive(Slot* s, Fill&& fill) {
-    const void* mine;
-    {
-      Quiet q;
-      std::lock_guard<std::mutex> lk(mu);
-      fill(s);
-      mine = s->state == State::Barrier ? &tokens.barrier[s->barriers++ & 1]
-                                        : &tokens.lane[s->t.linear][s->parity = (s->shuffles++ & 1)];
-    }
+  uint64_t arrive(Slot* s, Fill&& fill, bool barrier) {
+    // The token is chosen from this thread's own episode counters (only it writes them), and
+    // released before the thread counts as arrived: once it does, a resolve may release it.
+    const void* mine = barrier ? static_cast<const void*>(&tokens.barrier[s->barriers & 1])
+                               : static_cast<const void*>(&tokens.lane[s->t.linear][s->shuffles & 1]);
     release(mine);  // what this thread did so far happens before what the released threads do next
     uint64_t result;
     unsigned group = 0;
@@ -503,6 +501,14 @@ struct Pool {
     {
       Quiet q;
       std::unique_lock<std::mutex> lk(mu);
+      fill(s);  // arrival, counted in the same critical section
+      ++events;
+      if (barrier) {
+        ++s->barriers;
+      } else {
+        s->parity = static_cast<uint8_t>(s->shuffles & 1);
+        ++s->shuffles;
+      }
       --running;
       if (running == 0) resolve_locked();
       cv.wait(lk, [&] { return s->state == State::Runnable || failed; });
@@ -558,8 +564,47 @@ struct Pool {
       s->state = State::Exited;
       --running;
       ++exited;
+      ++events;
       if (running == 0 && exited < blk.n && !failed) resolve_locked();
       cv.notify_all();
+    }
+  }
+
+  // Waits until every thread of the block has exited. A block whose threads neither arrive nor
+  // exit for CUDA_EMU_HANG_SECONDS (default 300) is a bug of the emulation itself (the kernel's
+  // own bugs are found by resolve()): say where each thread stands and stop the process, since a
+  // CI run that hangs reports nothing.
+  void wait_for_block(std::unique_lock<std::mutex>& lk, const Launch& L, dim3 bidx, int n) {
+    static const long limit = [] {
+      const char* e = std::getenv("CUDA_EMU_HANG_SECONDS");
+      return e ? std::max(1L, std::atol(e)) : 300L;
+    }();
+    uint64_t seen = events;
+    auto last = std::chrono::steady_clock::now();
+    while (exited != n) {
+      cv.wait_for(lk, std::chrono::seconds(1));
+      if (events != seen) {
+        seen = events;
+        last = std::chrono::steady_clock::now();
+      } else if (std::chrono::steady_clock::now() - last > std::chrono::seconds(limit)) {
+        std::ostringstream o;
+        o << "cuda_emu: no progress for " << limit << " s in kernel '" << L.kernel << "' (launched at " << L.site
+          << "), block " << dims(bidx) << ": " << running << " of " << n << " threads running, " << exited
+          << " exited";
+        int shown = 0;
+        for (int i = 0; i < n && shown < 8; ++i) {
+          const Slot& s = slots[i];
+          if (s.state == State::Exited) continue;
+          ++shown;
+          o << "; thread " << dims(s.t.thread_idx) << " "
+            << (s.state == State::Runnable ? std::string("runnable")
+                                           : std::string(s.state == State::Barrier ? "at a barrier " : "at a shuffle ") +
+                                                 (s.file ? site(s) : std::string("?")));
+        }
+        std::fprintf(stderr, "%s\n", o.str().c_str());
+        std::fflush(stderr);
+        std::abort();
+      }
     }
   }
 
@@ -588,7 +633,7 @@ struct Pool {
       std::unique_lock<std::mutex> lk(mu);
       ++generation;
       cv.notify_all();
-      cv.wait(lk, [&] { return exited == n; });
+      wait_for_block(lk, L, bidx, n);
       if (thrown) err = "cuda_emu: kernel '" + std::string(L.kernel) + "' threw: " + exception_text(thrown);
       else err = blk.error;
     }
@@ -616,7 +661,7 @@ Pool& pool() {
 }
 
 template <class Fill>
-uint64_t arrive(Slot* s, Fill&& fill) { return pool().arrive(s, fill); }
+uint64_t arrive(Slot* s, Fill&& fill, bool barrier) { return pool().arrive(s, fill, barrier); }
 
 void run_grid(const Launch& L, const std::function<void()>& body) {
   static std::mutex one_launch;  // one grid at a time: __shared__ variables are single instances
@@ -641,7 +686,7 @@ void syncthreads(const char* file, int line) {
     s->state = State::Barrier;
     s->file = file;
     s->line = line;
-  });
+  }, true);
 }
 
 uint64_t shfl(unsigned mask, uint64_t payload, ShflKind kind, int arg, int width, const char* file, int line) {
@@ -654,7 +699,7 @@ uint64_t shfl(unsigned mask, uint64_t payload, ShflKind kind, int arg, int width
     s->kind = kind;
     s->arg = arg;
     s->width = width;
-  });
+  }, false);
 }
 
 void run(const Launch& launch, const std::function<void()>& body) {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -25,6 +26,10 @@ from cuda_emu import sanitizers  # noqa: E402
 # those sizes run in the fiber mode only. The sanitizer proofs start their own subprocesses.
 SELECT = ["-k", "emu", "-m", "not slow and not sanitizer"]
 FILES = ["tests/test_emu_small_ops.py", "tests/test_emu_toys.py"]
+# Each mode takes about 5 minutes here (2 cores, builds cached); a run past this limit is a
+# failure, never a CI run that hangs until its own limit (the runtime's watchdog,
+# CUDA_EMU_HANG_SECONDS, catches a stuck block sooner and says where its threads stand).
+LIMIT_S = int(os.environ.get("SANITIZE_LIMIT_S", "1200"))
 
 
 def run(mode: str) -> int:
@@ -32,9 +37,15 @@ def run(mode: str) -> int:
     env["CUDA_EMU_TUNABLES"] = "average_linkage.first_chunk_rounds=2,grid_average_linkage.first_chunk_rounds=2"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECT, *FILES]
     print(f"== {mode}: {' '.join(cmd)}", flush=True)
-    res = subprocess.run(cmd, env=env, cwd=os.path.dirname(TESTS))
-    print(f"== {mode}: exit status {res.returncode} ({'clean' if res.returncode == 0 else 'FAILED'})", flush=True)
-    return res.returncode
+    start = time.monotonic()
+    try:
+        code = subprocess.run(cmd, env=env, cwd=os.path.dirname(TESTS), timeout=LIMIT_S).returncode
+    except subprocess.TimeoutExpired:
+        print(f"== {mode}: FAILED, still running after {LIMIT_S} s (SANITIZE_LIMIT_S)", flush=True)
+        return 1
+    took = time.monotonic() - start
+    print(f"== {mode}: exit status {code} ({'clean' if code == 0 else 'FAILED'}) in {took:.0f} s", flush=True)
+    return code
 
 
 def main() -> int:

@@ -71,6 +71,13 @@ __global__ void toy_read_outside_mask(float* out, int) {
 // Out of bounds: the last thread writes one element past the end of out.
 __global__ void toy_out_of_bounds(float* out, int n) { out[threadIdx.x + 1 == blockDim.x ? n : threadIdx.x] = 1.0f; }
 
+// Never ends: every thread waits for a flag nobody sets (a GPU would hang). The OS-thread
+// mode's watchdog must turn it into a message and a stop.
+__global__ void toy_spin(float* out, int) {
+  while (*static_cast<volatile float*>(out) == 0.0f) {
+  }
+}
+
 void toy(const std::string& name, const at::Tensor& out) {
   TORCH_CHECK(out.is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous(), "toy: out must be float32");
   float* p = out.data_ptr<float>();
@@ -84,6 +91,7 @@ void toy(const std::string& name, const at::Tensor& out) {
   else if (name == "exited_lane") INSID3_LAUNCH(toy_exited_lane, 1, 32, 0, s)(p, n);
   else if (name == "read_outside_mask") INSID3_LAUNCH(toy_read_outside_mask, 1, 32, 0, s)(p, n);
   else if (name == "out_of_bounds") INSID3_LAUNCH(toy_out_of_bounds, 1, n, 0, s)(p, n);
+  else if (name == "spin") INSID3_LAUNCH(toy_spin, 1, 32, 0, s)(p, n);
   else if (name == "block_too_large") INSID3_LAUNCH(toy_block_sum, 1, 1025, 0, s)(p, n);
   else if (name == "grid_y_too_large") INSID3_LAUNCH(toy_block_sum, dim3(1, 65536), 32, 0, s)(p, n);
   else if (name == "dynamic_smem_too_large") INSID3_LAUNCH(toy_block_sum, 1, 32, 49 * 1024, s)(p, n);
