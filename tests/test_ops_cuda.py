@@ -308,6 +308,74 @@ def test_average_linkage_precomputed_tie_heavy(backend):
     # the GPU reciprocal-NN rounds (ties to the lowest index).
 
 
+def _rnn_rounds(dist: np.ndarray, thr: float) -> np.ndarray:
+    """The device's reciprocal-NN rounds written plainly: full row scans every round, ties to
+    the lowest index, the same update formulas in the same order (inner average over the lower
+    survivor's pair). Labels by first appearance."""
+    n = dist.shape[0]
+    D = np.triu(dist.astype(np.float64), 1)
+    D = D + D.T
+    size, active, parent = np.ones(n), np.ones(n, bool), np.arange(n)
+
+    def avg(a, b, na, nb):
+        return (na * a + nb * b) / (na + nb)
+
+    while True:
+        nn = np.full(n, -1)
+        for i in np.flatnonzero(active):
+            row = np.where(active, D[i], np.inf)
+            row[i] = np.inf
+            if np.isfinite(row).any():
+                nn[i] = int(np.argmin(row))  # first minimum: the lowest index
+        pairs = [(i, int(nn[i])) for i in np.flatnonzero(active)
+                 if nn[i] > i and nn[nn[i]] == i and D[i, nn[i]] < thr]
+        if not pairs:
+            break
+        mate = {i: k for i, k in pairs}
+        absorbed = {k for _, k in pairs}
+        D0 = D.copy()
+        for i, k in pairs:
+            for x in np.flatnonzero(active):
+                if x in (i, k) or x in absorbed or (x in mate and x < i):
+                    continue
+                a = avg(D0[i, x], D0[k, x], size[i], size[k])
+                if x in mate:  # survivor x > i of pair (x, l)
+                    l = mate[x]
+                    a = avg(a, avg(D0[i, l], D0[k, l], size[i], size[k]), size[x], size[l])
+                D[i, x] = D[x, i] = a
+        for i, k in pairs:
+            size[i] += size[k]
+            active[k] = False
+            parent[k] = i
+    root = np.arange(n)
+    for x in range(n):
+        r = x
+        while parent[r] != r:
+            r = parent[r]
+        root[x] = r
+    _, labels = np.unique(root, return_inverse=True)  # roots are their clusters' smallest index
+    return labels
+
+
+@pytest.mark.parametrize("rounds", [0, 2, 64])
+def test_average_linkage_rounds_equal_plain_rounds_on_ties(backend, rounds):
+    """Tie-heavy distances: the device rounds (incremental neighbour search, fused launches,
+    the one-block tail) give exactly the partition of plain full-scan rounds, whichever part of
+    the clustering the tail runs."""
+    if backend.name != "emu":
+        pytest.skip("the chunk size is a tunable of the emulated build only")
+    g = _gen(31)
+    n = 120
+    d = torch.randint(0, 6, (n, n), generator=g).float() / 10
+    d = torch.triu(d, 1)
+    d = d + d.T
+    expect = torch.from_numpy(_rnn_rounds(d.numpy(), 0.35))
+    assert expect.max() < n - 10  # many merges
+    with tunable("average_linkage.first_chunk_rounds", rounds):
+        lab = backend.average_linkage_precomputed(backend.dev(d), 0.35).cpu()
+    assert torch.equal(lab, expect)
+
+
 @pytest.mark.parametrize("n,thr", [(1, 0.4), (64, 0.4), (400, 0.4), (300, 0.8)])
 def test_average_linkage_features_matches_cpu(backend, n, thr):
     x = _clustered_features(40 + n, n, 48)

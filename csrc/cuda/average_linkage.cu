@@ -4,15 +4,19 @@
 // Algorithm: reciprocal-nearest-neighbour (RNN) rounds on a dense N x N double matrix. Average
 // linkage is reducible, so merging every reciprocal pair below the threshold per round gives
 // the partition of the one-pair-at-a-time algorithm (scipy / scikit-learn), ties broken by
-// insid3::better_min (smallest distance, then lowest index). One round:
-//   K1 nn_search  : nn[i] = argmin_{active j != i} D[i][j] (one block per row).
-//   K2 decide     : i < j = nn[i], nn[j] == i, D[i][j] < threshold -> pair (i absorbs j).
-//   K3 row_pass   : row i of each pair P = (i, k): D[i][x] = avg_P(D[i][x], D[k][x]).
-//   K4 fix_pass   : restores symmetry: D[x][i] = D[i][x] for unmerged x, and for two pairs
-//                   P = (i, k), Q = (j, l) merged in the same round with i < j:
-//                   D[i][j] = D[j][i] = avg_Q(avg_P(D[i][j], D[k][j]), avg_P(D[i][l], D[k][l]))
-//                   (inner average over the lower-representative pair, outer over the other).
-//   K5 finalize   : sizes, deactivate absorbed clusters, parent links.
+// insid3::better_min (smallest distance, then lowest index). One round, two launches:
+//   K1 search     : nn[i] = argmin_{active j != i} D[i][j] (one block per row); only rows that
+//                   merged, or whose neighbour merged, in the previous round scan the whole row,
+//                   the others compare their neighbour with last round's survivors (exact).
+//   K2 decide     : i < j = nn[i], nn[j] == i, D[i][j] < threshold -> pair (i absorbs j); run by
+//                   the block of K1 that finishes last (last_block_done).
+//   K3 row        : row i of each pair P = (i, k): D[i][x] = avg_P(D[i][x], D[k][x]) for the
+//                   unmerged and absorbed x, mirrored into D[x][i] for the unmerged x.
+//   K4 between    : for two pairs P = (i, k), Q = (x, l) merged in the same round with i < x, the
+//                   block of P writes D[i][x] = D[x][i] = avg_Q(avg_P(D[i][x], D[k][x]),
+//                   avg_P(D[i][l], D[k][l])) (inner average over the lower-representative pair,
+//                   outer over the other); K3 and K4 share a launch (a block barrier between).
+//   K5 finalize   : sizes, deactivate absorbed clusters, parent links; run by the last block.
 // avg_P(a, b) = (n_i a + n_k b) / (n_i + n_k) is insid3::average_update (scipy's formula),
 // evaluated without fma contraction (average_update_rn) so it equals the CPU value.
 // The matrix is symmetric from the start (built from the upper triangle of `dist`, as
@@ -20,11 +24,12 @@
 // round with a mergeable pair merges at least the globally closest one.
 //
 // Termination without host synchronisation: the host enqueues a fixed chunk of multi-block
-// rounds (kFirstChunkRounds, well above the 25-40 rounds measured for N <= 4096); every kernel of
-// round r first reads count[r] (merges made in round r-1; count[0] = 1) and exits at once when it
-// is 0. Then one single-block kernel (dense_tail_kernel) finishes the clustering if the chunk
-// did not: it runs the same round steps (the __device__ functions below) in a loop until a round
-// merges nothing. So the result is always the converged partition, on any stream, captured into
+// rounds (kFirstChunkRounds = 12: a synthetic 1024 px target, N = 4096, merges 1036, 650, 478,
+// 333, 235, 154, 120, 93, 54, 41, 34, 24 pairs in its first 12 rounds and about 40 in the 8
+// after them, which the tail's incremental search makes cheap); every kernel of round r first reads count[r] (merges made in round
+// r-1; count[0] = 1) and exits at once when it is 0. Then one single-block kernel
+// (dense_tail_kernel) finishes the clustering if the chunk did not: it runs the same round
+// steps (the __device__ functions below) in a loop until a round merges nothing. So the result is always the converged partition, on any stream, captured into
 // a CUDA graph or not, and the host never reads a device value to get it.
 //
 // Memory: the (N, N) double matrix D plus O(N) state; the float32 Gram matrix is computed in
@@ -47,7 +52,7 @@ namespace {
 constexpr int kRowThreads = 256;
 constexpr int kPointThreads = 256;
 constexpr int kTailThreads = 1024;
-constexpr int kFirstChunkRounds = 64;
+constexpr int kFirstChunkRounds = 12;
 constexpr int kMaxPairBlocks = 2048;
 constexpr int64_t kGramRows = 512;
 
@@ -61,25 +66,58 @@ struct DenseState {
   int32_t* mate;      // during a round: survivor -> absorbed partner (> i), absorbed -> survivor (< k); else -1
   int32_t* parent;    // merge forest: parent[k] = i when i absorbed k
   int32_t* pairs;     // survivors of this round, in slot order (order irrelevant: updates are independent)
+  int32_t* touched;   // the last round in which the index merged (survivor or absorbed); -1: never
 };
 
 // ---- the steps of one round, shared by the multi-block kernels and the tail ----------------
 
-// K2: the lower index of a reciprocal pair below the threshold takes a slot.
-__device__ __forceinline__ void decide_one(const DenseState& st, int64_t i, int32_t* count, double threshold) {
+// K1 for row i, the candidates j = j0, j0 + dj, ...: the best (distance, index) this thread
+// sees, to be reduced over the threads that share the row. A row needs a full rescan only when
+// i or its nearest neighbour merged in the previous round (or in round 0): otherwise the only
+// entries of row i that changed are the columns of last round's survivors (absorbed columns
+// died), so the best of the old neighbour and those survivors is the exact argmin (better_min
+// is a total order) — with no appeal to reducibility, which rounding could break.
+__device__ __forceinline__ void search_part(const DenseState& st, int64_t i, int round, int32_t prev_count,
+                                            int64_t j0, int64_t dj, double& bv, int64_t& bj) {
+  const int64_t N = st.N;
+  const double* Di = st.D + i * N;
+  const int32_t old = st.nn[i];
+  const bool full = round == 0 || old < 0 || st.touched[i] == round - 1 || st.touched[old] == round - 1;
+  if (full) {
+    for (int64_t j = j0; j < N; j += dj) {
+      if (j != i && st.active[j] && insid3::better_min(Di[j], j, bv, bj)) { bv = Di[j]; bj = j; }
+    }
+    return;
+  }
+  if (j0 == 0 && insid3::better_min(st.nnd[i], old, bv, bj)) { bv = st.nnd[i]; bj = old; }
+  for (int64_t b = j0; b < prev_count; b += dj) {
+    const int64_t c = st.pairs[b];  // a survivor of the previous round: active, != i
+    if (insid3::better_min(Di[c], c, bv, bj)) { bv = Di[c]; bj = c; }
+  }
+}
+
+// K2: the lower index of a reciprocal pair below the threshold takes a slot. nn / nnd are read
+// through volatile pointers: in the multi-block round other blocks wrote them in this launch,
+// and a cached line of this SM's L1 must not answer.
+__device__ __forceinline__ void decide_one(const DenseState& st, int64_t i, int32_t* count, double threshold,
+                                           int round) {
   if (!st.active[i]) return;
-  const int32_t j = st.nn[i];
-  if (j <= i || st.nn[j] != i) return;  // j == -1 fails j <= i; only the lower index acts
-  if (!(st.nnd[i] < threshold)) return;  // merge iff linkage < threshold (NaN never merges)
+  const volatile int32_t* nn = st.nn;
+  const volatile double* nnd = st.nnd;
+  const int32_t j = nn[i];
+  if (j <= i || nn[j] != i) return;  // j == -1 fails j <= i; only the lower index acts
+  if (!(nnd[i] < threshold)) return;  // merge iff linkage < threshold (NaN never merges)
   const int32_t slot = atomicAdd(count, 1);
   st.pairs[slot] = static_cast<int32_t>(i);
   st.mate[i] = j;
   st.mate[j] = static_cast<int32_t>(i);
+  st.touched[i] = round;
+  st.touched[j] = round;
 }
 
-// K3 for pair slot b, columns x0, x0 + dx, ...: row i <- average of rows i and k over every
-// active column (absorbed columns included, the fix pass needs them). Rows of different pairs
-// are disjoint: no race.
+// K3 for pair P = (i, k) (slot b), columns x0, x0 + dx, ...: row i <- avg_P(row i, row k) for
+// every active column except the survivors of other pairs, mirrored into column i for the
+// unmerged columns. Each pair writes only its own row and, at column i, rows no pair reads.
 __device__ __forceinline__ void row_update(const DenseState& st, int64_t b, int64_t x0, int64_t dx) {
   const int64_t N = st.N;
   const int64_t i = st.pairs[b];
@@ -88,30 +126,34 @@ __device__ __forceinline__ void row_update(const DenseState& st, int64_t b, int6
   double* Di = st.D + i * N;
   const double* Dk = st.D + k * N;
   for (int64_t x = x0; x < N; x += dx) {
-    if (x != i && x != k && st.active[x]) Di[x] = average_update_rn(Di[x], Dk[x], ni, nk);
+    if (x == i || x == k || !st.active[x]) continue;
+    const int64_t mx = st.mate[x];
+    if (mx >= 0 && mx > x) continue;  // x survives its own pair: K4
+    const double v = average_update_rn(Di[x], Dk[x], ni, nk);
+    Di[x] = v;
+    if (mx < 0) st.D[x * N + i] = v;  // unmerged x: D is symmetric again
   }
 }
 
-// K4 for pair slot b (after every row update): mirror row i into column i for unmerged x, and
-// finish the entries between two merged pairs. Writes D[i][j], D[j][i] only for i < j and reads
-// only rows of survivors at columns that no other pair writes (see the header comment).
+// K4 for pair P = (i, k) (after K3 of the same pair: it reads row i's absorbed columns): the
+// entries between two pairs merged in the same round, computed by the lower survivor i < x of
+// Q = (x, l): D[i][x] = D[x][i] = avg_Q(avg_P(D[i][x], D[k][x]), avg_P(D[i][l], D[k][l]))
+// (inner average over the lower-representative pair, outer over the other).
 __device__ __forceinline__ void fix_update(const DenseState& st, int64_t b, int64_t x0, int64_t dx) {
   const int64_t N = st.N;
   const int64_t i = st.pairs[b];
   const int64_t k = st.mate[i];
+  const double ni = st.size[i], nk = st.size[k];
   double* Di = st.D + i * N;
+  const double* Dk = st.D + k * N;
   for (int64_t x = x0; x < N; x += dx) {
-    if (x == i || x == k || !st.active[x]) continue;
+    if (x <= i || x == k || !st.active[x]) continue;
     const int64_t mx = st.mate[x];
-    if (mx < 0) {
-      st.D[x * N + i] = Di[x];  // unmerged x: D is symmetric again
-    } else if (mx > x && i < x) {  // x survives pair (x, mx); the lower survivor computes
-      const double v = average_update_rn(Di[x], Di[mx], st.size[x], st.size[mx]);
-      Di[x] = v;
-      st.D[x * N + i] = v;
-    }
-    // else: x is absorbed this round (its row and column die), or x is a survivor below i
-    // (that pair's block writes this entry).
+    if (mx < 0 || mx < x) continue;  // unmerged or absorbed: done in K3
+    const double inner = average_update_rn(Di[x], Dk[x], ni, nk);
+    const double v = average_update_rn(inner, Di[mx], st.size[x], st.size[mx]);
+    Di[x] = v;
+    st.D[x * N + i] = v;
   }
 }
 
@@ -126,81 +168,66 @@ __device__ __forceinline__ void finalize_one(const DenseState& st, int64_t b) {
   st.mate[k] = -1;
 }
 
-// ---- multi-block rounds ---------------------------------------------------------------------
+// ---- multi-block rounds: two launches each ----------------------------------------------------
 
-// K1: nn[i] = argmin_{active j != i} D[i][j] (one block per row).
+// K1 + K2 of round `round`: one block per row finds nn[i]; the block that finishes last
+// decides the pairs (the grid's blocks never wait for one another).
 __global__ void __launch_bounds__(kRowThreads)
-nn_search_kernel(DenseState st, const int32_t* __restrict__ prev_count) {
-  if (*prev_count == 0) return;  // converged: nothing changed in the previous round
+search_decide_kernel(DenseState st, int round, const int32_t* __restrict__ prev_count, int32_t* cur_count,
+                     int32_t* done, double threshold) {
+  const int32_t prev = *prev_count;
+  if (prev == 0) return;  // uniform over the grid: converged, nothing changed
   const int64_t i = blockIdx.x;
-  if (!st.active[i]) return;     // uniform over the block
-  const int64_t N = st.N;
-  const double* Di = st.D + i * N;
-  double bv = INFINITY;
-  int64_t bj = INT64_MAX;
-  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-    if (j != i && st.active[j]) {
-      const double d = Di[j];
-      if (insid3::better_min(d, j, bv, bj)) { bv = d; bj = j; }
+  if (st.active[i]) {  // uniform over the block
+    double bv = INFINITY;
+    int64_t bj = INT64_MAX;
+    search_part(st, i, round, prev, threadIdx.x, blockDim.x, bv, bj);
+    block_best<false>(bv, bj);
+    if (threadIdx.x == 0) {
+      st.nn[i] = (bj == INT64_MAX) ? -1 : static_cast<int32_t>(bj);
+      st.nnd[i] = bv;
     }
   }
-  block_best<false>(bv, bj);
-  if (threadIdx.x == 0) {
-    st.nn[i] = (bj == INT64_MAX) ? -1 : static_cast<int32_t>(bj);
-    st.nnd[i] = bv;
-  }
+  if (!last_block_done(done)) return;
+  for (int64_t x = threadIdx.x; x < st.N; x += blockDim.x) decide_one(st, x, cur_count, threshold, round);
 }
 
-__global__ void decide_kernel(DenseState st, const int32_t* __restrict__ prev_count, int32_t* cur_count,
-                              double threshold) {
-  if (*prev_count == 0) return;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < st.N) decide_one(st, i, cur_count, threshold);
-}
-
+// K3 + K4 of the round's pairs (each block takes slots b = blockIdx.x, + gridDim.x, ...); the
+// block that finishes last runs K5.
 __global__ void __launch_bounds__(kRowThreads)
-row_pass_kernel(DenseState st, const int32_t* __restrict__ cur_count) {
+update_kernel(DenseState st, const int32_t* __restrict__ cur_count, int32_t* done) {
   const int32_t count = *cur_count;
+  if (count == 0) return;  // uniform over the grid
   for (int64_t b = blockIdx.x; b < count; b += gridDim.x) row_update(st, b, threadIdx.x, blockDim.x);
-}
-
-__global__ void __launch_bounds__(kRowThreads)
-fix_pass_kernel(DenseState st, const int32_t* __restrict__ cur_count) {
-  const int32_t count = *cur_count;
+  __syncthreads();  // K4 of a pair reads what K3 of the same pair wrote
   for (int64_t b = blockIdx.x; b < count; b += gridDim.x) fix_update(st, b, threadIdx.x, blockDim.x);
-}
-
-__global__ void finalize_kernel(DenseState st, const int32_t* __restrict__ cur_count) {
-  const int32_t count = *cur_count;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < count;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    finalize_one(st, b);
+  if (!last_block_done(done)) return;
+  for (int64_t b = threadIdx.x; b < count; b += blockDim.x) finalize_one(st, b);
 }
 
 // ---- the tail: the remaining rounds in one block -------------------------------------------
 
-// Runs rounds until one merges nothing, if the chunk's last round (*last_count) still merged.
-// counter: one device int of scratch. Each thread scans whole rows in the search (better_min is
-// a total order, so the sequential scan finds the pair the block reduction finds).
+// Runs rounds `round`, `round + 1`, ... until one merges nothing, if the chunk's last round
+// (*last_count) still merged. counter: one device int of scratch. Each thread searches whole
+// rows (better_min is a total order: the sequential scan finds what the block reduction finds).
 __global__ void __launch_bounds__(kTailThreads)
-dense_tail_kernel(DenseState st, const int32_t* __restrict__ last_count, int32_t* counter, double threshold) {
-  if (*last_count == 0) return;  // uniform: the chunk converged
+dense_tail_kernel(DenseState st, int round, const int32_t* __restrict__ last_count, int32_t* counter,
+                  double threshold) {
+  int32_t prev = *last_count;
+  if (prev == 0) return;  // uniform: the chunk converged
   const int64_t N = st.N, t = threadIdx.x, T = blockDim.x;
-  for (;;) {
+  for (;; ++round) {
     for (int64_t i = t; i < N; i += T) {
       if (!st.active[i]) continue;
-      const double* Di = st.D + i * N;
       double bv = INFINITY;
       int64_t bj = INT64_MAX;
-      for (int64_t j = 0; j < N; ++j) {
-        if (j != i && st.active[j] && insid3::better_min(Di[j], j, bv, bj)) { bv = Di[j]; bj = j; }
-      }
+      search_part(st, i, round, prev, 0, 1, bv, bj);
       st.nn[i] = (bj == INT64_MAX) ? -1 : static_cast<int32_t>(bj);
       st.nnd[i] = bv;
     }
     if (t == 0) *counter = 0;
     __syncthreads();
-    for (int64_t i = t; i < N; i += T) decide_one(st, i, counter, threshold);
+    for (int64_t i = t; i < N; i += T) decide_one(st, i, counter, threshold, round);
     __syncthreads();
     const int32_t count = *counter;  // read by every thread before anyone resets it
     if (count == 0) return;          // uniform: every thread read the same count
@@ -210,6 +237,7 @@ dense_tail_kernel(DenseState st, const int32_t* __restrict__ last_count, int32_t
     __syncthreads();
     for (int64_t b = t; b < count; b += T) finalize_one(st, b);
     __syncthreads();
+    prev = count;
   }
 }
 
@@ -235,21 +263,31 @@ __global__ void build_dense_kernel(const float* __restrict__ src, int64_t ld, in
   D[j * N + i] = static_cast<double>(v);
 }
 
+// Every cluster a singleton (size 1, active, its own parent, no neighbour, never merged), and
+// the round counters of round_counts_init.
+__global__ void init_state_kernel(DenseState st, int32_t* counts, int64_t slots) {
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (x < slots) round_counts_init(counts, x);
+  if (x >= st.N) return;
+  st.size[x] = 1.0;
+  st.active[x] = 1;
+  st.nn[x] = -1;
+  st.mate[x] = -1;
+  st.parent[x] = static_cast<int32_t>(x);
+  st.touched[x] = -1;
+}
+
 void enqueue_rounds(const DenseState& st, int32_t* counts, int rounds, double threshold, cudaStream_t stream) {
   const int64_t N = st.N;
   const unsigned int pair_blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(N / 2, kMaxPairBlocks)));
+  int32_t* done = counts + rounds + 2;
   for (int r = 0; r < rounds; ++r) {
     const int32_t* prev = counts + r;
     int32_t* cur = counts + r + 1;
-    INSID3_LAUNCH(nn_search_kernel, static_cast<unsigned int>(N), kRowThreads, 0, stream)(st, prev);
+    INSID3_LAUNCH(search_decide_kernel, static_cast<unsigned int>(N), kRowThreads, 0, stream)(st, r, prev, cur, done,
+                                                                                              threshold);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    INSID3_LAUNCH(decide_kernel, grid_1d(N, kPointThreads), kPointThreads, 0, stream)(st, prev, cur, threshold);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    INSID3_LAUNCH(row_pass_kernel, pair_blocks, kRowThreads, 0, stream)(st, cur);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    INSID3_LAUNCH(fix_pass_kernel, pair_blocks, kRowThreads, 0, stream)(st, cur);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    INSID3_LAUNCH(finalize_kernel, grid_1d(N / 2 + 1, kPointThreads), kPointThreads, 0, stream)(st, cur);
+    INSID3_LAUNCH(update_kernel, pair_blocks, kRowThreads, 0, stream)(st, cur, done);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -264,24 +302,27 @@ int64_t dense_bytes(int64_t N, const char* op) {
 at::Tensor cluster_dense(at::Tensor D, double threshold) {
   const int64_t N = D.size(0);
   auto opts = D.options();
-  auto size = at::ones({N}, opts);
-  auto active = at::ones({N}, opts.dtype(at::kByte));
-  auto nn = at::full({N}, -1, opts.dtype(at::kInt));
+  // Uninitialised buffers, set by one kernel (init_state_kernel) instead of one fill each.
+  auto size = at::empty({N}, opts);
   auto nnd = at::empty({N}, opts);
-  auto mate = at::full({N}, -1, opts.dtype(at::kInt));
-  auto parent = at::arange(N, opts.dtype(at::kInt));
+  auto active = at::empty({N}, opts.dtype(at::kByte));
+  auto ints = at::empty({4, N}, opts.dtype(at::kInt));  // nn, mate, parent, touched
   auto pairs = at::empty({std::max<int64_t>(1, N / 2)}, opts.dtype(at::kInt));
+  auto parent = ints.select(0, 2);
 
-  DenseState st{D.data_ptr<double>(), N, size.data_ptr<double>(), active.data_ptr<uint8_t>(),
-                nn.data_ptr<int32_t>(), nnd.data_ptr<double>(), mate.data_ptr<int32_t>(),
-                parent.data_ptr<int32_t>(), pairs.data_ptr<int32_t>()};
+  int32_t* ip = ints.data_ptr<int32_t>();
+  DenseState st{D.data_ptr<double>(), N, size.data_ptr<double>(), active.data_ptr<uint8_t>(), ip,
+                nnd.data_ptr<double>(), ip + N, ip + 2 * N, pairs.data_ptr<int32_t>(), ip + 3 * N};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const int rounds = static_cast<int>(INSID3_TUNABLE("average_linkage.first_chunk_rounds", kFirstChunkRounds));
-  auto counts = round_counts(rounds, opts);
+  auto counts = at::empty({round_count_slots(rounds)}, opts.dtype(at::kInt));
   int32_t* c = counts.data_ptr<int32_t>();
+  INSID3_LAUNCH(init_state_kernel, grid_1d(std::max<int64_t>(N, round_count_slots(rounds)), kPointThreads),
+                kPointThreads, 0, stream)(st, c, round_count_slots(rounds));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   enqueue_rounds(st, c, rounds, threshold, stream);
-  INSID3_LAUNCH(dense_tail_kernel, 1, kTailThreads, 0, stream)(st, c + rounds, c + rounds + 1, threshold);
+  INSID3_LAUNCH(dense_tail_kernel, 1, kTailThreads, 0, stream)(st, rounds, c + rounds, c + rounds + 1, threshold);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return labels_from_parent(parent);
 }

@@ -177,15 +177,36 @@ __device__ __forceinline__ void block_best(double& v, int64_t& j) {
   block_best_by(v, j, PairBetter<kMax>{}, kMax ? -INFINITY : INFINITY);
 }
 
-// The merge counters of a chunk of `rounds` clustering rounds plus the tail kernel's counter:
-// counts[r + 1] = merges of round r, counts[0] = 1 ("the previous round merged"), and
-// counts[rounds + 1] is the tail's scratch. Every round kernel of round r exits at once when
-// counts[r] == 0, so rounds after convergence cost only their launches.
-inline at::Tensor round_counts(int rounds, const at::TensorOptions& opts) {
-  auto counts = at::zeros({rounds + 2}, opts.dtype(at::kInt));
-  counts.narrow(0, 0, 1).fill_(1);
-  return counts;
+// True, in every thread of the block, for the block of the grid that finishes last: the
+// threadfence pattern of the CUDA samples. No block waits for another, so the grid may run
+// one block at a time (as the emulation's OS-thread mode does) and a step that needs the whole
+// grid's results joins the launch instead of costing one of its own. *done is 0 at launch and
+// the last block sets it back to 0 for the next one. Every thread of every block calls it; what
+// the last block reads of the other blocks' writes it reads through volatile pointers.
+__device__ __forceinline__ bool last_block_done(int32_t* done) {
+  __shared__ int last;
+  __threadfence();  // this thread's writes are visible device-wide before its block's ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int32_t blocks = static_cast<int32_t>(gridDim.x * gridDim.y * gridDim.z);
+    last = atomicAdd(done, 1) == blocks - 1;
+    if (last) atomicExch(done, 0);
+  }
+  __syncthreads();
+  const bool mine = last != 0;
+  if (mine) __threadfence();
+  return mine;
 }
+
+// The merge counters of a chunk of `rounds` clustering rounds plus the tail kernel's counter:
+// counts[r + 1] = merges of round r, counts[0] = 1 ("the previous round merged"),
+// counts[rounds + 1] is the tail's scratch and counts[rounds + 2] the last-block ticket counter
+// (last_block_done). Every round kernel of round r exits at once when counts[r] == 0, so rounds
+// after convergence cost only their launches.
+inline int64_t round_count_slots(int rounds) { return static_cast<int64_t>(rounds) + 3; }
+
+// Entry x of the counters' initial value (an op's own init kernel sets them: no extra launch).
+__device__ __forceinline__ void round_counts_init(int32_t* counts, int64_t x) { counts[x] = x == 0 ? 1 : 0; }
 
 // Labels numbered by first appearance from a parent forest whose roots are the smallest
 // member of their cluster (both clustering ops merge into the lower index), so a cluster

@@ -9,7 +9,8 @@
 // reciprocal pair with linkage < threshold merges into the smaller id (sum = s_small + s_large).
 // Rounds repeat until one makes no merge.
 //
-// One round on the device (all launch sizes depend on shapes only):
+// One round on the device, three launches (G1; G2 + G3; G4 + G5: the single-block steps run in
+// the block that finishes last, see last_block_done; all launch sizes depend on shapes only):
 //   G1 edges  : every grid edge (p, q) with rep[p] != rep[q] gives the adjacent pair (a, b);
 //               its linkage is recomputed only if a or b changed in the previous round (else the
 //               cached edge value is still exact), then atomicMin of an order-preserving 64-bit
@@ -41,7 +42,7 @@ namespace {
 constexpr int kEdgeThreads = 128;
 constexpr int kPointThreads = 256;
 constexpr int kSumThreads = 128;
-constexpr int kFirstChunkRounds = 96;
+constexpr int kFirstChunkRounds = 12;
 constexpr int kTailThreads = 1024;
 constexpr int kMaxPairBlocks = 4096;
 constexpr unsigned long long kNoKey = ~0ull;
@@ -123,13 +124,17 @@ __device__ __forceinline__ void edge_ties_one(const GridState& st, int64_t e) {
 }
 
 // G3 for cluster id c: the lower id of a reciprocal pair below the threshold takes a slot.
+// best_id / best_key are read through volatile pointers: in the multi-block round the atomics of
+// other blocks wrote them in this launch.
 __device__ __forceinline__ void decide_one(const GridState& st, int64_t c, int32_t* count, int32_t round,
                                            double threshold) {
   if (st.rep[c] != c) return;  // not a live cluster id
-  const int32_t nb = st.best_id[c];
-  const unsigned long long key = st.best_key[c];
+  const volatile int32_t* best_id = st.best_id;
+  const volatile unsigned long long* best_key = st.best_key;
+  const int32_t nb = best_id[c];
+  const unsigned long long key = best_key[c];
   if (nb == INT_MAX || key == kNoKey) return;  // no adjacent cluster
-  if (!insid3::round_merges(c, nb, st.best_id[nb], key_value(key), threshold)) return;
+  if (!insid3::round_merges(c, nb, best_id[nb], key_value(key), threshold)) return;
   const int32_t slot = atomicAdd(count, 1);
   st.pairs[slot] = static_cast<int32_t>(c);
   st.absorbed_by[nb] = static_cast<int32_t>(c);
@@ -155,7 +160,7 @@ __device__ __forceinline__ void relabel_one(const GridState& st, int64_t p, int3
   st.best_id[p] = INT_MAX;
 }
 
-// ---- multi-block rounds ---------------------------------------------------------------------
+// ---- multi-block rounds: three launches each --------------------------------------------------
 
 __global__ void __launch_bounds__(kEdgeThreads)
 edge_linkage_kernel(GridState st, const int32_t* __restrict__ prev_count, int32_t round) {
@@ -164,30 +169,27 @@ edge_linkage_kernel(GridState st, const int32_t* __restrict__ prev_count, int32_
   if (e < st.N * st.K) edge_linkage_one(st, e, round);
 }
 
+// G2, then G3 in the block that finishes last. G3 reads the minima the other blocks' atomics
+// wrote in this launch through volatile pointers (no stale L1 line may answer).
 __global__ void __launch_bounds__(kEdgeThreads)
-edge_ties_kernel(GridState st, const int32_t* __restrict__ prev_count) {
-  if (*prev_count == 0) return;
+edge_ties_decide_kernel(GridState st, const int32_t* __restrict__ prev_count, int32_t* cur_count, int32_t* done,
+                        int32_t round, double threshold) {
+  if (*prev_count == 0) return;  // uniform over the grid
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e < st.N * st.K) edge_ties_one(st, e);
+  if (!last_block_done(done)) return;
+  for (int64_t c = threadIdx.x; c < st.N; c += blockDim.x) decide_one(st, c, cur_count, round, threshold);
 }
 
-__global__ void decide_kernel(GridState st, const int32_t* __restrict__ prev_count, int32_t* cur_count,
-                              int32_t round, double threshold) {
-  if (*prev_count == 0) return;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c < st.N) decide_one(st, c, cur_count, round, threshold);
-}
-
+// G4 (each block takes slots s = blockIdx.x, + gridDim.x, ...), then G5 in the block that
+// finishes last.
 __global__ void __launch_bounds__(kSumThreads)
-merge_sums_kernel(GridState st, const int32_t* __restrict__ cur_count) {
+merge_relabel_kernel(GridState st, const int32_t* __restrict__ cur_count, int32_t* done, int32_t round) {
   const int32_t count = *cur_count;
+  if (count == 0) return;  // uniform: no merge this round, nothing to relabel, no next round
   for (int64_t s = blockIdx.x; s < count; s += gridDim.x) merge_sums_one(st, s, threadIdx.x, blockDim.x);
-}
-
-__global__ void relabel_kernel(GridState st, const int32_t* __restrict__ cur_count, int32_t round) {
-  if (*cur_count == 0) return;  // no merge this round: nothing to relabel, no next round
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p < st.N) relabel_one(st, p, round);
+  if (!last_block_done(done)) return;
+  for (int64_t p = threadIdx.x; p < st.N; p += blockDim.x) relabel_one(st, p, round);
 }
 
 // ---- the tail: the remaining rounds in one block -------------------------------------------
@@ -216,21 +218,33 @@ grid_tail_kernel(GridState st, const int32_t* __restrict__ last_count, int32_t* 
   }
 }
 
+// Every patch its own cluster (size 1, never merged, no minimum yet), and the round counters.
+__global__ void init_state_kernel(GridState st, int32_t* counts, int64_t slots) {
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (x < slots) round_counts_init(counts, x);
+  if (x >= st.N) return;
+  st.cnt[x] = 1.0;
+  st.rep[x] = static_cast<int32_t>(x);
+  st.merged_round[x] = -1;
+  st.absorbed_round[x] = -1;
+  st.absorbed_by[x] = -1;
+  st.best_key[x] = kNoKey;
+  st.best_id[x] = INT_MAX;
+}
+
 void enqueue_rounds(const GridState& st, int32_t* counts, int rounds, double threshold, cudaStream_t stream) {
   const int64_t E = st.N * st.K;
   const unsigned int pair_blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(st.N / 2, kMaxPairBlocks)));
+  int32_t* done = counts + rounds + 2;
   for (int32_t round = 0; round < rounds; ++round) {
     const int32_t* prev = counts + round;
     int32_t* cur = counts + round + 1;
     INSID3_LAUNCH(edge_linkage_kernel, grid_1d(E, kEdgeThreads), kEdgeThreads, 0, stream)(st, prev, round);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    INSID3_LAUNCH(edge_ties_kernel, grid_1d(E, kEdgeThreads), kEdgeThreads, 0, stream)(st, prev);
+    INSID3_LAUNCH(edge_ties_decide_kernel, grid_1d(E, kEdgeThreads), kEdgeThreads, 0, stream)(st, prev, cur, done,
+                                                                                            round, threshold);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    INSID3_LAUNCH(decide_kernel, grid_1d(st.N, kPointThreads), kPointThreads, 0, stream)(st, prev, cur, round, threshold);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    INSID3_LAUNCH(merge_sums_kernel, pair_blocks, kSumThreads, 0, stream)(st, cur);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    INSID3_LAUNCH(relabel_kernel, grid_1d(st.N, kPointThreads), kPointThreads, 0, stream)(st, cur, round);
+    INSID3_LAUNCH(merge_relabel_kernel, pair_blocks, kSumThreads, 0, stream)(st, cur, done, round);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -254,27 +268,26 @@ at::Tensor grid_average_linkage_cuda(const at::Tensor& features, int64_t h, int6
   const int K = insid3::grid_edges_per_patch(static_cast<int>(connectivity));
 
   auto sumT = features.contiguous().to(at::kDouble).t().contiguous();  // (C, N)
-  auto cnt = at::ones({N}, opts.dtype(at::kDouble));
-  auto rep = at::arange(N, opts.dtype(at::kInt));
+  // Uninitialised buffers, set by one kernel (init_state_kernel) instead of one fill each.
+  auto cnt = at::empty({N}, opts.dtype(at::kDouble));
   auto edge_d = at::empty({N * K}, opts.dtype(at::kDouble));
-  auto merged_round = at::full({N}, -1, opts.dtype(at::kInt));
-  auto absorbed_round = at::full({N}, -1, opts.dtype(at::kInt));
-  auto absorbed_by = at::full({N}, -1, opts.dtype(at::kInt));
-  auto best_key = at::full({N}, -1, opts.dtype(at::kLong));  // all bits set = kNoKey
-  auto best_id = at::full({N}, INT_MAX, opts.dtype(at::kInt));
-  auto pairs = at::empty({std::max<int64_t>(1, N / 2)}, opts.dtype(at::kInt));
+  auto ints = at::empty({6, N}, opts.dtype(at::kInt));  // rep, merged/absorbed round, absorbed_by, best_id, pairs
+  auto best_key = at::empty({N}, opts.dtype(at::kLong));
+  auto rep = ints.select(0, 0);
+  int32_t* ip = ints.data_ptr<int32_t>();
 
   GridState st{N, C, h, w, K,
-               sumT.data_ptr<double>(), cnt.data_ptr<double>(), rep.data_ptr<int32_t>(),
-               edge_d.data_ptr<double>(), merged_round.data_ptr<int32_t>(), absorbed_round.data_ptr<int32_t>(),
-               absorbed_by.data_ptr<int32_t>(),
-               reinterpret_cast<unsigned long long*>(best_key.data_ptr<int64_t>()), best_id.data_ptr<int32_t>(),
-               pairs.data_ptr<int32_t>()};
+               sumT.data_ptr<double>(), cnt.data_ptr<double>(), ip,
+               edge_d.data_ptr<double>(), ip + N, ip + 2 * N, ip + 3 * N,
+               reinterpret_cast<unsigned long long*>(best_key.data_ptr<int64_t>()), ip + 4 * N, ip + 5 * N};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const int rounds = static_cast<int>(INSID3_TUNABLE("grid_average_linkage.first_chunk_rounds", kFirstChunkRounds));
-  auto counts = round_counts(rounds, opts);
+  auto counts = at::empty({round_count_slots(rounds)}, opts.dtype(at::kInt));
   int32_t* c = counts.data_ptr<int32_t>();
+  INSID3_LAUNCH(init_state_kernel, grid_1d(std::max<int64_t>(N, round_count_slots(rounds)), kPointThreads),
+                kPointThreads, 0, stream)(st, c, round_count_slots(rounds));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   enqueue_rounds(st, c, rounds, threshold, stream);
   INSID3_LAUNCH(grid_tail_kernel, 1, kTailThreads, 0, stream)(st, c + rounds, c + rounds + 1, rounds, threshold);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
