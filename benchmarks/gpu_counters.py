@@ -4,7 +4,7 @@
 
 Runs the post-backbone steps of one target (the synthetic encoder at C = 1024, so N = (size/16)^2
 patches) with the kernels of csrc/cuda executed by tests/cuda_emu, and counts what a GPU would
-see: kernel launches of our kernels, host synchronisations (``.item()`` and data-dependent-shape
+see: kernel launches (ours, counted by the emulation, and ATen's), host synchronisations (``.item()`` and data-dependent-shape
 ops, as the test of the zero-sync path counts them; eager, and while "captured"), the peak bytes
 held by tensors, and the GEMM FLOPs by precision. Times are not measured: the emulation's speed
 says nothing about a GPU's. Writes ``{"launches", "host_syncs", "host_syncs_captured",
@@ -32,27 +32,47 @@ from insid3_fast.synthetic import SyntheticEncoder, make_episode  # noqa: E402
 SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
            "aten::unique_consecutive", "aten::unique_dim")
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# ATen ops that launch no kernel on a GPU: views, metadata, allocation without initialisation.
+NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view",
+             "aten::reshape", "aten::as_strided", "aten::t", "aten::transpose", "aten::permute",
+             "aten::expand", "aten::narrow", "aten::slice", "aten::select", "aten::unsqueeze",
+             "aten::squeeze", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::resolve_conj",
+             "aten::resolve_neg", "aten::contiguous", "aten::unbind", "aten::split", "aten::chunk",
+             "aten::view_as", "aten::expand_as", "aten::flatten", "aten::unflatten", "aten::numpy_T",
+             "aten::result_type", "aten::to", "aten::_to_copy_noop", "aten::is_nonzero", "aten::item",
+             "aten::set_", "aten::resize_", "aten::_reshape_alias", "aten::split_with_sizes",
+             "aten::diagonal", "aten::movedim", "aten::swapaxes", "aten::matrix_H", "aten::mT"}
 
 
-def _profile(fn) -> tuple[int, dict[str, int]]:
-    """(host syncs, GEMM FLOPs by input dtype) of fn, from the profiler's ATen events."""
+def _inside(evt, name: str) -> bool:
+    parent = evt.cpu_parent
+    while parent is not None:
+        if parent.name == name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _profile(fn) -> tuple[int, int, dict[str, int]]:
+    """(host syncs, ATen kernel launches, GEMM FLOPs by input dtype) of fn, from the profiler's
+    ATen events. A launch is an ATen op with no ATen op below it that is not a view, metadata or
+    bare allocation: what would put one kernel on a GPU stream (cuBLAS may use more than one)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
                                 with_flops=True) as prof:
         fn()
-    syncs, flops = 0, {}
+    syncs, launches, flops = 0, 0, {}
     for evt in prof.events():
+        if not evt.name.startswith("aten::"):
+            continue
         if evt.name in SYNCING:
-            parent, in_quantile = evt.cpu_parent, False
-            while parent is not None:
-                in_quantile |= parent.name == "aten::quantile"  # CPU-only check of q (see tests)
-                parent = parent.cpu_parent
-            syncs += not in_quantile
-        elif evt.name in GEMMS and evt.flops:
-            dtype = "float32"
-            for kevt in []:  # dtypes are not in FunctionEvent; every GEMM of the path is float32 today
-                pass
+            syncs += not _inside(evt, "aten::quantile")  # CPU-only check of q (see tests)
+        leaf = not any(c.name.startswith("aten::") for c in evt.cpu_children)
+        if leaf and evt.name not in NO_KERNEL and evt.name not in SYNCING:
+            launches += 1
+        if evt.name in GEMMS and evt.flops:
+            dtype = str(evt.input_dtypes[0]) if evt.input_dtypes else "?"
             flops[dtype] = flops.get(dtype, 0) + int(evt.flops)
-    return syncs, flops
+    return syncs, launches, flops
 
 
 def measure(size: int, shots: int, connectivity: int | None = None) -> dict:
@@ -68,18 +88,20 @@ def measure(size: int, shots: int, connectivity: int | None = None) -> dict:
     with ops.use_library(library):
         core.segment_patches(ref, feats)  # warm-up (caches, lazy inits)
         before = build.launch_count()
-        syncs, flops = _profile(lambda: core.segment_patches(ref, feats))
+        syncs, aten_launches, flops = _profile(lambda: core.segment_patches(ref, feats))
         launches = build.launch_count() - before
         with build.capturing():
-            captured, _ = _profile(lambda: core.segment_patches(ref, feats))
+            captured, _, _ = _profile(lambda: core.segment_patches(ref, feats))
         peak = peak_bytes(lambda: core.segment_patches(ref, feats))
     n = h * w
     return {
         "size": size, "shots": shots, "connectivity": connectivity, "N": n, "C": C,
-        "launches": launches, "host_syncs": syncs, "host_syncs_captured": captured,
+        "launches": launches + aten_launches, "launches_ours": launches, "launches_aten": aten_launches,
+        "host_syncs": syncs, "host_syncs_captured": captured,
         "peak_bytes": peak, "peak_over_8N2": peak / (8 * n * n),
         "gemm_flops": flops,
-        "note": "our kernels only (ATen's own kernels not counted); GEMM dtype from the path's code: float32",
+        "note": "launches: our kernels (counted by the emulation) plus ATen kernel ops (profiler leaves that "
+                "are not views or bare allocations); GEMM FLOPs by input dtype from the profiler",
     }
 
 
