@@ -139,6 +139,33 @@ def test_key_bias_follows_bias_mask(tiny, tmp_path):
     assert not torch.allclose(features, masked)  # RoPE makes the key bias matter
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda meta: {"model": {f"module.backbone.{k}": v for k, v in meta.items()} | {"module.head.w": torch.ones(2)}},
+    lambda meta: {"state_dict": {f"_orig_mod.{k}": v for k, v in meta.items()}},
+    lambda meta: {"teacher": {f"backbone.{k}": v for k, v in meta.items()} | {"dino_head.w": torch.ones(2)}},
+], ids=["ddp-training", "torch-compile", "dino-teacher"])
+def test_wrapped_checkpoints_unwrap_to_the_backbone(tiny, tmp_path, wrap):
+    """Containers, DDP/torch.compile prefixes (timm's clean_state_dict) and training heads."""
+    _, meta, path = tiny
+    torch.save(wrap(meta), tmp_path / "wrapped.pth")
+    x = _image()
+    assert torch.equal(_features(load_dinov3(tmp_path / "wrapped.pth"), x), _features(load_dinov3(path), x))
+
+
+def test_pickled_backbone_keeps_its_pinned_periods(tiny):
+    """The lazily built RoPE class pickles by the package's name and comes back the same class."""
+    import pickle
+
+    _, meta, path = tiny
+    backbone = load_dinov3(path)
+    copy = pickle.loads(pickle.dumps(backbone))
+    assert type(copy.model.rope) is type(backbone.model.rope)
+    x = _image()
+    assert torch.equal(_features(copy, x), _features(backbone, x))
+    copy.to(torch.bfloat16)  # a cast recomputes the periods: still the file's
+    assert torch.equal(copy.model.rope.periods.float(), meta["rope_embed.periods"])
+
+
 def test_loaded_model_is_frozen_and_in_eval(tiny):
     backbone = load_dinov3(tiny[2])
     assert not backbone.training and not backbone.model.training
