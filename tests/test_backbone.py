@@ -223,6 +223,41 @@ def test_dtype_cast_keeps_periods(tiny, dtype):
     assert torch.equal(backbone.model.rope.periods.float(), stored)
 
 
+def test_timm_bound_is_one_requirement_and_admits_the_installed_timm():
+    """pyproject.toml requires the timm releases the RoPE pinning was checked against."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    from insid3_fast.backbone.model import TIMM_REQUIREMENT
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = [r for r in meta["project"]["dependencies"] if Requirement(r).name == "timm"]
+    assert declared == [TIMM_REQUIREMENT]
+    requirement = Requirement(TIMM_REQUIREMENT)
+    assert requirement.specifier.contains(version("timm")), (
+        f"timm {version('timm')} is outside {TIMM_REQUIREMENT}: run tests/test_backbone.py on it, then "
+        "raise the bound in pyproject.toml and insid3_fast/backbone/model.py")
+
+
+def test_timm_without_the_rope_hooks_says_which_timm_to_install(monkeypatch):
+    from timm.layers import pos_embed_sincos
+
+    from insid3_fast.backbone import model
+    from insid3_fast.errors import BackendError
+
+    class OldRope(torch.nn.Module):  # a timm release from before _init_buffers
+        def _compute_periods(self):
+            return torch.ones(1)
+
+    monkeypatch.setattr(pos_embed_sincos, "RotaryEmbeddingDinoV3", OldRope)
+    # The uncached function: the cached class stays the one every loaded model has.
+    with pytest.raises(BackendError, match=r"lacks RotaryEmbeddingDinoV3\._init_buffers.*pip install 'timm>="):
+        model.pinned_rope_class.__wrapped__()
+
+
 def test_bf16_model_runs_on_float_input(tiny):
     backbone = load_dinov3(tiny[2], dtype=torch.bfloat16)
     out = _features(backbone, _image())

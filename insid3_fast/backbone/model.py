@@ -3,7 +3,8 @@ periods, and Meta's ``get_intermediate_layers`` interface over it.
 
 The RoPE pinning subclasses timm's ``RotaryEmbeddingDinoV3``, overrides its private
 ``_compute_periods`` (which ``_init_buffers`` and, after a dtype cast, ``_apply`` call) and calls
-its private ``_init_buffers``.
+its private ``_init_buffers``: `TIMM_REQUIREMENT` (and pyproject.toml) names the timm releases
+this was checked against.
 """
 
 from __future__ import annotations
@@ -14,15 +15,22 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, WeightsError
+from ..errors import BackendError, InputError, WeightsError
 from ..inputs import PATCH_SIZE
 from .keys import is_ignored
 from .messages import few, unknown_architecture_error
 from .sizes import MODEL_SIZES
 
 __all__ = [
-    "DinoV3Backbone", "build_dinov3", "load_weights", "pin_rope_periods", "pinned_rope_class",
+    "TIMM_REQUIREMENT", "DinoV3Backbone", "build_dinov3", "load_weights", "pin_rope_periods", "pinned_rope_class",
 ]
+
+#: The timm releases the RoPE pinning was checked against; pyproject.toml requires the same
+#: (tests/test_backbone.py holds the two equal). Raise it only after tests/test_backbone.py passes
+#: on the new release: the pinning overrides private timm methods.
+TIMM_REQUIREMENT = "timm>=1.0.25,<=1.0.31"
+# The private RotaryEmbeddingDinoV3 methods the pinning relies on.
+_TIMM_HOOKS = ("_compute_periods", "_init_buffers")
 
 # Where pickle finds the lazily built RoPE class: the package, whose __getattr__ builds it. It
 # is also where the class lived before the package was split, so older pickles still load.
@@ -33,7 +41,16 @@ _PICKLE_MODULE = "insid3_fast.backbone"
 def pinned_rope_class() -> type:
     """timm's DINOv3 RoPE with fixed periods (one class, built on first use)."""
     # Built lazily: importing timm costs seconds, and only loading a model needs it.
+    import timm
     from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+    missing = [name for name in _TIMM_HOOKS if not callable(getattr(RotaryEmbeddingDinoV3, name, None))]
+    if missing:
+        raise BackendError(
+            f"timm {timm.__version__} lacks RotaryEmbeddingDinoV3.{', .'.join(missing)}, through which "
+            "insid3_fast pins the RoPE periods to the checkpoint's values: install a timm release it was "
+            f"checked against (pip install '{TIMM_REQUIREMENT}')."
+        )
 
     class _PinnedPeriodsRope(RotaryEmbeddingDinoV3):
         """timm's DINOv3 RoPE whose periods are fixed values instead of recomputed ones."""
