@@ -21,7 +21,7 @@ from .fingerprint import weights_fingerprint
 from .keys import hf_to_meta_state_dict
 from .load import load_dinov3
 from .model import DinoV3Backbone, build_dinov3, pinned_rope_class
-from .sizes import _FAMILIES, META_CHECKPOINT_NAMES, MODEL_SIZES, dinov3_rope_periods  # noqa: F401 (_FAMILIES: tests)
+from .sizes import META_CHECKPOINT_NAMES, MODEL_SIZES, dinov3_rope_periods
 
 __all__ = [
     "MODEL_SIZES",
