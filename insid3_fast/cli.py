@@ -259,7 +259,7 @@ def _segment_many(args: argparse.Namespace) -> int:
                     if not bad:
                         raise
                     remaining = [t for t in remaining[consumed:] if t not in bad]
-        total_done, total_failed, total_skipped = distributed.all_sum(
+        total_done, total_failed, total_skipped = distributed.all_reduce_sum(
             [done, len(failed), len(mine) - len(todo)])
         distributed.barrier()
         if rank == 0:

@@ -38,6 +38,7 @@ def _episode_picture(path: str) -> tuple[float, bool, str]:
     import numpy as np
     from PIL import Image, ImageDraw
 
+    from .atomic import atomic_write
     from .model import INSID3
     from .synthetic import SyntheticEncoder, make_episode
     from .visualize import overlay_mask
@@ -63,7 +64,7 @@ def _episode_picture(path: str) -> tuple[float, bool, str]:
     for i, (title, panel) in enumerate(panels):
         sheet.paste(panel, (i * (w + 10), top))
         draw.text((i * (w + 10) + 4, 4), title, fill=(0, 0, 0))
-    sheet.save(path, format="PNG")
+    atomic_write(path, lambda fp: sheet.save(fp, format="PNG"))  # like every output: never half-written
     return iou, bool(np.array_equal(pred, preds["reference"][0])), backend
 
 

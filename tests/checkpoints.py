@@ -38,7 +38,8 @@ def random_timm_model(model_size: str = "small", seed: int = 0, **timm_kwargs: A
 
 
 def _head_dim(model: nn.Module) -> int:
-    return int(model.blocks[0].attn.head_dim)
+    # From width and heads, not attn.head_dim, which older timm releases inside the bound lack.
+    return int(model.embed_dim) // int(model.blocks[0].attn.num_heads)
 
 
 def timm_to_meta_state_dict(model: nn.Module, seed: int = 0) -> dict[str, Tensor]:

@@ -139,6 +139,33 @@ def test_key_bias_follows_bias_mask(tiny, tmp_path):
     assert not torch.allclose(features, masked)  # RoPE makes the key bias matter
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda meta: {"model": {f"module.backbone.{k}": v for k, v in meta.items()} | {"module.head.w": torch.ones(2)}},
+    lambda meta: {"state_dict": {f"_orig_mod.{k}": v for k, v in meta.items()}},
+    lambda meta: {"teacher": {f"backbone.{k}": v for k, v in meta.items()} | {"dino_head.w": torch.ones(2)}},
+], ids=["ddp-training", "torch-compile", "dino-teacher"])
+def test_wrapped_checkpoints_unwrap_to_the_backbone(tiny, tmp_path, wrap):
+    """Containers, DDP/torch.compile prefixes (timm's clean_state_dict) and training heads."""
+    _, meta, path = tiny
+    torch.save(wrap(meta), tmp_path / "wrapped.pth")
+    x = _image()
+    assert torch.equal(_features(load_dinov3(tmp_path / "wrapped.pth"), x), _features(load_dinov3(path), x))
+
+
+def test_pickled_backbone_keeps_its_pinned_periods(tiny):
+    """The lazily built RoPE class pickles by the package's name and comes back the same class."""
+    import pickle
+
+    _, meta, path = tiny
+    backbone = load_dinov3(path)
+    copy = pickle.loads(pickle.dumps(backbone))
+    assert type(copy.model.rope) is type(backbone.model.rope)
+    x = _image()
+    assert torch.equal(_features(copy, x), _features(backbone, x))
+    copy.to(torch.bfloat16)  # a cast recomputes the periods: still the file's
+    assert torch.equal(copy.model.rope.periods.float(), meta["rope_embed.periods"])
+
+
 def test_loaded_model_is_frozen_and_in_eval(tiny):
     backbone = load_dinov3(tiny[2])
     assert not backbone.training and not backbone.model.training
@@ -194,6 +221,41 @@ def test_dtype_cast_keeps_periods(tiny, dtype):
     assert torch.equal(backbone.model.rope.periods, stored)
     backbone.to(torch.bfloat16)
     assert torch.equal(backbone.model.rope.periods.float(), stored)
+
+
+def test_timm_bound_is_one_requirement_and_admits_the_installed_timm():
+    """pyproject.toml requires the timm releases the RoPE pinning was checked against."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    from insid3_fast.backbone.model import TIMM_REQUIREMENT
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = [r for r in meta["project"]["dependencies"] if Requirement(r).name == "timm"]
+    assert declared == [TIMM_REQUIREMENT]
+    requirement = Requirement(TIMM_REQUIREMENT)
+    assert requirement.specifier.contains(version("timm")), (
+        f"timm {version('timm')} is outside {TIMM_REQUIREMENT}: run tests/test_backbone.py on it, then "
+        "raise the bound in pyproject.toml and insid3_fast/backbone/model.py")
+
+
+def test_timm_without_the_rope_hooks_says_which_timm_to_install(monkeypatch):
+    from timm.layers import pos_embed_sincos
+
+    from insid3_fast.backbone import model
+    from insid3_fast.errors import BackendError
+
+    class OldRope(torch.nn.Module):  # a timm release from before _init_buffers
+        def _compute_periods(self):
+            return torch.ones(1)
+
+    monkeypatch.setattr(pos_embed_sincos, "RotaryEmbeddingDinoV3", OldRope)
+    # The uncached function: the cached class stays the one every loaded model has.
+    with pytest.raises(BackendError, match=r"lacks RotaryEmbeddingDinoV3\._init_buffers.*pip install 'timm>="):
+        model.pinned_rope_class.__wrapped__()
 
 
 def test_bf16_model_runs_on_float_input(tiny):

@@ -42,3 +42,22 @@ def test_demo_with_weights_segments_the_bundled_example(monkeypatch):
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
     assert demo.main() == 0
     assert calls and calls[0][0] == "segment" and "demo_mask.png" in calls[0]
+
+
+def test_demo_picture_is_written_atomically(tmp_path, monkeypatch):
+    """A save that fails halfway leaves the previous picture whole and no partial file."""
+    import pytest
+
+    picture = tmp_path / demo.SYNTHETIC_PICTURE
+    picture.write_bytes(b"the previous picture")
+
+    def failing_save(self, fp, *args, **kwargs):
+        fp.write(b"half a PNG")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(demo, "BENCH_SIZE", 256)
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        demo._episode_picture(str(picture))
+    assert picture.read_bytes() == b"the previous picture"
+    assert [p.name for p in tmp_path.iterdir()] == [picture.name]

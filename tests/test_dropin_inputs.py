@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from insid3_fast import INSID3, build_insid3
-from insid3_fast.backbone import _FAMILIES
+from insid3_fast.backbone.sizes import _FAMILIES
 from insid3_fast.errors import InputError, InputWarning
 from insid3_fast.inputs import (IMAGENET_MEAN, IMAGENET_STD, default_svd_components, load_image, load_mask,
                                 resolve_svd_components)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, Insid3Error
-from . import distributed
+from .. import distributed
 from .correspondence import SPair71k, evaluate_correspondence
 from .datasets import SEGMENTATION_DATASETS, build_dataset
 from .records import clear_run
@@ -103,7 +103,8 @@ def run_eval(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
     ``model`` replaces the INSID3 model (any object with set_reference/set_target/segment, or
     match for spair). Under torchrun the episodes are sharded over the ranks.
     """
-    rank, world, device = distributed.init_from_env(args.device)
+    rank, world = distributed.init_from_env(args.device)
+    device = distributed.local_device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)

@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InputError
-from . import distributed
+from .. import distributed
 from .episodes import open_rgb, require_paths
 from .metrics import PCK_ALPHAS, image_pck, pck_threshold, summarise_pck
-from .records import RecordWriter, read_records
+from .records import RecordWriter, claim_output_dir, read_records
 from .runner import package_version, write_outputs
 
 SPAIR_CATEGORIES = (
@@ -120,7 +120,7 @@ def evaluate_correspondence(
     os.makedirs(output_dir, exist_ok=True)
     n = len(dataset) if num_pairs is None else min(int(num_pairs), len(dataset))
     fingerprint = {"dataset": "spair", "split": dataset.split, "episodes": n, "model": config.get("model", {})}
-    distributed.claim_output_dir(output_dir, fingerprint, rank)
+    claim_output_dir(output_dir, fingerprint, rank)
 
     done = read_records(output_dir) if resume else {}
     mine = [i for i in range(n) if i % world_size == rank]

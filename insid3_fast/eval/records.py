@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, Iterable
 
+from .. import distributed
 from ..atomic import atomic_write_json
 from ..errors import InputError
 
@@ -78,6 +79,20 @@ def check_or_write_config(output_dir: str, fingerprint: dict[str, Any], write: b
             )
     elif write:
         atomic_write_json(path, fingerprint)
+
+
+def claim_output_dir(output_dir: str, fingerprint: dict[str, Any], rank: int) -> None:
+    """Rank 0 checks (or writes) the run's configuration in ``output_dir``; every rank raises
+    the same InputError when it belongs to a different run."""
+    error = None
+    if rank == 0:
+        try:
+            check_or_write_config(output_dir, fingerprint, write=True)
+        except InputError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)  # so that no rank goes on alone
+    if error:
+        raise InputError(error)
 
 
 def clear_run(output_dir: str, names: Iterable[str] = ()) -> None:

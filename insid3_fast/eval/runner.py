@@ -12,12 +12,12 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from .. import distributed
 from .episodes import Episode, EpisodeDataset, LoadedEpisode
 from .metrics import SegmentationMeter, episode_areas, format_class_table, resize_mask_nearest
 from .overlays import make_overlay
 from ..atomic import atomic_write, atomic_write_json, atomic_write_text
-from .records import RecordWriter, read_records
+from .records import RecordWriter, claim_output_dir, read_records
 
 
 class SegmentationModel(Protocol):
@@ -83,7 +83,7 @@ def evaluate_segmentation(
         "dataset": dataset.name, "fold": dataset.fold, "shots": dataset.shots, "seed": seed,
         "episodes": len(episodes), "model": config.get("model", {}),
     }
-    distributed.claim_output_dir(output_dir, fingerprint, rank)
+    claim_output_dir(output_dir, fingerprint, rank)
 
     done = read_records(output_dir) if resume else {}
     mine = [e for e in episodes if e.index % world_size == rank]

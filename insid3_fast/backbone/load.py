@@ -1,0 +1,49 @@
+"""`load_dinov3`: a checkpoint file to a frozen DINOv3 backbone, one step per module.
+
+read (formats) → Meta names (keys) → architecture and checks (arch) → timm model, weights and
+RoPE periods (model) → cache key (fingerprint).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .arch import check_keys, check_tensors, infer_arch
+from .fingerprint import weights_fingerprint
+from .formats import read_checkpoint
+from .keys import to_meta_layout
+from .model import DinoV3Backbone, build_dinov3, load_weights, pin_rope_periods
+
+__all__ = ["load_dinov3"]
+
+
+def load_dinov3(
+    weights: str | os.PathLike[str],
+    model_size: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> DinoV3Backbone:
+    """Load DINOv3 weights (Meta ``.pth``, Hugging Face folder or ``.safetensors`` file) into a
+    frozen, eval-mode timm model exposing Meta's ``get_intermediate_layers``.
+
+    ``model_size`` (a key of MODEL_SIZES) is inferred from the file when None; a given size
+    that disagrees with the file raises WeightsError, as do missing, corrupt or unknown files.
+    """
+    state, config = read_checkpoint(Path(weights).expanduser())
+    state = to_meta_layout(state, config)
+    arch = infer_arch(state, model_size)
+    check_keys(state, arch)
+    check_tensors(state, arch)  # before building: a malformed file never costs an allocation
+    model = build_dinov3(arch.model_size, **arch.timm_kwargs())
+    load_weights(model, state)
+    pin_rope_periods(model, arch.periods)
+    backbone = DinoV3Backbone(model, arch.model_size)
+    backbone.eval().requires_grad_(False)
+    # Keys the positional-basis disk cache of INSID3 built on this encoder (weights and dtype).
+    backbone.weights_fingerprint = f"{weights_fingerprint(weights)}|{dtype}"
+    if device is not None or dtype is not None:
+        backbone.to(device=device, dtype=dtype)
+    return backbone

@@ -1,0 +1,176 @@
+"""The timm DINOv3 model: building it, loading Meta-layout weights into it, pinning its RoPE
+periods, and Meta's ``get_intermediate_layers`` interface over it.
+
+The RoPE pinning subclasses timm's ``RotaryEmbeddingDinoV3``, overrides its private
+``_compute_periods`` (which ``_init_buffers`` and, after a dtype cast, ``_apply`` call) and calls
+its private ``_init_buffers``: `TIMM_REQUIREMENT` (and pyproject.toml) names the timm releases
+this was checked against.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import BackendError, InputError, WeightsError
+from ..inputs import PATCH_SIZE
+from .keys import is_ignored
+from .messages import few, unknown_architecture_error
+from .sizes import MODEL_SIZES
+
+__all__ = [
+    "TIMM_REQUIREMENT", "DinoV3Backbone", "build_dinov3", "load_weights", "pin_rope_periods", "pinned_rope_class",
+]
+
+#: The timm releases the RoPE pinning was checked against; pyproject.toml requires the same
+#: (tests/test_backbone.py holds the two equal). Raise it only after tests/test_backbone.py passes
+#: on the new release: the pinning overrides private timm methods.
+TIMM_REQUIREMENT = "timm>=1.0.25,<=1.0.31"
+# The private RotaryEmbeddingDinoV3 methods the pinning relies on.
+_TIMM_HOOKS = ("_compute_periods", "_init_buffers")
+
+# Where pickle finds the lazily built RoPE class: the package, whose __getattr__ builds it. It
+# is also where the class lived before the package was split, so older pickles still load.
+_PICKLE_MODULE = "insid3_fast.backbone"
+
+
+@functools.cache
+def pinned_rope_class() -> type:
+    """timm's DINOv3 RoPE with fixed periods (one class, built on first use)."""
+    # Built lazily: importing timm costs seconds, and only loading a model needs it.
+    import timm
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+    missing = [name for name in _TIMM_HOOKS if not callable(getattr(RotaryEmbeddingDinoV3, name, None))]
+    if missing:
+        raise BackendError(
+            f"timm {timm.__version__} lacks RotaryEmbeddingDinoV3.{', .'.join(missing)}, through which "
+            "insid3_fast pins the RoPE periods to the checkpoint's values: install a timm release it was "
+            f"checked against (pip install '{TIMM_REQUIREMENT}')."
+        )
+
+    class _PinnedPeriodsRope(RotaryEmbeddingDinoV3):
+        """timm's DINOv3 RoPE whose periods are fixed values instead of recomputed ones."""
+
+        _pinned_periods: Tensor
+
+        def _compute_periods(
+            self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+        ) -> Tensor:
+            # timm rebuilds periods in float32 from the formula on init and after a downcast;
+            # Meta's checkpoints carry bf16-rounded ones, which are what Meta's code uses.
+            return self._pinned_periods.to(device=device, dtype=dtype)
+
+    _PinnedPeriodsRope.__qualname__ = _PinnedPeriodsRope.__name__
+    _PinnedPeriodsRope.__module__ = _PICKLE_MODULE
+    return _PinnedPeriodsRope
+
+
+def pin_rope_periods(model: nn.Module, periods: Tensor) -> None:
+    """Make ``model.rope`` use ``periods`` now and after any later dtype/device cast."""
+    rope = model.rope
+    rope.__class__ = pinned_rope_class()
+    rope._pinned_periods = periods.detach().to(device="cpu", dtype=torch.float32).clone()
+    with torch.no_grad():
+        rope._init_buffers()
+
+
+def build_dinov3(model_size: str, **timm_kwargs: Any) -> nn.Module:
+    """A randomly initialised timm DINOv3 model of ``model_size`` (a key of MODEL_SIZES), with
+    no classifier head unless ``num_classes`` is given; ``timm_kwargs`` (depth, embed_dim,
+    num_heads, ...) override the size's defaults."""
+    import timm
+
+    if model_size not in MODEL_SIZES:
+        raise unknown_architecture_error(f"model_size '{model_size}'")
+    timm_kwargs.setdefault("num_classes", 0)
+    return timm.create_model(MODEL_SIZES[model_size], pretrained=False, **timm_kwargs)
+
+
+class DinoV3Backbone(nn.Module):
+    """A timm DINOv3 ViT behind Meta's ``get_intermediate_layers`` interface."""
+
+    def __init__(self, model: nn.Module, model_size: str) -> None:
+        super().__init__()
+        self.model = model
+        self.model_size = model_size
+        self.patch_size = PATCH_SIZE
+        self.embed_dim = int(model.embed_dim)
+        self.n_blocks = len(model.blocks)
+        self.num_heads = int(model.blocks[0].attn.num_heads)
+        self.n_storage_tokens = int(model.num_prefix_tokens) - 1
+
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = True,
+        norm: bool = True,
+    ) -> tuple[Tensor, ...]:
+        """Patch tokens of the last ``n`` blocks (or of the blocks listed in ``n``), after the
+        final LayerNorm when ``norm``, CLS and storage tokens dropped: (B, C, h, w) tensors when
+        ``reshape`` else (B, h*w, C). ``x`` is (B, 3, H, W), H and W multiples of 16."""
+        if x.ndim != 4:
+            raise InputError(f"expected an image batch of shape (B, 3, H, W), got {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise InputError(
+                f"image size {height}x{width} is not a multiple of {self.patch_size}: the image "
+                f"size must be a multiple of {self.patch_size} (DINOv3 patch size)."
+            )
+        param = self.model.patch_embed.proj.weight
+        indices = n if isinstance(n, int) else list(n)
+        outputs = self.model.forward_intermediates(
+            x.to(device=param.device, dtype=param.dtype),
+            indices=indices,
+            norm=norm,
+            stop_early=True,
+            output_fmt="NCHW" if reshape else "NLC",
+            intermediates_only=True,
+        )
+        return tuple(outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The last block's normalised patch features, (B, C, H/16, W/16)."""
+        return self.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+
+
+def _effective_k_biases(state: Mapping[str, Tensor]) -> dict[int, Tensor]:
+    """Per block, the key bias Meta's attention really adds: ``qkv.bias * bias_mask``."""
+    biases = {}
+    for key, bias in state.items():
+        if key.startswith("blocks.") and key.endswith(".attn.qkv.bias"):
+            mask = state.get(key + "_mask")
+            effective = bias if mask is None else bias * mask.to(bias.dtype)
+            biases[int(key.split(".")[1])] = effective.chunk(3)[1]
+    return biases
+
+
+def load_weights(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a checked Meta-layout ``state`` into a timm DINOv3 ``model`` (through timm's converter;
+    every key must fit), keeping the key bias Meta's attention really adds."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    kept = {k: v for k, v in state.items() if not is_ignored(k)}
+    try:
+        filtered = checkpoint_filter_fn(kept, model)
+        result = model.load_state_dict(filtered, strict=False)
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:  # shape mismatches
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise WeightsError(
+            f"The checkpoint's tensor shapes do not match the DINOv3 model ({few(lines, 3) or exc}). "
+            "Check model_size or re-download the weights."
+        ) from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            "The checkpoint does not fit the timm DINOv3 model (missing: "
+            f"{few(result.missing_keys) or 'none'}; unexpected: {few(result.unexpected_keys) or 'none'})."
+        )
+    # timm drops the key bias (zero in Meta's releases, which mask it); keep it when it is not,
+    # since RoPE rotates it and it then changes the attention.
+    with torch.no_grad():
+        for idx, k_bias in _effective_k_biases(state).items():
+            model.blocks[idx].attn.k_bias.copy_(k_bias)
