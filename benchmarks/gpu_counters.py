@@ -41,7 +41,8 @@ NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::vi
              "aten::view_as", "aten::expand_as", "aten::flatten", "aten::unflatten", "aten::numpy_T",
              "aten::result_type", "aten::to", "aten::_to_copy_noop", "aten::is_nonzero", "aten::item",
              "aten::set_", "aten::resize_", "aten::_reshape_alias", "aten::split_with_sizes",
-             "aten::diagonal", "aten::movedim", "aten::swapaxes", "aten::matrix_H", "aten::mT"}
+             "aten::diagonal", "aten::movedim", "aten::swapaxes", "aten::matrix_H", "aten::mT",
+             "aten::is_same_size", "aten::scalar_tensor", "aten::as_strided_", "aten::zeros_like_noop"}
 
 
 def _inside(evt, name: str) -> bool:
@@ -53,25 +54,44 @@ def _inside(evt, name: str) -> bool:
     return False
 
 
-def _profile(fn) -> tuple[int, int, dict[str, int]]:
+def _inside_aten(evt) -> bool:
+    parent = evt.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _profile(fn, by_op: dict[str, int] | None = None) -> tuple[int, int, dict[str, int]]:
     """(host syncs, ATen kernel launches, GEMM FLOPs by input dtype) of fn, from the profiler's
     ATen events. A launch is an ATen op with no ATen op below it that is not a view, metadata or
-    bare allocation: what would put one kernel on a GPU stream (cuBLAS may use more than one)."""
+    bare allocation: what would put one kernel on a GPU stream (cuBLAS may use more than one).
+    ATen's CPU decompositions differ from its CUDA ones in places: an estimate, not a trace.
+    by_op, when given, receives the launches per ATen op name."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
                                 with_flops=True) as prof:
         fn()
-    syncs, launches, flops = 0, 0, {}
+    syncs, flops = 0, {}
     for evt in prof.events():
-        if not evt.name.startswith("aten::"):
-            continue
         if evt.name in SYNCING:
             syncs += not _inside(evt, "aten::quantile")  # CPU-only check of q (see tests)
-        leaf = not any(c.name.startswith("aten::") for c in evt.cpu_children)
-        if leaf and evt.name not in NO_KERNEL and evt.name not in SYNCING:
-            launches += 1
         if evt.name in GEMMS and evt.flops:
             dtype = str(evt.input_dtypes[0]) if evt.input_dtypes else "?"
             flops[dtype] = flops.get(dtype, 0) + int(evt.flops)
+
+    def launches_of(evt) -> int:
+        # An op launches what its ATen sub-ops launch; one that calls none launches one kernel
+        # unless it is a view, metadata or a bare allocation.
+        below = sum(launches_of(c) for c in evt.cpu_children if c.name.startswith("aten::"))
+        if below or evt.name in NO_KERNEL or evt.name in SYNCING:
+            return below
+        if by_op is not None:
+            by_op[evt.name] = by_op.get(evt.name, 0) + 1
+        return 1
+
+    launches = sum(launches_of(e) for e in prof.events()
+                   if e.name.startswith("aten::") and not _inside_aten(e))
     return syncs, launches, flops
 
 
@@ -88,18 +108,24 @@ def measure(size: int, shots: int, connectivity: int | None = None) -> dict:
     with ops.use_library(library):
         core.segment_patches(ref, feats)  # warm-up (caches, lazy inits)
         before = build.launch_count()
-        syncs, aten_launches, flops = _profile(lambda: core.segment_patches(ref, feats))
+        by_op: dict[str, int] = {}
+        syncs, aten_launches, flops = _profile(lambda: core.segment_patches(ref, feats), by_op)
         launches = build.launch_count() - before
-        with build.capturing():
-            captured, _, _ = _profile(lambda: core.segment_patches(ref, feats))
+        with build.capturing():  # what a CUDA graph of the call would hold: no input checks
+            before = build.launch_count()
+            captured, captured_aten, _ = _profile(lambda: core.segment_patches(ref, feats))
+            captured_ours = build.launch_count() - before
         peak = peak_bytes(lambda: core.segment_patches(ref, feats))
     n = h * w
     return {
         "size": size, "shots": shots, "connectivity": connectivity, "N": n, "C": C,
         "launches": launches + aten_launches, "launches_ours": launches, "launches_aten": aten_launches,
+        "launches_captured": captured_ours + captured_aten, "launches_captured_ours": captured_ours,
+        "launches_captured_aten": captured_aten,
         "host_syncs": syncs, "host_syncs_captured": captured,
         "peak_bytes": peak, "peak_over_8N2": peak / (8 * n * n),
         "gemm_flops": flops,
+        "aten_launches_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
         "note": "launches: our kernels (counted by the emulation) plus ATen kernel ops (profiler leaves that "
                 "are not views or bare allocations); GEMM FLOPs by input dtype from the profiler",
     }
