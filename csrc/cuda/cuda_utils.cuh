@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "common/exact_dot.h"
@@ -62,41 +64,73 @@ inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* n
 // Is the current stream being captured into a CUDA graph? Then no host read is possible.
 inline bool capturing() { return c10::cuda::isStreamCapturingMayInitCtx(c10::cuda::getCurrentCUDAStream()); }
 
-// The input rules of common/input_rules.h over device memory, one host read each (a 0-d
-// result's .item()). While the stream is being captured into a CUDA graph nothing is read: the
+// The input rules of common/input_rules.h over device memory, one host read each (two floats
+// in one device-to-host copy). While the stream is being captured into a CUDA graph nothing is read: the
 // inputs are the caller's to validate before capture (the pipeline's features come from the
 // backbone), and the kernels' device rule applies: a NaN never wins a comparison, so it never
 // merges, nor becomes an argmax it does not tie.
 
+// max |x| of two float tensors in one launch, as float bit patterns: for x >= 0 the order of the
+// patterns is the order of the values, inf is 0x7f800000 and every NaN lies above it, so a NaN
+// anywhere makes the maximum a NaN (as torch's max(abs) would). out: two zeroed uints. (In an
+// anonymous namespace: each translation unit that includes this header has its own copy.)
+namespace {
+__global__ void absmax_bits_kernel(const float* __restrict__ a, int64_t na, const float* __restrict__ b,
+                                   int64_t nb, unsigned int* out) {
+  unsigned int m[2] = {0u, 0u};
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < na + nb; x += stride) {
+    const unsigned int v = __float_as_uint(fabsf(x < na ? a[x] : b[x - na]));
+    unsigned int& mine = m[x < na ? 0 : 1];
+    mine = v > mine ? v : mine;
+  }
+  // Warp maxima, then one atomic per warp (no shared memory: a few thousand atomics at most).
+  for (int k = 0; k < 2; ++k) {
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+      const unsigned int ov = __shfl_down_sync(0xffffffffu, m[k], o);
+      m[k] = ov > m[k] ? ov : m[k];
+    }
+    if (threadIdx.x % kWarp == 0 && m[k]) atomicMax(out + k, m[k]);
+  }
+}
+}  // namespace
+
+// (max|a|, max|b|) of float32 device tensors (either may be empty: 0), read in one transfer.
+inline std::pair<float, float> device_absmax(const at::Tensor& a, const at::Tensor& b) {
+  constexpr int threads = 256;
+  auto out = at::zeros({2}, a.options().dtype(at::kInt));
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const int64_t n = ac.numel() + bc.numel();
+  const unsigned int blocks = grid_1d(std::min<int64_t>(n, int64_t(512) * threads), threads);
+  INSID3_LAUNCH(absmax_bits_kernel, blocks, threads, 0, c10::cuda::getCurrentCUDAStream())(
+      ac.data_ptr<float>(), ac.numel(), bc.data_ptr<float>(), bc.numel(),
+      reinterpret_cast<unsigned int*>(out.data_ptr<int32_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto host = out.cpu();  // the one host read
+  const int32_t* v = host.data_ptr<int32_t>();
+  float fa, fb;
+  std::memcpy(&fa, v, 4);
+  std::memcpy(&fb, v + 1, 4);
+  return {fa, fb};
+}
+
 // max |t| must be finite.
 inline void check_finite(const at::Tensor& t, const char* op, const char* arg) {
   if (capturing() || t.numel() == 0) return;
-  insid3::require_finite_absmax(at::max(t.abs()).item<float>(), op, arg);
+  insid3::require_finite_absmax(device_absmax(t, t.narrow(0, 0, 0)).first, op, arg);
 }
 
-inline double absmax_f64(const at::Tensor& t) {
-  return t.numel() ? at::max(t.abs()).item<float>() : 0.0;
-}
-
-// a and b finite, and the dot magnitude rule (insid3::dot_magnitude_ok). The rule is evaluated on
-// the device in the same double operations as on the host (false for inf and NaN) and its one
-// boolean read; only when it fails are the two maxima read again, to raise the CPU kernels'
-// exact message.
+// a and b finite, and the dot magnitude rule (insid3::dot_magnitude_ok): both maxima come back
+// in one read and the CPU kernels' own host code applies the rule, with their messages.
 inline void check_dot_inputs(const at::Tensor& a, const char* arg_a, const at::Tensor& b, const char* arg_b,
                              int64_t C, const char* op) {
   if (capturing()) return;
-  if (a.numel() == 0 || b.numel() == 0) {  // no dot product: only the finiteness rule
-    check_finite(a, op, arg_a);
-    check_finite(b, op, arg_b);
-    return;
-  }
-  const at::Tensor ma = at::max(a.abs()).to(at::kDouble), mb = at::max(b.abs()).to(at::kDouble);
-  const double lim = insid3::kMaxDotMagnitude;
-  const at::Tensor ok = (ma * static_cast<double>(C) * mb).lt(lim).logical_and_(ma.lt(lim)).logical_and_(mb.lt(lim));
-  if (ok.item<bool>()) return;
-  const float fa = static_cast<float>(absmax_f64(a)), fb = static_cast<float>(absmax_f64(b));
-  insid3::require_finite_absmax(fa, op, arg_a);
-  insid3::require_finite_absmax(fb, op, arg_b);
+  const bool same = a.is_same(b);
+  const auto [fa, fb_] = device_absmax(a, same ? b.narrow(0, 0, 0) : b);
+  const float fb = same ? fa : fb_;
+  if (a.numel()) insid3::require_finite_absmax(fa, op, arg_a);
+  if (b.numel()) insid3::require_finite_absmax(fb, op, arg_b);
+  if (a.numel() == 0 || b.numel() == 0) return;  // no dot product: only the finiteness rule
   insid3::check_dot_magnitude(op, C, fa, fb, arg_a, arg_b);
 }
 
