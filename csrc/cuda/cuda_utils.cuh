@@ -64,19 +64,42 @@ inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* n
 // Is the current stream being captured into a CUDA graph? Then no host read is possible.
 inline bool capturing() { return c10::cuda::isStreamCapturingMayInitCtx(c10::cuda::getCurrentCUDAStream()); }
 
-// The input rules of common/input_rules.h over device memory, one host read each (two floats
-// in one device-to-host copy). While the stream is being captured into a CUDA graph nothing is read: the
+// True, in every thread of the block, for the block of the grid that finishes last: the
+// threadfence pattern of the CUDA samples. No block waits for another, so the grid may run
+// one block at a time (as the emulation's OS-thread mode does) and a step that needs the whole
+// grid's results joins the launch instead of costing one of its own. *done is 0 at launch and
+// the last block sets it back to 0 for the next one. Every thread of every block calls it; what
+// the last block reads of the other blocks' writes it reads through volatile pointers.
+__device__ __forceinline__ bool last_block_done(int32_t* done) {
+  __shared__ int last;
+  __threadfence();  // this thread's writes are visible device-wide before its block's ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int32_t blocks = static_cast<int32_t>(gridDim.x * gridDim.y * gridDim.z);
+    last = atomicAdd(done, 1) == blocks - 1;
+    if (last) atomicExch(done, 0);
+  }
+  __syncthreads();
+  const bool mine = last != 0;
+  if (mine) __threadfence();
+  return mine;
+}
+
+// The input rules of common/input_rules.h over device memory, one host read each (a scalar
+// holding both maxima). While the stream is being captured into a CUDA graph nothing is read: the
 // inputs are the caller's to validate before capture (the pipeline's features come from the
 // backbone), and the kernels' device rule applies: a NaN never wins a comparison, so it never
 // merges, nor becomes an argmax it does not tie.
 
 // max |x| of two float tensors in one launch, as float bit patterns: for x >= 0 the order of the
 // patterns is the order of the values, inf is 0x7f800000 and every NaN lies above it, so a NaN
-// anywhere makes the maximum a NaN (as torch's max(abs) would). out: two zeroed uints. (In an
-// anonymous namespace: each translation unit that includes this header has its own copy.)
+// anywhere makes the maximum a NaN (as torch's max(abs) would). scratch: three zeroed ints (the
+// two maxima, the last-block ticket); the last block packs both maxima into *packed, so that the
+// host reads them with one scalar read. (In an anonymous namespace: each translation unit that
+// includes this header has its own copy.)
 namespace {
 __global__ void absmax_bits_kernel(const float* __restrict__ a, int64_t na, const float* __restrict__ b,
-                                   int64_t nb, unsigned int* out) {
+                                   int64_t nb, unsigned int* scratch, int64_t* packed) {
   unsigned int m[2] = {0u, 0u};
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < na + nb; x += stride) {
@@ -90,27 +113,33 @@ __global__ void absmax_bits_kernel(const float* __restrict__ a, int64_t na, cons
       const unsigned int ov = __shfl_down_sync(0xffffffffu, m[k], o);
       m[k] = ov > m[k] ? ov : m[k];
     }
-    if (threadIdx.x % kWarp == 0 && m[k]) atomicMax(out + k, m[k]);
+    if (threadIdx.x % kWarp == 0 && m[k]) atomicMax(scratch + k, m[k]);
+  }
+  if (!last_block_done(reinterpret_cast<int32_t*>(scratch + 2))) return;
+  if (threadIdx.x == 0) {
+    const volatile unsigned int* v = scratch;
+    *packed = static_cast<int64_t>((static_cast<uint64_t>(v[0]) << 32) | v[1]);
   }
 }
 }  // namespace
 
-// (max|a|, max|b|) of float32 device tensors (either may be empty: 0), read in one transfer.
+// (max|a|, max|b|) of float32 device tensors (either may be empty: 0), in one host read.
 inline std::pair<float, float> device_absmax(const at::Tensor& a, const at::Tensor& b) {
   constexpr int threads = 256;
-  auto out = at::zeros({2}, a.options().dtype(at::kInt));
+  auto scratch = at::zeros({3}, a.options().dtype(at::kInt));
+  auto packed = at::empty({}, a.options().dtype(at::kLong));
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   const int64_t n = ac.numel() + bc.numel();
   const unsigned int blocks = grid_1d(std::min<int64_t>(n, int64_t(512) * threads), threads);
   INSID3_LAUNCH(absmax_bits_kernel, blocks, threads, 0, c10::cuda::getCurrentCUDAStream())(
       ac.data_ptr<float>(), ac.numel(), bc.data_ptr<float>(), bc.numel(),
-      reinterpret_cast<unsigned int*>(out.data_ptr<int32_t>()));
+      reinterpret_cast<unsigned int*>(scratch.data_ptr<int32_t>()), packed.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto host = out.cpu();  // the one host read
-  const int32_t* v = host.data_ptr<int32_t>();
+  const uint64_t bits = static_cast<uint64_t>(packed.item<int64_t>());  // the one host read
+  const uint32_t ba = static_cast<uint32_t>(bits >> 32), bb = static_cast<uint32_t>(bits);
   float fa, fb;
-  std::memcpy(&fa, v, 4);
-  std::memcpy(&fb, v + 1, 4);
+  std::memcpy(&fa, &ba, 4);
+  std::memcpy(&fb, &bb, 4);
   return {fa, fb};
 }
 
@@ -211,26 +240,6 @@ __device__ __forceinline__ void block_best(double& v, int64_t& j) {
   block_best_by(v, j, PairBetter<kMax>{}, kMax ? -INFINITY : INFINITY);
 }
 
-// True, in every thread of the block, for the block of the grid that finishes last: the
-// threadfence pattern of the CUDA samples. No block waits for another, so the grid may run
-// one block at a time (as the emulation's OS-thread mode does) and a step that needs the whole
-// grid's results joins the launch instead of costing one of its own. *done is 0 at launch and
-// the last block sets it back to 0 for the next one. Every thread of every block calls it; what
-// the last block reads of the other blocks' writes it reads through volatile pointers.
-__device__ __forceinline__ bool last_block_done(int32_t* done) {
-  __shared__ int last;
-  __threadfence();  // this thread's writes are visible device-wide before its block's ticket
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int32_t blocks = static_cast<int32_t>(gridDim.x * gridDim.y * gridDim.z);
-    last = atomicAdd(done, 1) == blocks - 1;
-    if (last) atomicExch(done, 0);
-  }
-  __syncthreads();
-  const bool mine = last != 0;
-  if (mine) __threadfence();
-  return mine;
-}
 
 // The merge counters of a chunk of `rounds` clustering rounds plus the tail kernel's counter:
 // counts[r + 1] = merges of round r, counts[0] = 1 ("the previous round merged"),
