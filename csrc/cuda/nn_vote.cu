@@ -1,8 +1,11 @@
 // CUDA kernel of insid3_fast::nn_vote: reverse nearest-neighbour voting with an exact argmax.
 //
 // Exactness rule (common/exact_dot.h, the CPU kernel's): the argmax of the EXACT real dot
-// products of the float32 values, ties to the lowest index. A float32 GEMM scores every key;
-// only keys within fp32_dot_error_bound of the best score can be the exact argmax. Each
+// products of the float32 values, ties to the lowest index. A GEMM scores every key: by
+// default on bf16 copies of the inputs with float32 accumulation (the tensor cores; cuBLAS's
+// reduced-precision reduction disallowed), with INSID3_NN_VOTE=fp32 in plain float32. Only keys
+// within the GEMM's rigorous error bound (bf16_dot_error_bound, fp32_dot_error_bound) of the
+// best score can be the exact argmax. Each
 // candidate is re-scored in double (insid3::dot_f32_as_f64); two candidates whose doubles are
 // more than fp64_dot_error_bound apart are ordered by them, closer ones by the exact sign of
 // the difference (insid3::exact_dot_cmp). Every comparison is thus exact, the order is total,
@@ -15,6 +18,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "cuda/cuda_utils.cuh"
 
@@ -48,12 +55,17 @@ struct ExactBetter {
   }
 };
 
-// One block per (query of the tile, shot). scores: (T, S*M) row-major, row t = query q0 + t.
+// One block per (query of the tile, shot). scores: (T, S*M) row-major, row t = query q0 + t;
+// Score is float (a float32 GEMM) or at::BFloat16 (a bf16 GEMM on the tensor cores).
+// gemm_rel: the GEMM's error bound beyond fp32_dot_error_bound, relative to |q| |k|; bf16: the
+// whole bound is insid3::bf16_dot_error_bound.
+template <typename Score>
 __global__ void __launch_bounds__(kArgmaxThreads)
-nn_argmax_kernel(const float* __restrict__ scores, const float* __restrict__ queries,
+nn_argmax_kernel(const Score* __restrict__ scores, const float* __restrict__ queries,
                  const float* __restrict__ keys, const bool* __restrict__ active,
                  const double* __restrict__ qnorm, const double* __restrict__ knorm_max, float extra_rel,
                  int64_t q0, int64_t Q, int64_t S, int64_t M, int64_t C, int64_t* __restrict__ argmax) {
+  constexpr bool kBf16 = !std::is_same_v<Score, float>;
   const int64_t t = blockIdx.x;
   const int64_t s = blockIdx.y;
   const int64_t q = q0 + t;
@@ -61,19 +73,21 @@ nn_argmax_kernel(const float* __restrict__ scores, const float* __restrict__ que
     if (threadIdx.x == 0) argmax[s * Q + q] = -1;
     return;
   }
-  const float* row = scores + t * (S * M) + s * M;
+  const Score* row = scores + t * (S * M) + s * M;
 
-  // 1. The best float32 score (finite inputs: no NaN).
+  // 1. The best GEMM score (finite inputs: no NaN).
   float m = -INFINITY;
-  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) m = fmaxf(m, row[j]);
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) m = fmaxf(m, static_cast<float>(row[j]));
   m = block_max(m);
 
   // 2. Candidates: every key whose float32 score may hide the exact best one. The cut is in
   //    double, as on the CPU, so it adds no rounding of its own.
   const double nq = qnorm[q], nk = knorm_max[s];
   const float nq32 = static_cast<float>(nq), nk32 = static_cast<float>(nk);
-  const double cut = static_cast<double>(m) - static_cast<double>(insid3::fp32_dot_error_bound(nq32, nk32, C)) -
-                     static_cast<double>(extra_rel * nq32 * nk32);
+  const double bound = kBf16 ? static_cast<double>(insid3::bf16_dot_error_bound(nq32, nk32, C))
+                             : static_cast<double>(insid3::fp32_dot_error_bound(nq32, nk32, C)) +
+                                   static_cast<double>(extra_rel * nq32 * nk32);
+  const double cut = static_cast<double>(m) - bound;
 
   // 3. Double re-score of the candidates (usually 1-3; one thread per candidate, the sum is
   //    sequential) and the exact order, within each thread and over the block.
@@ -82,7 +96,7 @@ nn_argmax_kernel(const float* __restrict__ scores, const float* __restrict__ que
   double bv = -INFINITY;
   int64_t bj = INT64_MAX;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
-    if (static_cast<double>(row[j]) >= cut) {
+    if (static_cast<double>(static_cast<float>(row[j])) >= cut) {
       const double v = insid3::dot_f32_as_f64(qv, better.keys + j * C, C);
       if (better(v, j, bv, bj)) { bv = v; bj = j; }
     }
@@ -129,6 +143,26 @@ bool reduced_precision_matmul_allowed() {
          reduced(ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::ALL)) ||
          reduced(ctx.float32Precision(at::Float32Backend::GENERIC, at::Float32Op::ALL));
 }
+
+// The GEMM's precision: bf16 inputs with float32 accumulation on the tensor cores (default), or
+// plain float32 (INSID3_NN_VOTE=fp32, the CPU kernel's variable). Either way the argmax is the
+// exact one: only the candidate window (and so the re-scoring work) differs.
+bool nn_vote_uses_bf16() {
+  const char* mode = std::getenv("INSID3_NN_VOTE");
+  return !(mode != nullptr && std::strcmp(mode, "fp32") == 0);
+}
+
+// cuBLAS may reduce a bf16 GEMM in reduced precision (split-K partial sums in bf16), which
+// bf16_dot_error_bound does not cover: disallowed for the duration of our GEMM.
+struct NoReducedBf16Reduction {
+  at::CuBLASReductionOption saved = at::globalContext().allowBF16ReductionCuBLAS();
+  NoReducedBf16Reduction() { at::globalContext().setAllowBF16ReductionCuBLAS(false, false); }
+  ~NoReducedBf16Reduction() {
+    using O = at::CuBLASReductionOption;
+    at::globalContext().setAllowBF16ReductionCuBLAS(saved == O::AllowReducedPrecisionWithSplitK,
+                                                     saved != O::DisallowReducedPrecisionDisallowSplitK);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const at::Tensor& keys,
                                                 const at::Tensor& key_mask, const at::Tensor& active) {
@@ -183,19 +217,33 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
   const int64_t row = S * M;
   int64_t tile = INSID3_TUNABLE("nn_vote.score_budget", kScoreBudget) / row;
   tile = std::max<int64_t>(1, std::min<int64_t>(tile, Q));
-  auto scores = at::empty({tile, row}, queries.options());
+  const bool bf16 = nn_vote_uses_bf16();
+  // bf16 copies of the inputs for the tensor cores; the re-score reads the float32 values.
+  const auto qg = bf16 ? q.to(at::kBFloat16) : q;
+  const auto kg_t = bf16 ? k.view({S * M, C}).to(at::kBFloat16).t() : keys2d_t;
+  auto scores = at::empty({tile, row}, queries.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
 
   for (int64_t q0 = 0; q0 < Q; q0 += tile) {  // trip count from shapes only
     const int64_t T = std::min(tile, Q - q0);
     auto sc = scores.narrow(0, 0, T);  // contiguous: the first T rows
-    {
-      at::NoTF32Guard no_tf32;  // plain IEEE float32 GEMM, which the error bound assumes
-      at::mm_out(sc, q.narrow(0, q0, T), keys2d_t);
-    }
     dim3 grid(static_cast<unsigned int>(T), static_cast<unsigned int>(S));
-    INSID3_LAUNCH(nn_argmax_kernel, grid, kArgmaxThreads, 0, stream)(
-        sc.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), act.data_ptr<bool>(),
-        qnorm.data_ptr<double>(), knorm.data_ptr<double>(), extra_rel, q0, Q, S, M, C, argmax.data_ptr<int64_t>());
+    if (bf16) {
+      {
+        NoReducedBf16Reduction full_accumulation;
+        at::mm_out(sc, qg.narrow(0, q0, T), kg_t);
+      }
+      INSID3_LAUNCH(nn_argmax_kernel<at::BFloat16>, grid, kArgmaxThreads, 0, stream)(
+          sc.data_ptr<at::BFloat16>(), q.data_ptr<float>(), k.data_ptr<float>(), act.data_ptr<bool>(),
+          qnorm.data_ptr<double>(), knorm.data_ptr<double>(), 0.0f, q0, Q, S, M, C, argmax.data_ptr<int64_t>());
+    } else {
+      {
+        at::NoTF32Guard no_tf32;  // plain IEEE float32 GEMM, which the error bound assumes
+        at::mm_out(sc, qg.narrow(0, q0, T), kg_t);
+      }
+      INSID3_LAUNCH(nn_argmax_kernel<float>, grid, kArgmaxThreads, 0, stream)(
+          sc.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), act.data_ptr<bool>(),
+          qnorm.data_ptr<double>(), knorm.data_ptr<double>(), extra_rel, q0, Q, S, M, C, argmax.data_ptr<int64_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   INSID3_LAUNCH(nn_votes_kernel, grid_1d(Q, kVoteThreads), kVoteThreads, 0, stream)(
