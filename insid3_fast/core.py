@@ -210,9 +210,9 @@ class Insid3Core(torch.nn.Module):
         if size != (self.image_size, self.image_size):
             raise InputError(f"this reference was encoded at image size {size[-1]}, but the model segments at "
                              f"{self.image_size}: encode it with this model's encode_reference()")
-        if ref.features.shape[1] != self.basis.shape[0] or ref.keys.shape[-1] != self.complement.shape[1]:
+        if ref.embed_dim != self.basis.shape[0] or ref.keys.shape[-1] != self.complement.shape[1]:
             raise InputError(f"this reference was encoded by a model with another embedding size or "
-                             f"positional rank (features {ref.features.shape[1]}, keys {ref.keys.shape[-1]}; "
+                             f"positional rank (features {ref.embed_dim}, keys {ref.keys.shape[-1]}; "
                              f"this model: {self.basis.shape[0]}, {self.complement.shape[1]}): "
                              "encode it with this model's encode_reference()")
         return ref

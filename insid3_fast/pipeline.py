@@ -25,20 +25,20 @@ from . import ops
 
 @dataclass
 class EncodedReference:
-    """A reference (S shots) ready to be matched against targets.
+    """A reference (S shots) ready to be matched against targets: one representation, the debiased one.
 
-    features: (S, C, h, w) L2-normalised backbone features; masks: (S, size, size) bool;
-    masks_down: (S, h, w) bool masks at feature resolution; keys: (S, h*w, D) the debiased
-    features in complement coordinates (``debiased_coordinates``), the layout of the
-    nearest-neighbour op; prototype: (D,) the normalised reference prototype in the same
-    coordinates.
+    masks: (S, size, size) bool; masks_down: (S, h, w) bool masks at feature resolution;
+    keys: (S, h*w, D) the debiased features in complement coordinates
+    (``debiased_coordinates``), the layout of the nearest-neighbour op; prototype: (D,) the
+    normalised reference prototype in the same coordinates; embed_dim: C, the width of the
+    backbone features they came from (the original features are not kept: no step uses them).
     """
 
-    features: torch.Tensor
     masks: torch.Tensor
     masks_down: torch.Tensor
     prototype: torch.Tensor
     keys: torch.Tensor
+    embed_dim: int
     # False when the reference's features hold NaN or inf (e.g. a NaN pixel in an image
     # tensor): the published code then matches nothing and returns an empty mask, and so do we
     # (the compiled ops reject non-finite input, so they are not called).
@@ -47,7 +47,7 @@ class EncodedReference:
     @property
     def shots(self) -> int:
         """Number of reference shots."""
-        return int(self.features.shape[0])
+        return int(self.keys.shape[0])
 
 
 # ---- step 3: debiasing -------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def encode_reference(feats: torch.Tensor, masks: torch.Tensor, complement: torch
     prototype = F.normalize(torch.stack(shot_protos).mean(dim=0), p=2, dim=0)
     # One host read per reference (not per target): is everything the targets use finite?
     finite = bool(torch.isfinite(keys).all() & torch.isfinite(prototype).all())
-    return EncodedReference(feats, masks, masks_down, prototype, keys, finite)
+    return EncodedReference(masks, masks_down, prototype, keys, C, finite)
 
 
 # ---- step 5: candidates ------------------------------------------------------------------------

@@ -119,3 +119,13 @@ def test_pipeline_downsampling_equals_the_oracle(box):
     mask[y0:y1, x0:x1] = True
     got = pipeline.downsample_mask(mask, 8, 8)
     assert got.any() and torch.equal(got, published.downsample_mask(mask, 8, 8))
+
+
+def test_an_encoded_reference_holds_one_representation():
+    """The debiased keys and prototype, not also the original features (no step reads them)."""
+    model = _model()
+    refs, masks, _, _ = make_episode(5, 2)
+    ref = model.encode_reference(refs, masks)
+    assert not hasattr(ref, "features")
+    assert ref.shots == 2 and ref.embed_dim == 32 and ref.keys.shape == (2, 64, 24)
+    assert ref.prototype.shape == (24,)
