@@ -129,3 +129,23 @@ def test_an_encoded_reference_holds_one_representation():
     assert not hasattr(ref, "features")
     assert ref.shots == 2 and ref.embed_dim == 32 and ref.keys.shape == (2, 64, 24)
     assert ref.prototype.shape == (24,)
+
+
+@pytest.mark.parametrize("n,c", [(64, 16), (1024, 256)])
+def test_aggregation_of_a_feature_map_view_equals_the_contiguous_rows(n, c):
+    """The pipeline passes the (N, C) view of the (C, N) map; the column-wise sums must not change a bit."""
+    from insid3_fast import pipeline
+
+    g = torch.Generator().manual_seed(n)
+    fmap = torch.nn.functional.normalize(torch.randn(c, n, generator=g), dim=0)
+    labels = torch.randint(0, n // 8, (n,), generator=g)
+    labels[0] = 0
+    queries = torch.nn.functional.normalize(torch.randn(n, c // 2, generator=g), dim=1)
+    prototype = torch.nn.functional.normalize(torch.randn(c // 2, generator=g), dim=0)
+    sim = queries @ prototype
+    candidates = sim > 0
+    view = fmap.T
+    assert not view.is_contiguous()
+    got = pipeline.aggregate_clusters(labels, candidates, queries, view, sim, prototype, 0.01)
+    expected = pipeline.aggregate_clusters(labels, candidates, queries, view.contiguous(), sim, prototype, 0.01)
+    assert got.any() and torch.equal(got, expected)
