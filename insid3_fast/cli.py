@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 from .atomic import atomic_write, atomic_write_many, atomic_write_text, check_output_path
 from .errors import InputError, Insid3Error
@@ -30,11 +30,11 @@ def _check_output(path: str | None, inputs: Sequence[str] = ()) -> None:
 def _device(name: str):
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    from .core import resolve_device
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda requested but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 # The model options every subcommand that builds a model takes (definitions: insid3_fast.config).
