@@ -3,9 +3,11 @@
 import torch
 
 from . import ops
+from .config import Insid3Config, LoadConfig
+from .core import Insid3Core, Segmenter
 from .errors import BackendError, InputError, InputWarning, Insid3Error, StateError, WeightsError
 from .model import INSID3, build_insid3
-from .pipeline import EncodedReference, Segmenter
+from .pipeline import EncodedReference
 
 __version__ = "0.1.0"
 
@@ -18,5 +20,6 @@ def load_dinov3(weights: str, model_size: str | None = None, device: object = No
     return _load(weights, model_size=model_size, device=device, dtype=dtype)
 
 
-__all__ = ["INSID3", "build_insid3", "load_dinov3", "ops", "Segmenter", "EncodedReference",
-           "Insid3Error", "InputError", "WeightsError", "BackendError", "StateError", "InputWarning", "__version__"]
+__all__ = ["INSID3", "build_insid3", "load_dinov3", "ops", "Insid3Config", "LoadConfig", "Insid3Core", "Segmenter",
+           "EncodedReference", "Insid3Error", "InputError", "WeightsError", "BackendError", "StateError",
+           "InputWarning", "__version__"]

@@ -3,17 +3,17 @@
 Features come from a deterministic synthetic encoder (no weights needed), at the embedding
 size of ViT-L (C = 1024) by default, so every stage does real work: debiasing, reverse-NN
 voting, clustering, aggregation, upsampling, whole episodes, cached references, batched
-targets. Times are medians over ``--repeats`` runs; the ratio is reference / ours.
+targets. "ours" is the package's pipeline (``insid3_fast.pipeline`` through the core) on the
+native kernels, "reference" the published code restated (``insid3_fast.testing.published``).
+Times are medians over ``--repeats`` runs of ``torch.utils.benchmark``; the ratio is
+reference / ours.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,7 +28,7 @@ DEFAULT_STAGES = STAGES
 
 @dataclass
 class Case:
-    """Inputs of one benchmark configuration, with the native segmenter built on them."""
+    """Inputs of one benchmark configuration, with the native core built on them."""
 
     size: int
     shots: int
@@ -38,136 +38,104 @@ class Case:
     data: dict = field(default_factory=dict)
 
 
-def _synthetic_encoder(dim: int):
-    from .synthetic import SyntheticEncoder, make_episode
-
-    return SyntheticEncoder(dim, hidden=256), make_episode
-
-
 def build_case(size: int, shots: int, dim: int = 1024, device: str = "cpu", connectivity: int | None = None,
                targets: int = 4, seed: int = 0) -> Case:
-    """Features and masks of one synthetic episode (plus extra targets), and a native Segmenter."""
+    """Features and masks of one synthetic episode (plus extra targets), and a native core."""
+    from .core import Insid3Core
     from .inputs import load_image, load_mask
-    from .pipeline import Segmenter
+    from .synthetic import SyntheticEncoder, make_episode
 
-    encoder, make_episode = _synthetic_encoder(dim)
+    encoder = SyntheticEncoder(dim, hidden=256)
     refs, masks, target, _ = make_episode(seed, shots, size_hw=(480, 640))
     extra = [make_episode(seed + 100 + i, 1, size_hw=(480, 640))[2] for i in range(targets - 1)]
     case = Case(size, shots, dim, torch.device(device), connectivity)
-    seg = Segmenter(encoder, size, min(500, dim // 2), connectivity=connectivity, backend="native", device=device)
+    core = Insid3Core(encoder, image_size=size, svd_components=min(500, dim // 2), connectivity=connectivity,
+                      backend="native", device=device)
     images = torch.cat([load_image(x, size)[0] for x in refs + [target] + extra]).to(device)
-    feats = seg.features(images)
-    case.data = dict(segmenter=seg, encoder=encoder, images=images,
+    feats = core.features(images)
+    case.data = dict(core=core, encoder=encoder, images=images,
                      ref_feats=feats[:shots], tgt_feats=feats[shots:],
                      ref_masks=torch.cat([load_mask(m, size) for m in masks]).to(device))
     return case
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_fn(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (device-synchronised)."""
+    """Median time of ``fn`` in seconds over ``repeats`` runs (``torch.utils.benchmark``: CUDA-synchronised)."""
+    from torch.utils import benchmark
+
+    # All threads: the CPU ops overlap clustering and voting (Timer's default is one thread).
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def ours_cluster_labels(case: Case, feats: torch.Tensor, h: int, w: int, threshold: float) -> torch.Tensor:
-    """The native clustering of the case (grid-constrained when the case has a connectivity)."""
-    from . import ops
-
-    if case.connectivity:
-        return ops.grid_average_linkage(feats, h, w, case.connectivity, threshold)
-    return ops.average_linkage(feats, threshold)
+        timer.timeit(1)
+    runs = [timer.timeit(1) for _ in range(repeats)]
+    return benchmark.Measurement.merge(runs)[0].median
 
 
 def stage_functions(case: Case) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
-    """(ours, reference) callables per stage, sharing the same inputs."""
-    from . import ops, reference
+    """(ours, reference) callables per stage, sharing the same inputs.
+
+    ours: the stages of ``insid3_fast.pipeline`` (and the ops they call) on the native kernels;
+    reference: the published restatement (``insid3_fast.testing.published``) of the same step.
+    With ``connectivity`` the reference column stays the published (unconstrained) clustering:
+    the table then says how much faster the grid variant is than the published code.
+    """
+    from . import ops, pipeline
     from .debias import debias
-    from .pipeline import aggregate_clusters
     from .refine import upsample_mask
+    from .testing import published
 
     d = case.data
-    seg = d["segmenter"]
-    S, size = case.shots, case.size
+    core = d["core"]
+    S, size, conn = case.shots, case.size, case.connectivity
+    tau, alpha, Q, P = core.tau, core.merge_threshold, core.complement, core.projector
     ref_feats, tgt, masks = d["ref_feats"], d["tgt_feats"][0], d["ref_masks"]
     C, h, w = tgt.shape
     N = h * w
-    P = seg.projector
-    enc = seg.encode_reference_features(ref_feats, masks)
-    ref_deb = debias(ref_feats, P)
-    tgt_deb = debias(tgt[None], P)[0]
-    queries = seg.debiased_coordinates(tgt[None])[0]
-    sim = queries @ enc.prototype
-    fwd = sim > 0
-    feats = tgt.reshape(C, N).T.contiguous()
-    votes, _ = ops.nn_vote(queries, enc.keys, enc.masks_down.reshape(S, N), fwd.reshape(N))
-    cands = (fwd.reshape(N) & (votes >= math.ceil(S / 2)))
-    labels = ours_cluster_labels(case, feats, h, w, 1 - seg.tau)
-    patch_mask = seg.segment_patches(enc, tgt)
+    enc = core.encode_reference_features(ref_feats, masks)
+    key_mask = enc.masks_down.reshape(S, N)
+    queries = pipeline.debiased_coordinates(tgt[None], Q)[0]
+    sim, fwd = pipeline.forward_match(queries, enc.prototype)
+    feats = tgt.reshape(C, N).T
+    labels, votes = pipeline.cluster_and_vote(feats, h, w, 1 - tau, queries, enc, fwd, conn)
+    cands = fwd & pipeline.majority(votes, S)
+    patch_mask = core.segment_patches(enc, tgt)
     all_feats = torch.cat([ref_feats, tgt[None]])
-    ref_proto = reference.reference_prototype(ref_deb, enc.masks_down)
-
-    def ours_votes():
-        return ops.nn_vote(queries, enc.keys, enc.masks_down.reshape(S, N), fwd.reshape(N))
+    ref_deb, tgt_deb = debias(ref_feats, P), debias(tgt[None], P)[0]
+    ref_proto = published.reference_prototype(ref_deb, enc.masks_down)
 
     def ours_cluster():
-        return ours_cluster_labels(case, feats, h, w, 1 - seg.tau)
+        if conn:
+            return ops.grid_average_linkage(feats, h, w, conn, 1 - tau)
+        return ops.average_linkage(feats, 1 - tau)
 
-    # The reference column is always the published algorithm (default clustering): with
-    # --connectivity the table says how much faster the grid variant is than the published code.
     def ref_cluster():
-        return reference.agglomerative_labels(feats, 1 - seg.tau)
+        return published.agglomerative_labels(feats, 1 - tau)
 
-    def ours_cluster_and_vote():
-        if case.connectivity:
-            return ours_cluster(), ours_votes()
-        return ops.cluster_and_vote(feats, 1 - seg.tau, queries, enc.keys, enc.masks_down.reshape(S, N), fwd.reshape(N))
-
-    def ref_cluster_and_vote():
-        return ref_cluster(), reference.backward_votes(tgt_deb, ref_deb, enc.masks_down)
+    def ref_votes():
+        return published.backward_votes(tgt_deb, ref_deb, enc.masks_down)
 
     def ours_episode():
-        e = seg.encode_reference_features(ref_feats, masks)
-        return seg.finalize(seg.segment_patches(e, tgt), None, None)
+        return core.finalize(core.segment_patches(core.encode_reference_features(ref_feats, masks), tgt), None, None)
 
-    def ref_episode():
-        m = reference.segment_patches(ref_feats, masks, tgt, P, seg.tau, seg.merge_threshold)
-        return upsample_mask(m, size, size)
+    def ref_episode_for(t: torch.Tensor) -> torch.Tensor:
+        return upsample_mask(published.segment_patches(ref_feats, masks, t, P, tau, alpha), size, size)
 
-    def ours_batched():
-        return seg.segment(enc, None, features=d["tgt_feats"])
-
-    def ref_batched():
-        return [ref_episode_for(t) for t in d["tgt_feats"]]
-
-    def ref_episode_for(t):
-        return upsample_mask(reference.segment_patches(ref_feats, masks, t, P, seg.tau, seg.merge_threshold), size, size)
-
-    stages = {
-        "debias": (lambda: seg.debiased_coordinates(all_feats), lambda: debias(all_feats, P)),
-        "votes": (ours_votes, lambda: reference.backward_votes(tgt_deb, ref_deb, enc.masks_down)),
+    return {
+        "debias": (lambda: pipeline.debiased_coordinates(all_feats, Q), lambda: debias(all_feats, P)),
+        "votes": (lambda: ops.nn_vote(queries, enc.keys, key_mask, fwd), ref_votes),
         "clustering": (ours_cluster, ref_cluster),
-        "cluster_and_vote": (ours_cluster_and_vote, ref_cluster_and_vote),
-        "aggregation": (lambda: aggregate_clusters(labels, cands, queries, feats, sim, enc.prototype, seg.merge_threshold),
-                        lambda: reference.seed_and_aggregate(cands.reshape(h, w), labels.reshape(h, w), ref_proto, tgt, tgt_deb, seg.merge_threshold)),
+        "cluster_and_vote": (lambda: pipeline.cluster_and_vote(feats, h, w, 1 - tau, queries, enc, fwd, conn),
+                             lambda: (ref_cluster(), ref_votes())),
+        "aggregation": (lambda: pipeline.aggregate_clusters(labels, cands, queries, feats, sim, enc.prototype, alpha),
+                        lambda: published.seed_and_aggregate(cands.reshape(h, w), labels.reshape(h, w), ref_proto,
+                                                             tgt, tgt_deb, alpha)),
         "upsampling": (lambda: upsample_mask(patch_mask, size, size), lambda: upsample_mask(patch_mask, size, size)),
-        "episode": (ours_episode, ref_episode),
-        "cached_target": (lambda: seg.finalize(seg.segment_patches(enc, tgt), None, None), ref_episode),
-        "batched_targets": (ours_batched, ref_batched),
+        "episode": (ours_episode, lambda: ref_episode_for(tgt)),
+        "cached_target": (lambda: core.finalize(core.segment_patches(enc, tgt), None, None),
+                          lambda: ref_episode_for(tgt)),
+        "batched_targets": (lambda: core.segment(enc, None, features=d["tgt_feats"]),
+                            lambda: [ref_episode_for(t) for t in d["tgt_feats"]]),
     }
-    return stages
 
 
 def published_episode(case: Case, checkout: str) -> Callable[[], object]:
@@ -181,8 +149,7 @@ def published_episode(case: Case, checkout: str) -> Callable[[], object]:
     finally:
         sys.path.remove(checkout)
     d = case.data
-    seg = d["segmenter"]
-    model = Published(d["encoder"], image_size=case.size, svd_components=seg.svd_components,
+    model = Published(d["encoder"], image_size=case.size, svd_components=d["core"].svd_components,
                       resize_to_orig_size=False, device=str(case.device))
     feats = torch.cat([d["ref_feats"], d["tgt_feats"][:1]])[None]
     model._extract_features = lambda imgs: feats  # features given: the same ones ours use
@@ -197,43 +164,35 @@ def backbone_functions(case: Case, model_size: str, precision: str) -> dict[str,
 
     ours: targets batched through the backbone at ``precision`` against a cached reference;
     reference: one fp32 episode at a time (S references + the target through the backbone,
-    then the reference path), as the published code runs.
+    then the published restatement), as the published code runs.
     """
-    from . import reference
     from .backbone import DinoV3Backbone, build_dinov3
-    from .pipeline import Segmenter
+    from .core import Insid3Core
     from .refine import upsample_mask
+    from .testing import published
 
     torch.manual_seed(0)
     encoder = DinoV3Backbone(build_dinov3(model_size).eval(), model_size).to(case.device)
-    C = encoder.embed_dim
-    r = min(500, C // 2)
+    r = min(500, encoder.embed_dim // 2)
     d = case.data
-    ours = Segmenter(encoder, case.size, r, backend="native", device=case.device, precision=precision)
-    ref_path = Segmenter(encoder, case.size, r, backend="reference", device=case.device)
+    ours = Insid3Core(encoder, image_size=case.size, svd_components=r, backend="native", device=case.device,
+                      precision=precision)
+    fp32 = Insid3Core(encoder, image_size=case.size, svd_components=r, backend="native", device=case.device)
     S = case.shots
     refs, targets, masks = d["images"][:S], d["images"][S:], d["ref_masks"]
     enc = ours.encode_reference(refs, masks)
 
-    def ours_backbone():
-        return ours.features(targets)
-
-    def ref_backbone():
-        return [ref_path.features(targets[b:b + 1]) for b in range(targets.shape[0])]
-
-    def ours_e2e():
-        return ours.segment(enc, targets)
-
     def ref_e2e():
         out = []
         for b in range(targets.shape[0]):
-            feats = ref_path.features(torch.cat([refs, targets[b:b + 1]]))
-            m = reference.segment_patches(feats[:S], masks, feats[S], ref_path.projector, ref_path.tau,
-                                          ref_path.merge_threshold)
+            feats = fp32.features(torch.cat([refs, targets[b:b + 1]]))
+            m = published.segment_patches(feats[:S], masks, feats[S], fp32.projector, fp32.tau, fp32.merge_threshold)
             out.append(upsample_mask(m, case.size, case.size))
         return out
 
-    return {"backbone": (ours_backbone, ref_backbone), "end_to_end": (ours_e2e, ref_e2e)}
+    return {"backbone": (lambda: ours.features(targets),
+                         lambda: [fp32.features(targets[b:b + 1]) for b in range(targets.shape[0])]),
+            "end_to_end": (lambda: ours.segment(enc, targets), ref_e2e)}
 
 
 def measure(case: Case, stages: list[str], repeats: int, progress=None,
@@ -334,11 +293,13 @@ def format_table(rows: list[dict]) -> str:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``insid3-fast bench``."""
+    from .config import add_arguments
+
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 768, 1024])
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=list(DEFAULT_STAGES))
     p.add_argument("--dim", type=int, default=1024, help="embedding size (1024 = ViT-L)")
-    p.add_argument("--connectivity", type=int, choices=[4, 8], default=None)
+    add_arguments(p, ["connectivity"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", help="also write the records to this JSON file")

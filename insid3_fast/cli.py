@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 from .atomic import atomic_write, atomic_write_many, atomic_write_text, check_output_path
 from .errors import InputError, Insid3Error
@@ -30,39 +30,32 @@ def _check_output(path: str | None, inputs: Sequence[str] = ()) -> None:
 def _device(name: str):
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    from .core import resolve_device
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda requested but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="DINOv3 checkpoint (Meta .pth, HF folder or .safetensors); "
-                                     "default: $INSID3_WEIGHTS or pretrain/")
-    p.add_argument("--model-size", default=None,
-                   help="small, small_plus, base, large, huge_plus or 7b (default: inferred from the weights, else large)")
-    p.add_argument("--image-size", type=int, default=1024, help="side images are resized to (multiple of 16)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--backend", default="auto", choices=["auto", "native", "reference"])
-    p.add_argument("--svd-components", type=int, default=None,
-                   help="rank of the positional subspace removed (default: the published 500, or half the "
-                        "embedding size when that is 500 or less: 192 for small and small_plus)")
-    p.add_argument("--exif-transpose", action="store_true",
-                   help="apply the EXIF orientation of the images (the published code ignores it)")
-    p.add_argument("--tau", type=float, default=0.6, help="clustering similarity threshold")
-    p.add_argument("--merge-threshold", type=float, default=0.2, help="cluster score threshold (alpha)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="backbone precision (bf16: autocast, for GPUs; fp32 is the parity mode)")
+# The model options every subcommand that builds a model takes (definitions: insid3_fast.config).
+MODEL_OPTIONS = ("weights", "model_size", "image_size", "device", "backend", "svd_components", "exif_transpose",
+                 "tau", "merge_threshold", "precision")
+
+
+def _add_model_arguments(p: argparse.ArgumentParser, *extra: str) -> None:
+    """The flags of ``MODEL_OPTIONS`` and of the ``extra`` options, generated from the config."""
+    from .config import add_arguments
+
+    add_arguments(p, (*MODEL_OPTIONS, *extra))
 
 
 def _build_model(args: argparse.Namespace, **kwargs):
+    from .config import Insid3Config, LoadConfig, options_from_args
     from .model import build_insid3
 
-    model = build_insid3(model_size=args.model_size, weights=args.weights, image_size=args.image_size,
-                         svd_components=args.svd_components, tau=args.tau, merge_threshold=args.merge_threshold,
-                         device=_device(args.device), backend=args.backend, precision=args.precision,
-                         exif_transpose=args.exif_transpose, **kwargs)
+    options = {**options_from_args(args, LoadConfig), **options_from_args(args, Insid3Config), **kwargs}
+    options["device"] = _device(options["device"])
+    model = build_insid3(**options)
     basis = model.positional_basis
     print(f"{PROG}: removing a rank-{basis.shape[1]} positional subspace (embedding size {basis.shape[0]})",
           file=sys.stderr)
@@ -99,8 +92,7 @@ def _segment(args: argparse.Namespace) -> int:
     _check_reference_files(args)
     load_image(args.target, 16)
 
-    model = _build_model(args, mask_refiner="crf" if args.crf else "bilinear",
-                         connectivity=args.connectivity)
+    model = _build_model(args, mask_refiner="crf" if args.crf else "bilinear")
     for image, mask in zip(args.ref_image, args.ref_mask):
         model.set_reference(image, mask)
     model.set_target(args.target)
@@ -229,7 +221,7 @@ def _segment_many(args: argparse.Namespace) -> int:
         # Resumable: masks already written are not recomputed.
         todo = [t for t in mine if not os.path.exists(outputs[t])]
         args.device = str(distributed.local_device(args.device)) if args.device != "cpu" else "cpu"
-        model = _build_model(args, connectivity=args.connectivity)
+        model = _build_model(args)
         ref = model.encode_reference(args.ref_image, args.ref_mask)
         done, failed = 0, []
         with tqdm(total=len(todo), desc="segment", unit="img", disable=rank != 0 or not todo) as bar:
@@ -294,9 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlay", help="also write the target with the mask overlaid (PNG)")
     seg.add_argument("--crf", action="store_true", help="refine the boundary with the dense CRF")
     seg.add_argument("--resize-mask", action="store_true", help=RESIZE_MASK_HELP)
-    seg.add_argument("--connectivity", type=int, choices=[4, 8], default=None,
-                     help="grid-constrained clustering (default: the published unconstrained one)")
-    _add_model_arguments(seg)
+    _add_model_arguments(seg, "connectivity")
     seg.set_defaults(func=_segment)
 
     many = sub.add_parser("segment-many", help="segment many targets against one reference "
@@ -308,8 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--output-dir", required=True, help="one <target name>.png mask per target")
     many.add_argument("--batch-size", type=int, default=8)
     many.add_argument("--resize-mask", action="store_true", help=RESIZE_MASK_HELP)
-    many.add_argument("--connectivity", type=int, choices=[4, 8], default=None)
-    _add_model_arguments(many)
+    _add_model_arguments(many, "connectivity")
     many.set_defaults(func=_segment_many)
 
     match = sub.add_parser("match", help="transfer keypoints from a reference image to a target")

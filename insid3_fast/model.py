@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import threading
@@ -11,22 +12,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import MODEL_SIZES, Insid3Config, LoadConfig
+from .core import Insid3Core, resolve_device
 from .errors import InputError, StateError, WeightsError
-from .inputs import (ImageLike, MaskLike, check_image_size_multiple, check_int, check_thresholds, load_image,
-                     load_mask, warn_input, warn_non_finite)
-from .keypoints import transfer_keypoints
-from .pipeline import EncodedReference, Segmenter
+from .inputs import ImageLike, MaskLike, check_int, load_image, load_mask
+from .pipeline import EncodedReference
 
-# File-name stems of Meta's released checkpoints, per model size.
-WEIGHT_STEMS = {
-    "small": "dinov3_vits16_", "small_plus": "dinov3_vits16plus_", "base": "dinov3_vitb16_",
-    "large": "dinov3_vitl16_", "huge_plus": "dinov3_vith16plus_", "7b": "dinov3_vit7b16_",
-}
+# File-name stems of Meta's released checkpoints, per model size (config.MODEL_SIZES, in order).
+WEIGHT_STEMS = dict(zip(MODEL_SIZES, ("dinov3_vits16_", "dinov3_vits16plus_", "dinov3_vitb16_", "dinov3_vitl16_",
+                                      "dinov3_vith16plus_", "dinov3_vit7b16_")))
+# The defaults of the signatures below: the config's, written once there.
+_MODEL, _LOAD = Insid3Config(), LoadConfig()
 
 
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device("auto")
 
 
 # Guards the bookkeeping of every model's stateful API (a few list operations, never the compute).
@@ -39,21 +40,19 @@ class INSID3(torch.nn.Module):
     Args:
         encoder: any module with Meta's ``get_intermediate_layers`` (ours from ``load_dinov3``,
             the published hub models, a test double).
-        image_size, svd_components, tau, merge_threshold, mask_refiner, resize_to_orig_size:
-            the published parameters and defaults. ``svd_components`` >= the embedding size C
-            (the default 500 with ViT-S, C = 384) falls back to C // 2 with an ``InputWarning``
-            (the published code would remove the whole embedding); None picks that rule silently.
-            ``tau`` must be in [0, 1] and ``merge_threshold`` finite (InputError otherwise).
-        device: None picks CUDA when available.
-        backend: ``auto`` (native ops when built), ``native`` or ``reference``.
-        connectivity: None (published clustering) or 4 / 8 (grid-constrained clustering).
-        noise: input of the positional SVD, ``constant`` (published) or ``gaussian``.
+        image_size, svd_components, tau, merge_threshold, mask_refiner, resize_to_orig_size,
+        device, backend, connectivity, noise, precision, compile, exif_transpose: the options of
+            ``insid3_fast.config.Insid3Config`` (names, defaults, allowed values and meaning
+            there; the first eight in the published order). ``device`` None: CUDA when available.
         cache_key: identifies the weights for the positional-basis disk cache; default: the
             encoder's ``weights_fingerprint`` attribute when it has one.
-        precision: ``fp32`` (parity) or ``bf16`` (backbone under autocast; for GPUs).
-        compile: ``torch.compile`` the backbone pass (True, or a mode such as ``"reduce-overhead"``).
-        exif_transpose: apply the EXIF orientation of image files and PIL images (the published
-            code ignores it, so the default is off).
+        cache_dir: the cache folder.
+
+    ``INSID3.from_config(encoder, config)`` builds one from an ``Insid3Config``.
+
+    The model is an ``nn.Module`` whose ``core`` (``insid3_fast.core.Insid3Core``) holds the
+    encoder and the positional basis, projector and complement as buffers: ``model.to(...)``
+    moves and casts all of them, and ``state_dict()`` holds the basis.
 
     Threads: the stateless calls (``encode_reference``, ``segment_targets``, ``stream``) may share
     one model between threads. The stateful ``set_reference``/``set_target``/``segment``/``match``
@@ -61,33 +60,64 @@ class INSID3(torch.nn.Module):
     sequence is pending raises ``StateError`` (``reset_state()`` discards the pending sequence).
     """
 
-    def __init__(self, encoder: torch.nn.Module, image_size: int = 1024, svd_components: int | None = 500,
-                 tau: float = 0.6, merge_threshold: float = 0.2, mask_refiner: str = "bilinear",
-                 resize_to_orig_size: bool = True, device: torch.device | str | None = None, *,
-                 backend: str = "auto", connectivity: int | None = None, noise: str = "constant",
-                 cache_key: str | None = None, cache_dir: str | None = None,
-                 precision: str = "fp32", compile: bool | str = False, exif_transpose: bool = False) -> None:
+    def __init__(self, encoder: torch.nn.Module, image_size: int = _MODEL.image_size,
+                 svd_components: int | None = _MODEL.svd_components, tau: float = _MODEL.tau,
+                 merge_threshold: float = _MODEL.merge_threshold, mask_refiner: str = _MODEL.mask_refiner,
+                 resize_to_orig_size: bool = _MODEL.resize_to_orig_size, device: torch.device | str | None = None, *,
+                 backend: str = _MODEL.backend, connectivity: int | None = _MODEL.connectivity,
+                 noise: str = _MODEL.noise, cache_key: str | None = None, cache_dir: str | None = None,
+                 precision: str = _MODEL.precision, compile: bool | str = _MODEL.compile,
+                 exif_transpose: bool = _MODEL.exif_transpose) -> None:
         super().__init__()
-        device = torch.device(device) if device is not None else default_device()
-        self.encoder = encoder
-        self.core = Segmenter(encoder, image_size, svd_components, tau, merge_threshold, mask_refiner,
-                              connectivity, backend, device, noise,
-                              cache_key if cache_key is not None else getattr(encoder, "weights_fingerprint", None),
-                              cache_dir, precision, compile)
-        self.image_size = self.core.image_size
-        self.resize_to_orig_size = resize_to_orig_size
-        self.exif_transpose = bool(exif_transpose)
+        config = Insid3Config(image_size=image_size, svd_components=svd_components, tau=tau,
+                              merge_threshold=merge_threshold, mask_refiner=mask_refiner,
+                              resize_to_orig_size=resize_to_orig_size, device=device, backend=backend,
+                              connectivity=connectivity, noise=noise, precision=precision, compile=compile,
+                              exif_transpose=exif_transpose)
+        self.core = Insid3Core(encoder, config, cache_dir=cache_dir,
+                               cache_key=cache_key if cache_key is not None else getattr(encoder, "weights_fingerprint", None))
         self.reset_state()
+
+    @classmethod
+    def from_config(cls, encoder: torch.nn.Module, config: Insid3Config, *, cache_key: str | None = None,
+                    cache_dir: str | None = None) -> "INSID3":
+        """An ``INSID3`` with the options of ``config``."""
+        return cls(encoder, **dataclasses.asdict(config), cache_key=cache_key, cache_dir=cache_dir)
+
+    @property
+    def config(self) -> Insid3Config:
+        """The options this model runs with."""
+        return self.core.config
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        """The backbone (a submodule of ``core``)."""
+        return self.core.encoder
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square the images are resized to."""
+        return self.core.image_size
+
+    @property
+    def resize_to_orig_size(self) -> bool:
+        """Whether masks come back at the target's original size (else image_size x image_size)."""
+        return self.core.config.resize_to_orig_size
+
+    @property
+    def exif_transpose(self) -> bool:
+        """Whether image files and PIL images are turned by their EXIF orientation."""
+        return self.core.config.exif_transpose
 
     @property
     def device(self) -> torch.device:
-        """The device everything runs on."""
+        """The device everything runs on (the buffers'; follows ``model.to(...)``)."""
         return self.core.device
 
     @property
     def backend(self) -> str:
-        """``native`` or ``reference``: the path the post-backbone steps take."""
-        return self.core.backend
+        """``native`` or ``reference``: the kernels the post-backbone ops run."""
+        return self.core.kernels
 
     @property
     def positional_basis(self) -> torch.Tensor:
@@ -106,7 +136,7 @@ class INSID3(torch.nn.Module):
 
     @tau.setter
     def tau(self, value: float) -> None:
-        self.core.tau = check_thresholds(value, self.core.merge_threshold)[0]
+        self.core.reconfigure(tau=value)
 
     @property
     def merge_threshold(self) -> float:
@@ -115,7 +145,7 @@ class INSID3(torch.nn.Module):
 
     @merge_threshold.setter
     def merge_threshold(self, value: float) -> None:
-        self.core.merge_threshold = check_thresholds(self.core.tau, value)[1]
+        self.core.reconfigure(merge_threshold=value)
 
     @property
     def mask_refiner(self) -> str:
@@ -225,22 +255,7 @@ class INSID3(torch.nn.Module):
 
     def _predict_mask(self, ref_images: torch.Tensor, ref_masks: torch.Tensor, tgt_image: torch.Tensor,
                       out_size: tuple[int, int] | None) -> torch.Tensor:
-        S = _check_image_batch("ref_images", ref_images)
-        if _check_image_batch("tgt_image", tgt_image) != 1:
-            raise InputError(f"tgt_image must be one image (1, 3, H, W), got {tuple(tgt_image.shape)}")
-        if tuple(tgt_image.shape[-2:]) != tuple(ref_images.shape[-2:]):
-            raise InputError(f"tgt_image is {tuple(tgt_image.shape[-2:])} px but ref_images are "
-                             f"{tuple(ref_images.shape[-2:])}: they go through the backbone as one batch")
-        if not isinstance(ref_masks, torch.Tensor) or ref_masks.ndim != 3 or ref_masks.shape[0] != S:
-            got = tuple(ref_masks.shape) if isinstance(ref_masks, torch.Tensor) else type(ref_masks).__name__
-            raise InputError(f"ref_masks must be a (S, H, W) tensor with one mask per reference image "
-                             f"(S = {S}), got {got}")
-        warn_non_finite(ref_images, "ref_images")
-        warn_non_finite(tgt_image, "tgt_image")
-        with torch.no_grad():
-            feats = self.core.features(torch.cat([ref_images.to(self.device), tgt_image.to(self.device)]))
-            ref = self.core.encode_reference(ref_images, ref_masks, features=feats[:S])
-            return self.core.segment(ref, tgt_image, [out_size], features=feats[S:])[0]
+        return self.core.predict_episode(ref_images, ref_masks, tgt_image, out_size)
 
     @torch.no_grad()
     def predict_keypoint(self, ref_image: torch.Tensor, ref_kps: torch.Tensor, tgt_image: torch.Tensor,
@@ -256,34 +271,8 @@ class INSID3(torch.nn.Module):
     def _predict_keypoint(self, ref_image: torch.Tensor, ref_kps: torch.Tensor, tgt_image: torch.Tensor,
                           use_debiased: bool, ref_size: tuple[int, int] | None,
                           tgt_size: tuple[int, int] | None) -> torch.Tensor:
-        try:
-            kps = torch.as_tensor(ref_kps, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError):
-            raise InputError("keypoints must be a (K, 2) array of numbers (x, y), "
-                             f"got {type(ref_kps).__name__}") from None
-        if kps.ndim != 2 or kps.shape[-1] != 2 or kps.shape[0] == 0:
-            raise InputError(f"keypoints must be a non-empty (K, 2) array of (x, y), got shape {tuple(kps.shape)}")
-        for name, image in (("ref_image", ref_image), ("tgt_image", tgt_image)):
-            if _check_image_batch(name, image) != 1:
-                raise InputError(f"{name} must be one image (1, 3, H, W), got {tuple(image.shape)}")
-        finite = torch.isfinite(kps).all(dim=1)
-        out = torch.full_like(kps, float("nan"), device=self.device)
-        if not bool(finite.all()):
-            warn_input(f"{int((~finite).sum())} of {kps.shape[0]} keypoints have a non-finite coordinate; "
-                       "their predictions are NaN")
-            if not bool(finite.any()):
-                return out
-        with torch.no_grad():
-            feats = self.core.features(torch.cat([ref_image.to(self.device), tgt_image.to(self.device)]))
-            if use_debiased:
-                from .debias import debias
-                feats = debias(feats, self.core.projector)
-            # match() uses the first reference: its keypoints are in that image's pixels.
-            ref_size = ref_size or tuple(ref_image.shape[-2:])
-            tgt_size = tgt_size or tuple(tgt_image.shape[-2:])
-            out[finite.to(self.device)] = transfer_keypoints(feats[0], feats[1], kps[finite].to(self.device),
-                                                             ref_size, tgt_size)
-        return out
+        # match() uses the first reference: its keypoints are in that image's pixels.
+        return self.core.match_keypoints(ref_image, ref_kps, tgt_image, use_debiased, ref_size, tgt_size)
 
     # ---- many targets per reference ----
     def encode_reference(self, images: Sequence[ImageLike] | ImageLike,
@@ -304,19 +293,7 @@ class INSID3(torch.nn.Module):
         return self.core.encode_reference(torch.cat(tensors), torch.cat(mask_tensors))
 
     def _check_reference(self, ref: object) -> EncodedReference:
-        """InputError unless ``ref`` was encoded by a model of this image size and positional basis."""
-        if not isinstance(ref, EncodedReference):
-            raise InputError(f"ref must be what encode_reference() returns, got {type(ref).__name__}")
-        size = tuple(ref.masks.shape[-2:])
-        if size != (self.image_size, self.image_size):
-            raise InputError(f"this reference was encoded at image size {size[-1]}, but the model segments at "
-                             f"{self.image_size}: encode it with this model's encode_reference()")
-        if ref.features.shape[1] != self.core.basis.shape[0] or ref.keys.shape[-1] != self.core.complement.shape[1]:
-            raise InputError(f"this reference was encoded by a model with another embedding size or "
-                             f"positional rank (features {ref.features.shape[1]}, keys {ref.keys.shape[-1]}; "
-                             f"this model: {self.core.basis.shape[0]}, {self.core.complement.shape[1]}): "
-                             "encode it with this model's encode_reference()")
-        return ref
+        return self.core.check_reference(ref)
 
     def segment_targets(self, ref: EncodedReference, targets: Sequence[ImageLike],
                         batch_size: int = 8) -> list[torch.Tensor]:
@@ -384,17 +361,6 @@ def _as_list(items: object) -> list:
     return list(items) if isinstance(items, (list, tuple)) else [items]
 
 
-def _check_image_batch(name: str, images: object) -> int:
-    """The batch size of a (B, 3, H, W) float image tensor, else InputError."""
-    if not isinstance(images, torch.Tensor):
-        raise InputError(f"{name} must be a normalised (B, 3, H, W) tensor, got {type(images).__name__}; "
-                         "for paths, PIL images and arrays use set_reference()/set_target() or encode_reference()")
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise InputError(f"{name} must be a normalised float (B, 3, H, W) tensor, got "
-                         f"{images.dtype} {tuple(images.shape)}")
-    return int(images.shape[0])
-
-
 def find_weights(model_size: str, weights: str | os.PathLike | None = None) -> str:
     """The checkpoint to load: ``weights``, else ``$INSID3_WEIGHTS``, else ``pretrain/`` (file or folder)."""
     if model_size not in WEIGHT_STEMS:
@@ -416,30 +382,32 @@ def find_weights(model_size: str, weights: str | os.PathLike | None = None) -> s
         f"download {WEIGHT_STEMS[model_size]}pretrain_lvd1689m-*.pth into pretrain/, or pass --weights PATH")
 
 
-def build_insid3(model_size: str | None = "large", weights: str | os.PathLike | None = None, image_size: int = 1024,
-                 svd_components: int | None = 500, tau: float = 0.6, merge_threshold: float = 0.2,
-                 mask_refiner: str = "bilinear", resize_to_orig_size: bool = True,
-                 device: torch.device | str | None = None, *, backend: str = "auto",
-                 connectivity: int | None = None, dtype: torch.dtype | None = None,
-                 cache_dir: str | None = None, precision: str = "fp32", compile: bool | str = False,
-                 exif_transpose: bool = False) -> INSID3:
+def build_insid3(model_size: str | None = _LOAD.model_size, weights: str | os.PathLike | None = _LOAD.weights,
+                 image_size: int = _MODEL.image_size, svd_components: int | None = _MODEL.svd_components,
+                 tau: float = _MODEL.tau, merge_threshold: float = _MODEL.merge_threshold,
+                 mask_refiner: str = _MODEL.mask_refiner, resize_to_orig_size: bool = _MODEL.resize_to_orig_size,
+                 device: torch.device | str | None = None, *, backend: str = _MODEL.backend,
+                 connectivity: int | None = _MODEL.connectivity, dtype: torch.dtype | None = None,
+                 cache_dir: str | None = None, precision: str = _MODEL.precision, compile: bool | str = _MODEL.compile,
+                 exif_transpose: bool = _MODEL.exif_transpose, noise: str = _MODEL.noise) -> INSID3:
     """Load DINOv3 weights and build an ``INSID3`` (the published ``build_insid3``, plus ``weights``).
 
-    ``svd_components``: see ``INSID3`` (500 with ViT-S / ViT-S+ falls back to 192 with a warning).
-    The scalar arguments are checked before the weights are read.
+    ``model_size`` None: read from the weights (``large`` when looking for them in pretrain/);
+    ``dtype``: cast the backbone to it. The other options are ``Insid3Config``'s; they are all
+    checked before the weights are read.
     """
     from .backbone import load_dinov3, weights_fingerprint
 
-    check_image_size_multiple(image_size)
-    check_thresholds(tau, merge_threshold)
-    if svd_components is not None:
-        check_int("svd_components", svd_components, minimum=0)
-    path = find_weights(model_size or "large", weights)
-    device = torch.device(device) if device is not None else default_device()
-    encoder = load_dinov3(path, model_size=model_size, device=device, dtype=dtype)
-    model = INSID3(encoder, image_size, svd_components, tau, merge_threshold, mask_refiner,
-                   resize_to_orig_size, device, backend=backend, connectivity=connectivity,
-                   cache_key=f"{weights_fingerprint(path)}|{dtype}|{precision}", cache_dir=cache_dir,
-                   precision=precision, compile=compile, exif_transpose=exif_transpose)
+    load = LoadConfig(model_size=model_size, weights=None if weights is None else os.fspath(weights))
+    config = Insid3Config(image_size=image_size, svd_components=svd_components, tau=tau,
+                          merge_threshold=merge_threshold, mask_refiner=mask_refiner,
+                          resize_to_orig_size=resize_to_orig_size, device=device, backend=backend,
+                          connectivity=connectivity, noise=noise, precision=precision, compile=compile,
+                          exif_transpose=exif_transpose)
+    path = find_weights(load.model_size or "large", load.weights)
+    device = resolve_device(config.device)
+    encoder = load_dinov3(path, model_size=load.model_size, device=device, dtype=dtype)
+    model = INSID3.from_config(encoder, dataclasses.replace(config, device=str(device)),
+                               cache_key=f"{weights_fingerprint(path)}|{dtype}|{precision}", cache_dir=cache_dir)
     model.requires_grad_(False)
     return model

@@ -2,7 +2,11 @@
 
 Each wrapper validates its inputs, makes them contiguous and calls ``torch.ops.insid3_fast.*``.
 The fake kernels let the ops trace under ``torch.compile``. ``native_available()`` says whether
-the extension was built and loaded; the pipeline falls back to the reference path otherwise.
+the extension was built and loaded. Every wrapper takes ``kernels=``: ``"native"`` (the
+compiled kernels; ``BackendError`` when they are not built) or ``"reference"`` (the plain
+torch / scikit-learn kernels of ``insid3_fast.torch_kernels``, the same results; they check the
+wrappers' rules but not the data-dependent ones below, which the compiled kernels check):
+the pipeline runs the same steps on either.
 
 Input rule, the same in these wrappers and in the kernels of every backend (the wrappers raise
 :class:`InputError`, the raw ``torch.ops.insid3_fast.*`` a ``RuntimeError``, with the same
@@ -168,6 +172,24 @@ def _call(op: str, *args: object):
         raise InputError(message) from None
 
 
+#: Which kernels an op runs: the compiled ones of the extension, or the plain torch /
+#: scikit-learn ones of ``insid3_fast.torch_kernels`` (same results; for machines without the
+#: extension, and the readable baseline of the benchmarks).
+KERNELS = ("native", "reference")
+
+
+def _run(op: str, kernels: str, device: torch.device, *args: object):
+    """Run ``op`` on validated inputs with the ``kernels`` asked for."""
+    if kernels == "reference":
+        from . import torch_kernels
+
+        return getattr(torch_kernels, op)(*args)
+    if kernels != "native":
+        raise InputError(f"{op}: kernels must be one of {KERNELS}, got {kernels!r}")
+    _require(device)
+    return _call(op, *args)
+
+
 def _condensed_size(n: int, op: str) -> None:
     """The N (N - 1) / 2 float64 distances of the linkage ops must be addressable."""
     if n > 1:
@@ -176,7 +198,7 @@ def _condensed_size(n: int, op: str) -> None:
 
 
 def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-            active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            active: torch.Tensor | None = None, *, kernels: str = "native") -> tuple[torch.Tensor, torch.Tensor]:
     """Reverse nearest-neighbour voting.
 
     Args:
@@ -198,8 +220,7 @@ def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
             ``C * max|queries| * max|keys|`` at least ``2**100`` (dot products could overflow).
     """
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active)
-    _require(queries.device)
-    return _call("nn_vote", queries, keys, key_mask, active)
+    return _run("nn_vote", kernels, queries.device, queries, keys, key_mask, active)
 
 
 def _vote_inputs(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
@@ -227,7 +248,7 @@ def _vote_inputs(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tens
     return queries, keys, key_mask.bool().contiguous(), active.bool().contiguous()
 
 
-def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.Tensor:
+def average_linkage_precomputed(dist: torch.Tensor, threshold: float, *, kernels: str = "native") -> torch.Tensor:
     """Exact average-linkage clustering of a precomputed (N, N) distance matrix.
 
     Every merge whose linkage distance is < ``threshold`` is made (scikit-learn's
@@ -244,11 +265,10 @@ def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.T
     threshold = _threshold(threshold, op)
     _condensed_size(dist.shape[0], op)
     dist = dist.float().contiguous()
-    _require(dist.device)
-    return _call(op, dist, float(threshold))
+    return _run(op, kernels, dist.device, dist, float(threshold))
 
 
-def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
+def average_linkage(features: torch.Tensor, threshold: float, *, kernels: str = "native") -> torch.Tensor:
     """Exact average-linkage clustering of L2-normalised features (N, C), cosine distance.
 
     Same partition as scikit-learn's ``AgglomerativeClustering(metric='precomputed',
@@ -262,8 +282,7 @@ def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     """
     threshold = _threshold(threshold, "average_linkage")
     features = _linkage_features(features)
-    _require(features.device)
-    return _call("average_linkage", features, float(threshold))
+    return _run("average_linkage", kernels, features.device, features, float(threshold))
 
 
 def _linkage_features(features: torch.Tensor, op: str = "average_linkage") -> torch.Tensor:
@@ -278,7 +297,7 @@ def _linkage_features(features: torch.Tensor, op: str = "average_linkage") -> to
 
 
 def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Tensor, keys: torch.Tensor,
-                     key_mask: torch.Tensor, active: torch.Tensor | None = None,
+                     key_mask: torch.Tensor, active: torch.Tensor | None = None, *, kernels: str = "native",
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``average_linkage(features, threshold)`` and ``nn_vote(queries, keys, key_mask, active)`` at once.
 
@@ -295,12 +314,11 @@ def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Te
     features = _linkage_features(features, op)
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active, op)
     _same_device(op, features=features, queries=queries)
-    _require(features.device)
-    return _call(op, features, float(threshold), queries, keys, key_mask, active)
+    return _run(op, kernels, features.device, features, float(threshold), queries, keys, key_mask, active)
 
 
 def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: int,
-                         threshold: float) -> torch.Tensor:
+                         threshold: float, *, kernels: str = "native") -> torch.Tensor:
     """Connectivity-constrained average linkage on an h x w grid of features (h*w, C).
 
     Only clusters that touch (4- or 8-neighbourhood) merge; the linkage is the true average
@@ -325,8 +343,7 @@ def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: i
         raise InputError(f"connectivity must be 4 or 8, got {connectivity!r}")
     threshold = _threshold(threshold, op)
     features = features.float().contiguous()
-    _require(features.device)
-    return _call(op, features, int(h), int(w), int(connectivity), float(threshold))
+    return _run(op, kernels, features.device, features, int(h), int(w), int(connectivity), float(threshold))
 
 
 def register_fakes(library: str) -> None:

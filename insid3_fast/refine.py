@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-REFINERS = ("bilinear", "crf")
+from .config import REFINERS  # noqa: F401  (re-exported: the refiners are options)
 
 
 def upsample_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:

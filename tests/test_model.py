@@ -11,6 +11,7 @@ import torch
 from insid3_fast import INSID3, ops
 from insid3_fast.errors import BackendError, InputError, InputWarning
 from insid3_fast.synthetic import SyntheticEncoder, make_episode
+from insid3_fast.testing.oracle import oracle_segment
 
 needs_native = pytest.mark.skipif(not ops.native_available(), reason="native ops not built")
 
@@ -23,9 +24,16 @@ def segment(model, refs, masks, target):
 
 
 def reference_and_native(encoder, episode, **kw):
-    """The masks of the reference path and of the native path on one episode."""
+    """The published restatement's mask (the oracle) and the native path's, on one episode.
+
+    The pipeline on the reference kernels must give the oracle's mask too (asserted here).
+    """
     refs, masks, target, _ = episode
-    return tuple(segment(INSID3(encoder, backend=b, **kw), refs, masks, target) for b in ("reference", "native"))
+    model = INSID3(encoder, backend="reference", **kw)
+    expected = oracle_segment(model, refs, masks, target).cpu().numpy()
+    on_reference_kernels = segment(model, refs, masks, target)
+    assert np.array_equal(expected, on_reference_kernels), f"{(expected != on_reference_kernels).sum()} pixels differ"
+    return expected, segment(INSID3(encoder, backend="native", **kw), refs, masks, target)
 
 
 def test_native_ops_are_built_in_ci():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from insid3_fast import reference
+from insid3_fast.testing import published as reference  # the oracle (formerly insid3_fast.reference)
 from insid3_fast.debias import debias, orthogonal_projector
 
 
@@ -211,3 +211,10 @@ def test_grid_linkage_clusters_are_connected_and_respect_threshold():
     assert len(set(reference.grid_average_linkage(X, h, w, 4, 0.0).tolist())) == h * w
     same = F.normalize(torch.ones(h * w, 5), dim=1)
     assert set(reference.grid_average_linkage(same, h, w, 4, 0.1).tolist()) == {0}
+
+
+def test_the_former_module_name_still_imports_the_oracle():
+    from insid3_fast import reference as former
+
+    assert former.segment_patches is reference.segment_patches
+    assert former.downsample_mask is reference.downsample_mask

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import add_arguments
 from ..errors import InputError, Insid3Error
 from .. import distributed
 from .correspondence import SPair71k, evaluate_correspondence
@@ -21,6 +22,11 @@ from .metrics import format_class_table
 from .runner import evaluate_segmentation
 
 DATASET_CHOICES = [*SEGMENTATION_DATASETS, "spair"]
+# The model options of the evaluation (definitions: insid3_fast.config), and the published
+# scripts' spellings of two of them.
+MODEL_OPTIONS = ("model_size", "weights", "image_size", "svd_components", "tau", "merge_threshold", "mask_refiner",
+                 "device", "backend")
+PUBLISHED_ALIASES = {"svd_components": ("--svd-comps",), "merge_threshold": ("--merge-thresh",)}
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,19 +42,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--seed", type=int, default=0, help="seed of the episode draw")
     data.add_argument("--split", default="test", help="SPair-71k split (spair only)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model-size", default="large", choices=["small", "small_plus", "base", "large", "huge_plus", "7b"], help="DINOv3 backbone size")
-    model.add_argument("--weights", default=None, help="DINOv3 checkpoint file")
-    model.add_argument("--image-size", type=int, default=1024, help="model input resolution")
-    model.add_argument("--svd-components", "--svd-comps", dest="svd_components", type=int, default=500,
-                       help="SVD components for positional debiasing")
-    model.add_argument("--tau", type=float, default=0.6, help="clustering distance threshold")
-    model.add_argument("--merge-threshold", "--merge-thresh", dest="merge_threshold", type=float, default=0.2,
-                       help="cluster aggregation threshold")
-    model.add_argument("--mask-refiner", default="bilinear", choices=["bilinear", "crf"], help="mask upsampling")
+    add_arguments(model, MODEL_OPTIONS, aliases=PUBLISHED_ALIASES)
     model.add_argument("--crf-mask-refinement", dest="mask_refiner", action="store_const", const="crf",
                        help="the published flag: same as --mask-refiner crf")
-    model.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    model.add_argument("--backend", default="auto", help="kernel backend passed to build_insid3")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default=None, help="output folder (default: output/<dataset>-fold<f>-<k>shot)")
     run.add_argument("--save-overlays", type=int, default=0, metavar="K", help="save PNG overlays of the first K episodes")
@@ -67,6 +63,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The model options a run records (and resumes only with), as the published evaluation sets them."""
     return {
         "model_size": args.model_size, "weights": args.weights, "image_size": args.image_size,
         "svd_components": args.svd_components, "tau": args.tau, "merge_threshold": args.merge_threshold,
@@ -74,12 +71,16 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _requested_device(args: argparse.Namespace) -> str | None:
+    """``--device`` for torchrun's rank set-up: None for ``auto`` (each rank takes its GPU when there is one)."""
+    return None if args.device in (None, "auto") else args.device
+
+
 def build_model(args: argparse.Namespace, device: str | None) -> Any:
     """The INSID3 model as the published evaluation builds it (prediction at image_size x image_size)."""
-    from .. import build_insid3  # imported late: the evaluation code does not need the model to load
+    from ..model import build_insid3  # imported late: the evaluation code does not need the model to load
 
-    cfg = _model_config(args)
-    return build_insid3(device=device, backend=args.backend, **cfg)
+    return build_insid3(device=device, backend=args.backend, **_model_config(args))
 
 
 def default_output_dir(args: argparse.Namespace) -> str:
@@ -103,8 +104,8 @@ def run_eval(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
     ``model`` replaces the INSID3 model (any object with set_reference/set_target/segment, or
     match for spair). Under torchrun the episodes are sharded over the ranks.
     """
-    rank, world = distributed.init_from_env(args.device)
-    device = distributed.local_device(args.device)
+    rank, world = distributed.init_from_env(_requested_device(args))
+    device = distributed.local_device(_requested_device(args))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)

@@ -1,0 +1,320 @@
+"""The stateless core, an ``nn.Module``: the backbone, the positional basis and one pipeline.
+
+``Insid3Core`` owns the encoder (a submodule) and the debiasing tensors as registered buffers:
+``basis`` B (C, r), ``projector`` I - B Bᵀ (C, C) and ``complement`` Q (C, C - r). So
+``core.to(...)`` moves and casts them with the encoder, ``state_dict()`` holds them, and the
+device is the buffers' device (not stored twice). A reference is encoded once into an
+``EncodedReference``; each target then costs one backbone pass (batched over targets) plus the
+stages of ``insid3_fast.pipeline`` on the kernels the backend selects. Keypoint matching and the
+published one-episode call (``predict_episode``) live here too; ``insid3_fast.model.INSID3`` is
+the published stateful API on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops, pipeline
+from .config import BACKENDS, Insid3Config
+from .debias import complement_basis, debias, orthogonal_projector, positional_basis
+from .errors import BackendError, InputError
+from .inputs import resolve_svd_components, warn_input, warn_non_finite
+from .keypoints import transfer_keypoints
+from .pipeline import EncodedReference
+from .refine import refine_with_crf, upsample_mask
+
+log = logging.getLogger("insid3_fast")
+_announced: set[str] = set()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The kernels ``backend`` selects on ``device``: ``native`` or ``reference`` (``auto``: native when built)."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "native" if ops.native_available(device) else "reference"
+        if backend == "reference" and device.type not in _announced:
+            _announced.add(device.type)
+            log.warning("insid3_fast: native ops unavailable on %s (%s); using the slower reference "
+                        "kernels. Build them with `pip install --no-build-isolation -e .`.", device.type,
+                        ops.load_error() or "built without these kernels")
+    elif backend == "native" and not ops.native_available(device):
+        raise BackendError(f"backend='native' requested but the native ops are unavailable on "
+                           f"{device.type} ({ops.load_error() or 'built without these kernels'}); "
+                           "rebuild with `pip install --no-build-isolation -e .` or use backend='reference'")
+    return backend
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch.device; None or ``"auto"``: CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_image_batch(name: str, images: object) -> int:
+    """The batch size of a (B, 3, H, W) float image tensor, else InputError."""
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"{name} must be a normalised (B, 3, H, W) tensor, got {type(images).__name__}; "
+                         "for paths, PIL images and arrays use set_reference()/set_target() or encode_reference()")
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise InputError(f"{name} must be a normalised float (B, 3, H, W) tensor, got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    return int(images.shape[0])
+
+
+class Insid3Core(torch.nn.Module):
+    """INSID3 without state: the backbone, the debiasing buffers and the configuration.
+
+    Args:
+        encoder: a module with Meta's ``get_intermediate_layers(x, n, reshape, norm)``.
+        config: the options (``Insid3Config``); keyword ``options`` override its fields.
+        cache_key: identifies the weights for the on-disk positional-basis cache (None: no cache).
+        cache_dir: the cache folder (default: ``$INSID3_CACHE`` or ``~/.cache/insid3_fast``).
+
+    The post-backbone steps compute in the dtype of the buffers (float32, the parity mode,
+    unless the module was cast); the ops take float32.
+    """
+
+    basis: torch.Tensor
+    projector: torch.Tensor
+    complement: torch.Tensor
+
+    def __init__(self, encoder: torch.nn.Module, config: Insid3Config | None = None, *,
+                 cache_key: str | None = None, cache_dir: str | None = None, **options: object) -> None:
+        super().__init__()
+        config = dataclasses.replace(config or Insid3Config(), **options)
+        embed_dim = getattr(encoder, "embed_dim", None)
+        embed_dim = embed_dim if isinstance(embed_dim, int) else None
+        rank = resolve_svd_components(config.svd_components, embed_dim)
+        device = resolve_device(config.device)
+        resolve_backend(config.backend, device)  # fail now, not at the first target
+        self.config = config
+        self.encoder = encoder.to(device).eval()
+        self._backbone = self._backbone_pass
+        if config.compile:
+            mode = config.compile if isinstance(config.compile, str) else None
+            self._backbone = torch.compile(self._backbone_pass, dynamic=False, mode=mode)
+        basis = positional_basis(self.encoder, config.image_size, rank, config.noise, device,
+                                 cache_key=cache_key, cache_dir=cache_dir)
+        if basis.shape[1] >= basis.shape[0]:  # an encoder without ``embed_dim``
+            basis = basis[:, :resolve_svd_components(rank, basis.shape[0])].contiguous()
+        self.register_buffer("basis", basis)
+        self.register_buffer("projector", orthogonal_projector(basis))
+        self.register_buffer("complement", complement_basis(basis))
+
+    # ---- what the buffers and the config say ----
+    @property
+    def device(self) -> torch.device:
+        """Where the buffers (and so the post-backbone steps) are."""
+        return self.basis.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the post-backbone steps (the buffers'; float32 unless cast)."""
+        return self.basis.dtype
+
+    @property
+    def kernels(self) -> str:
+        """``native`` or ``reference``: the kernels the ops run, for the current device."""
+        return resolve_backend(self.config.backend, self.device)
+
+    backend = kernels
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square the images are resized to."""
+        return self.config.image_size
+
+    @property
+    def svd_components(self) -> int:
+        """The rank r of the positional subspace actually removed."""
+        return int(self.basis.shape[1])
+
+    @property
+    def tau(self) -> float:
+        """The clustering similarity threshold."""
+        return self.config.tau
+
+    @property
+    def merge_threshold(self) -> float:
+        """The cluster score threshold alpha."""
+        return self.config.merge_threshold
+
+    @property
+    def mask_refiner(self) -> str:
+        """``bilinear`` or ``crf``."""
+        return self.config.mask_refiner
+
+    @property
+    def connectivity(self) -> int | None:
+        """None (the published clustering) or 4 / 8."""
+        return self.config.connectivity
+
+    def reconfigure(self, **options: object) -> None:
+        """Change thresholds or refiner (validated); options that shape the buffers cannot change."""
+        fixed = {"image_size", "svd_components", "noise", "device", "compile"} & set(options)
+        if fixed:
+            raise InputError(f"{', '.join(sorted(fixed))} cannot change after construction: build a new model")
+        config = dataclasses.replace(self.config, **options)
+        resolve_backend(config.backend, self.device)
+        self.config = config
+
+    # ---- backbone ----
+    def _backbone_pass(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.dtype)
+        if self.config.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                fmap = self.encoder.get_intermediate_layers(images, n=1, reshape=True, norm=True)[0]
+        else:
+            fmap = self.encoder.get_intermediate_layers(images, n=1, reshape=True, norm=True)[0]
+        return F.normalize(fmap.to(self.dtype), p=2, dim=1)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features (B, C, h, w) of normalised images (B, 3, size, size), one batch."""
+        return self._backbone(images.to(self.device, non_blocking=True))
+
+    # ---- reference ----
+    @torch.no_grad()
+    def encode_reference(self, images: torch.Tensor, masks: torch.Tensor,
+                         features: torch.Tensor | None = None) -> EncodedReference:
+        """Encode S shots: images (S, 3, size, size) normalised, masks (S, size, size) bool.
+
+        ``features`` (S, C, h, w), when given, skips the backbone pass.
+        """
+        masks = masks.to(self.device).bool()
+        if not bool(masks.flatten(1).any(dim=1).all()):
+            raise InputError("a reference mask is empty (no foreground pixel); every shot needs a mask")
+        feats = self.features(images) if features is None else features.to(self.device, self.dtype)
+        return self.encode_reference_features(feats, masks)
+
+    def encode_reference_features(self, feats: torch.Tensor, masks: torch.Tensor) -> EncodedReference:
+        """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size)."""
+        return pipeline.encode_reference(feats, masks, self.complement)
+
+    def debiased_coordinates(self, feats: torch.Tensor) -> torch.Tensor:
+        """Debiased features (T, h*w, D) of normalised features (T, C, h, w), in complement coordinates."""
+        return pipeline.debiased_coordinates(feats, self.complement)
+
+    def check_reference(self, ref: object) -> EncodedReference:
+        """``ref`` if this model encoded it (image size, embedding size, rank), else InputError."""
+        if not isinstance(ref, EncodedReference):
+            raise InputError(f"ref must be what encode_reference() returns, got {type(ref).__name__}")
+        size = tuple(ref.masks.shape[-2:])
+        if size != (self.image_size, self.image_size):
+            raise InputError(f"this reference was encoded at image size {size[-1]}, but the model segments at "
+                             f"{self.image_size}: encode it with this model's encode_reference()")
+        if ref.embed_dim != self.basis.shape[0] or ref.keys.shape[-1] != self.complement.shape[1]:
+            raise InputError(f"this reference was encoded by a model with another embedding size or "
+                             f"positional rank (features {ref.embed_dim}, keys {ref.keys.shape[-1]}; "
+                             f"this model: {self.basis.shape[0]}, {self.complement.shape[1]}): "
+                             "encode it with this model's encode_reference()")
+        return ref
+
+    # ---- target ----
+    @torch.no_grad()
+    def segment_patches(self, ref: EncodedReference, tgt_feat: torch.Tensor) -> torch.Tensor:
+        """The (h, w) bool patch mask of one target given its normalised features (C, h, w)."""
+        c = self.config
+        return pipeline.segment_patches(ref, tgt_feat, self.complement, tau=c.tau, merge_threshold=c.merge_threshold,
+                                        connectivity=c.connectivity, kernels=self.kernels)
+
+    def finalize(self, patch_mask: torch.Tensor, image: torch.Tensor | None,
+                 out_size: tuple[int, int] | None) -> torch.Tensor:
+        """Upsample a patch mask to the image size, refine (CRF), resize to ``out_size`` (step 8)."""
+        mask = upsample_mask(patch_mask, self.image_size, self.image_size)
+        if self.config.mask_refiner == "crf":
+            if image is None:
+                raise InputError("CRF refinement needs the target image")
+            mask = refine_with_crf(image.to(mask.device), mask)
+        if out_size is not None:
+            mask = upsample_mask(mask, *out_size)
+        return mask
+
+    @torch.no_grad()
+    def segment(self, ref: EncodedReference, images: torch.Tensor | None,
+                out_sizes: Sequence[tuple[int, int] | None] | None = None,
+                features: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Segment B targets (B, 3, size, size) in one backbone pass; a bool mask per target.
+
+        ``out_sizes[b]`` is the size to resize each mask to (None: size x size). With
+        ``features`` (B, C, h, w) given, ``images`` may be None (no backbone pass; no CRF).
+        """
+        feats = self.features(images) if features is None else features.to(self.device, self.dtype)
+        if out_sizes is None:
+            out_sizes = [None] * feats.shape[0]
+        return [self.finalize(self.segment_patches(ref, feats[b]),
+                              images[b:b + 1] if images is not None else None, out_sizes[b])
+                for b in range(feats.shape[0])]
+
+    # ---- one episode, the published call ----
+    @torch.no_grad()
+    def predict_episode(self, ref_images: torch.Tensor, ref_masks: torch.Tensor, tgt_image: torch.Tensor,
+                        out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Segment one target: ref_images (S, 3, H, W), ref_masks (S, H, W) bool, tgt_image (1, 3, H, W).
+
+        All S + 1 images go through the backbone as one batch, as in the published code; the
+        mask is resized to ``out_size`` (None: size x size).
+        """
+        S = check_image_batch("ref_images", ref_images)
+        if check_image_batch("tgt_image", tgt_image) != 1:
+            raise InputError(f"tgt_image must be one image (1, 3, H, W), got {tuple(tgt_image.shape)}")
+        if tuple(tgt_image.shape[-2:]) != tuple(ref_images.shape[-2:]):
+            raise InputError(f"tgt_image is {tuple(tgt_image.shape[-2:])} px but ref_images are "
+                             f"{tuple(ref_images.shape[-2:])}: they go through the backbone as one batch")
+        if not isinstance(ref_masks, torch.Tensor) or ref_masks.ndim != 3 or ref_masks.shape[0] != S:
+            got = tuple(ref_masks.shape) if isinstance(ref_masks, torch.Tensor) else type(ref_masks).__name__
+            raise InputError(f"ref_masks must be a (S, H, W) tensor with one mask per reference image "
+                             f"(S = {S}), got {got}")
+        warn_non_finite(ref_images, "ref_images")
+        warn_non_finite(tgt_image, "tgt_image")
+        feats = self.features(torch.cat([ref_images.to(self.device), tgt_image.to(self.device)]))
+        ref = self.encode_reference(ref_images, ref_masks, features=feats[:S])
+        return self.segment(ref, tgt_image, [out_size], features=feats[S:])[0]
+
+    # ---- keypoints ----
+    @torch.no_grad()
+    def match_keypoints(self, ref_image: torch.Tensor, ref_kps: torch.Tensor, tgt_image: torch.Tensor,
+                        use_debiased: bool = True, ref_size: tuple[int, int] | None = None,
+                        tgt_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Transfer keypoints (K, 2) (x, y) from ref_image (1, 3, H, W) to tgt_image; (K, 2) target pixels.
+
+        ``ref_size``/``tgt_size``: the (H, W) the keypoints and the prediction are in (default:
+        the tensors' own sizes). Keypoints with a NaN or infinite coordinate give NaN (with an
+        ``InputWarning``).
+        """
+        try:
+            kps = torch.as_tensor(ref_kps, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError("keypoints must be a (K, 2) array of numbers (x, y), "
+                             f"got {type(ref_kps).__name__}") from None
+        if kps.ndim != 2 or kps.shape[-1] != 2 or kps.shape[0] == 0:
+            raise InputError(f"keypoints must be a non-empty (K, 2) array of (x, y), got shape {tuple(kps.shape)}")
+        for name, image in (("ref_image", ref_image), ("tgt_image", tgt_image)):
+            if check_image_batch(name, image) != 1:
+                raise InputError(f"{name} must be one image (1, 3, H, W), got {tuple(image.shape)}")
+        finite = torch.isfinite(kps).all(dim=1)
+        out = torch.full_like(kps, float("nan"), device=self.device)
+        if not bool(finite.all()):
+            warn_input(f"{int((~finite).sum())} of {kps.shape[0]} keypoints have a non-finite coordinate; "
+                       "their predictions are NaN")
+            if not bool(finite.any()):
+                return out
+        feats = self.features(torch.cat([ref_image.to(self.device), tgt_image.to(self.device)]))
+        if use_debiased:
+            feats = debias(feats, self.projector)
+        ref_size = ref_size or tuple(ref_image.shape[-2:])
+        tgt_size = tgt_size or tuple(tgt_image.shape[-2:])
+        out[finite.to(self.device)] = transfer_keypoints(feats[0], feats[1], kps[finite].to(self.device),
+                                                         ref_size, tgt_size).to(out.dtype)
+        return out
+
+
+#: The name the core had before it became a module; the same class.
+Segmenter = Insid3Core

@@ -1,0 +1,125 @@
+"""The reference kernels of the ops: plain torch, scikit-learn and numpy, on any device.
+
+``insid3_fast.ops`` runs these instead of the compiled kernels when asked for
+``kernels="reference"`` (``backend="reference"``, or a machine where the extension is not
+built). Each computes what its op's docstring in ``ops`` states, on inputs the wrapper has
+already validated: the same results as the compiled kernels, only slower. They are written
+for clarity, not speed (the clustering is scikit-learn's, as in the published code).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Query rows per similarity block of the reference nearest-neighbour search: bounds the
+# (rows, M) float64 block (32 MiB at M = 4096).
+_VOTE_ROWS = 1024
+
+
+def first_appearance(labels: np.ndarray) -> np.ndarray:
+    """Relabel a partition so that labels number the clusters in order of first appearance."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))
+    return order[inverse.reshape(-1)].astype(np.int64)
+
+
+def nn_vote(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
+            active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reverse nearest-neighbour votes and argmax (see ``ops.nn_vote``).
+
+    The dot products are taken in float64: products of two float32 values are exact there,
+    so the argmax is that of the exact dots except for sums that differ in the last bits of
+    a double (ties go to the lowest index, as ``torch.argmax`` picks the first maximum).
+    """
+    S, M, _ = keys.shape
+    Q = queries.shape[0]
+    argmax = torch.full((S, Q), -1, dtype=torch.int64, device=queries.device)
+    rows = active.nonzero().reshape(-1)
+    q = queries.index_select(0, rows).double()
+    for s in range(S):
+        k = keys[s].double()
+        for start in range(0, rows.numel(), _VOTE_ROWS):
+            block = q[start:start + _VOTE_ROWS] @ k.T
+            argmax[s, rows[start:start + _VOTE_ROWS]] = block.argmax(dim=1)
+    votes = torch.zeros(Q, dtype=torch.int32, device=queries.device)
+    for s in range(S):
+        hit = key_mask[s][argmax[s].clamp(min=0)] & (argmax[s] >= 0)
+        votes += hit.to(torch.int32)
+    return votes, argmax
+
+
+def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.Tensor:
+    """scikit-learn's average-linkage cut of a distance matrix; labels by first appearance."""
+    n = dist.shape[0]
+    if n <= 1:  # scikit-learn needs two samples; one patch is one cluster
+        return torch.zeros(n, dtype=torch.int64, device=dist.device)
+    from sklearn.cluster import AgglomerativeClustering
+
+    ac = AgglomerativeClustering(n_clusters=None, metric="precomputed", linkage="average",
+                                 distance_threshold=float(threshold))
+    labels = ac.fit_predict(dist.detach().cpu().numpy())
+    return torch.from_numpy(first_appearance(labels)).to(dist.device)
+
+
+def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Average linkage of normalised features on ``1 - clamp(X Xᵀ, -1, 1)`` (the published distances)."""
+    dist = 1.0 - (features @ features.T).clamp(-1, 1)
+    return average_linkage_precomputed(dist, threshold)
+
+
+def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Tensor, keys: torch.Tensor,
+                     key_mask: torch.Tensor, active: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``average_linkage`` and ``nn_vote``, one after the other."""
+    return (average_linkage(features, threshold), *nn_vote(queries, keys, key_mask, active))
+
+
+def grid_neighbours(h: int, w: int, connectivity: int) -> list[list[int]]:
+    """The grid neighbours of each of the h*w patches (4: edges, 8: edges and corners)."""
+    steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+    if connectivity == 8:
+        steps += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
+    return [[(y + dy) * w + x + dx for dy, dx in steps if 0 <= y + dy < h and 0 <= x + dx < w]
+            for y in range(h) for x in range(w)]
+
+
+def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: int,
+                         threshold: float) -> torch.Tensor:
+    """Connectivity-constrained average linkage by reciprocal-nearest-neighbour rounds.
+
+    Clusters start as single patches and keep a float64 sum vector. Two clusters are adjacent
+    when a member of one is a grid neighbour of a member of the other; their linkage is the
+    true average cosine distance 1 - <sum_a, sum_b> / (n_a n_b). Each round, every cluster
+    finds its nearest adjacent cluster (ties to the smallest id, a cluster's id being its
+    smallest patch index); reciprocal pairs closer than ``threshold`` merge. Rounds repeat
+    until none merges. Returns (h*w,) int64 labels numbered by first appearance.
+    """
+    X = features.detach().double().cpu().numpy()
+    neighbours = grid_neighbours(h, w, connectivity)
+    members = {i: [i] for i in range(h * w)}
+    sums = {i: X[i].copy() for i in range(h * w)}
+    owner = list(range(h * w))
+    while True:
+        nearest = {}
+        for a in members:
+            adjacent = sorted({owner[q] for p in members[a] for q in neighbours[p]} - {a})
+            best = None
+            for b in adjacent:
+                d = 1.0 - float(np.dot(sums[a], sums[b])) / (len(members[a]) * len(members[b]))
+                if best is None or d < best[0]:
+                    best = (d, b)
+            if best is not None:
+                nearest[a] = best
+        pairs = [(a, b) for a, (d, b) in nearest.items()
+                 if a < b and nearest.get(b, (None, None))[1] == a and d < threshold]
+        if not pairs:
+            break
+        for a, b in pairs:
+            sums[a] = sums[a] + sums.pop(b)
+            members[a] += members.pop(b)
+            for p in members[a]:
+                owner[p] = a
+    first_seen: dict[int, int] = {}
+    labels = [first_seen.setdefault(o, len(first_seen)) for o in owner]
+    return torch.tensor(labels, dtype=torch.long, device=features.device)
