@@ -169,12 +169,13 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
         out = torch.zeros((K,) + values.shape[1:], dtype=acc, device=dev)
         return out.index_add_(0, labels, values.to(acc))
 
-    area = per_cluster(torch.ones_like(sim))
+    # Area, candidate count and similarity sum in one reduction (each column adds the same
+    # values in the same order as three separate ones would).
+    area, n_match, sim_sum = per_cluster(torch.stack((torch.ones_like(sim), candidates.to(dtype), sim), 1)).unbind(1)
     safe_area = area.clamp(min=1.0)
-    n_match = per_cluster(candidates.to(sim.dtype))
     protos_deb = F.normalize((per_cluster(feats_deb) / safe_area[:, None]).to(dtype), p=2, dim=1)
     protos = F.normalize((per_cluster(feats) / safe_area[:, None]).to(dtype), p=2, dim=1)
-    cross = (per_cluster(sim) / safe_area).to(dtype)
+    cross = (sim_sum / safe_area).to(dtype)
     weights = (n_match / safe_area).to(dtype)
 
     cross_proto = protos_deb @ prototype
