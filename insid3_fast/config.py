@@ -10,6 +10,7 @@ option is one field here, with its metadata, and nothing else to keep in step.
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -28,14 +29,23 @@ DEVICES = ("auto", "cpu", "cuda")
 MODEL_SIZES = ("small", "small_plus", "base", "large", "huge_plus", "7b")
 
 
+def device_name(text: str) -> str:
+    """A ``--device`` value: auto, cpu, cuda or cuda:N (argparse's error otherwise)."""
+    if text in DEVICES or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid device {text!r}: use auto, cpu, cuda or cuda:N")
+
+
 def _option(default: Any, help: str, *, choices: tuple | None = None, cli: bool = True,
-            cli_default: Any = dataclasses.MISSING, metavar: str | None = None) -> Any:
+            cli_default: Any = dataclasses.MISSING, metavar: str | None = None,
+            parse: Any = None) -> Any:
     """A dataclass field with the metadata the command lines are generated from.
 
     ``cli_default`` (rarely): the default of the flag when it differs from the API's, with the
-    reason in ``help``; ``cli=False``: an API-only option (no flag).
+    reason in ``help``; ``cli=False``: an API-only option (no flag); ``parse``: the flag's own
+    argparse type (instead of choices).
     """
-    meta = {"help": help, "choices": choices, "cli": cli, "metavar": metavar}
+    meta = {"help": help, "choices": choices, "cli": cli, "metavar": metavar, "parse": parse}
     if cli_default is not dataclasses.MISSING:
         meta["cli_default"] = cli_default
     return field(default=default, metadata=meta)
@@ -64,7 +74,8 @@ class Insid3Config:
     mask_refiner: str = _option("bilinear", "mask upsampling: bilinear, or crf (dense-CRF boundary refinement)",
                                 choices=REFINERS)
     resize_to_orig_size: bool = _option(True, "resize the mask to the target's original size", cli=False)
-    device: str | None = _option("auto", "where the model runs (auto: cuda when available)", choices=DEVICES)
+    device: str | None = _option("auto", "where the model runs: auto (cuda when available), cpu, cuda or cuda:N",
+                                 parse=device_name, metavar="{auto,cpu,cuda,cuda:N}")
     backend: str = _option("auto", "kernels of the post-backbone ops: native (compiled), reference (plain "
                                    "torch / scikit-learn), auto (native when built)", choices=BACKENDS)
     connectivity: int | None = _option(None, "grid-constrained clustering, 4 or 8 neighbours (default: the "
@@ -174,8 +185,8 @@ def add_arguments(parser: argparse.ArgumentParser | Any, names: Iterable[str],
             parser.add_argument(*flags, dest=name, action="store_true", default=default, help=meta["help"])
             continue
         kwargs: dict[str, Any] = dict(dest=name, default=default, help=meta["help"])
-        kwargs["type"] = _argument_type(f.default if f.default is not None else meta.get("cli_default"),
-                                        meta["choices"])
+        kwargs["type"] = meta.get("parse") or _argument_type(
+            f.default if f.default is not None else meta.get("cli_default"), meta["choices"])
         if meta["choices"] is not None:
             kwargs["choices"] = list(meta["choices"])
         if meta["metavar"]:

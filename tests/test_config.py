@@ -59,7 +59,13 @@ def test_the_drifted_flags_agree():
     cli, ev = _subcommand("segment"), _eval_parser()
     assert list(_action(ev, "backend").choices) == list(BACKENDS)  # eval's --backend had no choices
     assert _action(cli, "device").default == _action(ev, "device").default == "auto"
-    assert list(_action(cli, "device").choices) == list(_action(ev, "device").choices) == list(DEVICES)
+    assert _action(cli, "device").type is _action(ev, "device").type  # one rule: auto, cpu, cuda, cuda:N
+    for parser in (cli, ev):
+        assert _action(parser, "device").type("cuda:1") == "cuda:1"  # a second GPU stays selectable
+        for name in DEVICES:
+            assert _action(parser, "device").type(name) == name
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--device", "gpu"])
     assert _action(cli, "tau").help == _action(ev, "tau").help == TAU_HELP
     assert "similarity" in TAU_HELP and "distance" not in TAU_HELP.split(":")[0]
     with pytest.raises(SystemExit):
