@@ -615,9 +615,14 @@ struct Pool {
       threads.emplace_back([this, i] { worker(i); });
       threads.back().detach();
     }
+    release(&tokens.start);  // the launch (its arguments, earlier grids) happens before the block
+    std::string err;
     {
+      // The block's state and its generation in one critical section: a worker idle since an
+      // earlier generation must not see the new block size before the new generation, or it
+      // would run the body once now and once more after the increment.
       Quiet q;
-      std::lock_guard<std::mutex> lk(mu);
+      std::unique_lock<std::mutex> lk(mu);
       init_slots(slots, L, bidx);
       blk = Block{slots.data(), n, {}};
       body = &b;
@@ -625,12 +630,6 @@ struct Pool {
       exited = 0;
       failed = false;
       thrown = nullptr;
-    }
-    release(&tokens.start);  // the launch (its arguments, earlier grids) happens before the block
-    std::string err;
-    {
-      Quiet q;
-      std::unique_lock<std::mutex> lk(mu);
       ++generation;
       cv.notify_all();
       wait_for_block(lk, L, bidx, n);
