@@ -151,7 +151,8 @@ def _threshold(t: object, op: str) -> float:
     return v
 
 
-_OPS = ("nn_vote", "average_linkage_precomputed", "average_linkage", "cluster_and_vote", "grid_average_linkage")
+_OPS = ("nn_vote", "average_linkage_precomputed", "average_linkage", "cluster_and_vote", "grid_average_linkage",
+        "aggregate_clusters")
 
 
 def _call(op: str, *args: object):
@@ -346,6 +347,78 @@ def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: i
     return _run(op, kernels, features.device, features, int(h), int(w), int(connectivity), float(threshold))
 
 
+# D + C at most this for the CUDA kernel of aggregate_clusters (512 threads x 32 dims each, in
+# registers: csrc/cuda/aggregate_clusters.cu); wider features take the torch path.
+AGGREGATE_MAX_WIDTH = 512 * 32
+
+
+def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb: torch.Tensor,
+                       feats: torch.Tensor, sim: torch.Tensor, prototype: torch.Tensor, merge_threshold: float,
+                       *, kernels: str = "native") -> torch.Tensor:
+    """Seed selection and aggregation of clusters (SPEC step 7): the (N,) bool patch mask.
+
+    Per cluster: area, candidate count and similarity sum; prototypes ``normalize(mean
+    feats_deb)`` and ``normalize(mean feats)``. The seed is the cluster with a candidate whose
+    debiased prototype is most similar to ``prototype`` (``torch.argmax``'s rule: ties to the
+    lowest label); a cluster joins the mask when ``cross * intra * weight > merge_threshold``
+    (``cross`` its mean similarity, ``intra`` the cosine of its prototype with the seed's,
+    ``weight`` its candidate fraction, 1 for the seed). No candidate: the empty mask.
+
+    On a GPU ``kernels="native"`` is three launches and no host read under graph capture (one
+    read otherwise, the labels' range); on the CPU it runs ATen's ops, the reference's.
+
+    Args:
+        labels: (N,) integer cluster labels in [0, N) (e.g. ``average_linkage``'s).
+        candidates: (N,) bool candidate patches.
+        feats_deb: (N, D) debiased normalised features; feats: (N, C) normalised features (any
+            strides, e.g. the (N, C) view of a (C, h, w) map); sim: (N,) similarity to the
+            prototype; prototype: (D,). Floating point, taken as float32.
+        merge_threshold: a real number (alpha).
+
+    Example:
+        >>> mask = aggregate_clusters(labels, fwd & (votes >= 1), queries, feats, queries @ p, p, 0.2)
+
+    Raises:
+        InputError: wrong types or shapes, labels outside [0, N), or a NaN ``merge_threshold``.
+    """
+    op = "aggregate_clusters"
+    labels, candidates = _tensor(labels, op, "labels"), _tensor(candidates, op, "candidates")
+    feats_deb, feats = _tensor(feats_deb, op, "feats_deb"), _tensor(feats, op, "feats")
+    sim, prototype = _tensor(sim, op, "sim"), _tensor(prototype, op, "prototype")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise InputError(f"{op}: labels must be a 1-d integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+    n = labels.shape[0]
+    if feats_deb.dim() != 2 or feats.dim() != 2 or feats_deb.shape[0] != n or feats.shape[0] != n:
+        raise InputError(f"{op}: feats_deb and feats must be (N, D) and (N, C) with N = {n}, got "
+                         f"{tuple(feats_deb.shape)} and {tuple(feats.shape)}")
+    if candidates.shape != (n,) or sim.shape != (n,):
+        raise InputError(f"{op}: candidates and sim must be (N,) = ({n},), got {tuple(candidates.shape)} "
+                         f"and {tuple(sim.shape)}")
+    if prototype.shape != feats_deb.shape[1:]:
+        raise InputError(f"{op}: prototype must be (D,) = ({feats_deb.shape[1]},), got {tuple(prototype.shape)}")
+    _same_device(op, labels=labels, candidates=candidates, feats_deb=feats_deb, feats=feats, sim=sim,
+                 prototype=prototype)
+    threshold = _threshold(merge_threshold, op)
+    _checked_mul(n, max(feats.shape[1], 1), op, "the prototypes N * C")
+    labels, candidates = labels.long().contiguous(), candidates.bool().contiguous()
+    feats_deb, sim, prototype = feats_deb.float().contiguous(), sim.float().contiguous(), prototype.float().contiguous()
+    feats = feats.float()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=labels.device)
+    host = labels.device.type == "cpu" and not emulating_gpu()
+    if host:  # free to read here; on a GPU the kernel checks (the reference would index out of range)
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n:
+            raise InputError(f"{op}: labels must lie in [0, N) with N = {n}; got values in [{lo}, {hi}]")
+    wide = feats_deb.shape[1] + feats.shape[1] > AGGREGATE_MAX_WIDTH  # beyond the CUDA kernel's registers
+    if kernels == "reference" or (kernels == "native" and (host or wide)):
+        from . import torch_kernels
+
+        return torch_kernels.aggregate_clusters(labels, candidates, feats_deb, feats, sim, prototype, threshold,
+                                                host_reads=host)
+    return _run(op, kernels, labels.device, labels, candidates, feats_deb, feats, sim, prototype, threshold)
+
+
 def register_fakes(library: str) -> None:
     """Register the fake (meta) kernels of the insid3_fast schemas in ``library``."""
 
@@ -371,6 +444,10 @@ def register_fakes(library: str) -> None:
     @torch.library.register_fake(f"{library}::grid_average_linkage")
     def _gal_fake(features, h, w, connectivity, threshold):
         return features.new_empty((features.shape[0],), dtype=torch.int64)
+
+    @torch.library.register_fake(f"{library}::aggregate_clusters")
+    def _agg_fake(labels, candidates, feats_deb, feats, sim, prototype, merge_threshold):
+        return labels.new_empty((labels.shape[0],), dtype=torch.bool)
 
 
 if _LOAD_ERROR is None:

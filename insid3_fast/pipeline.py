@@ -133,8 +133,8 @@ def majority(votes: torch.Tensor, shots: int) -> torch.Tensor:
 # ---- step 7: seed and aggregation --------------------------------------------------------------
 def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb: torch.Tensor,
                        feats: torch.Tensor, sim: torch.Tensor, prototype: torch.Tensor,
-                       merge_threshold: float) -> torch.Tensor:
-    """Seed selection and aggregation with per-cluster reductions, no Python loop over clusters.
+                       merge_threshold: float, kernels: str = "native") -> torch.Tensor:
+    """Seed selection and aggregation: the (N,) bool patch mask (``ops.aggregate_clusters``).
 
     Args:
         labels: (N,) int64 cluster labels in [0, N).
@@ -144,47 +144,11 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
         sim: (N,) patch similarity to the prototype, <t_deb, p>.
         prototype: (D,) reference prototype, in the coordinates of ``feats_deb``.
         merge_threshold: a cluster joins the mask when its score is above it (alpha).
-
-    Returns:
-        (N,) bool patch mask (all False when there is no candidate).
+        kernels: ``"native"`` (three CUDA launches on a GPU; ATen's ops on the CPU) or
+            ``"reference"``.
     """
-    N = labels.shape[0]
-    dev, dtype = labels.device, sim.dtype
-    if dev.type == "cpu" and not ops.emulating_gpu():
-        # On the CPU the number of clusters is free to read and the sums are sequential.
-        K, acc = int(labels.max()) + 1, dtype
-    else:
-        # On a GPU (or the tests' emulation of its kernels): no host sync (K = N bounds the
-        # labels) and float64 sums, so that the order of the atomic additions practically never
-        # changes the float32 results.
-        K, acc = N, torch.float64
-
-    def per_cluster(values: torch.Tensor) -> torch.Tensor:
-        if values.dim() == 2 and not values.is_contiguous() and values.T.is_contiguous():
-            # The (N, C) view of a (C, N) feature map: adding along the map's contiguous last
-            # dimension reads it in order (5-10x faster on the CPU than gathering rows of the
-            # view); every sum adds the same values in the same order, so the result is the same.
-            out = torch.zeros((values.shape[1], K), dtype=acc, device=dev)
-            return out.index_add_(1, labels, values.T.to(acc)).T
-        out = torch.zeros((K,) + values.shape[1:], dtype=acc, device=dev)
-        return out.index_add_(0, labels, values.to(acc))
-
-    # Area, candidate count and similarity sum in one reduction (each column adds the same
-    # values in the same order as three separate ones would).
-    area, n_match, sim_sum = per_cluster(torch.stack((torch.ones_like(sim), candidates.to(dtype), sim), 1)).unbind(1)
-    safe_area = area.clamp(min=1.0)
-    protos_deb = F.normalize((per_cluster(feats_deb) / safe_area[:, None]).to(dtype), p=2, dim=1)
-    protos = F.normalize((per_cluster(feats) / safe_area[:, None]).to(dtype), p=2, dim=1)
-    cross = (sim_sum / safe_area).to(dtype)
-    weights = (n_match / safe_area).to(dtype)
-
-    cross_proto = protos_deb @ prototype
-    seed = torch.argmax(torch.where(n_match > 0, cross_proto, torch.full_like(cross_proto, -math.inf)))
-    intra = protos @ protos.index_select(0, seed.reshape(1))[0]  # protos[seed] would read seed on the host
-    weights = torch.where(torch.arange(K, device=dev) == seed, torch.ones_like(weights), weights)
-    score = cross * intra * weights
-    mask = score[labels] > merge_threshold
-    return mask & candidates.any()
+    return ops.aggregate_clusters(labels, candidates, feats_deb, feats, sim, prototype, merge_threshold,
+                                  kernels=kernels)
 
 
 # ---- the sequence ------------------------------------------------------------------------------
@@ -200,7 +164,11 @@ def segment_patches(ref: EncodedReference, tgt_feat: torch.Tensor, complement: t
         return torch.zeros(h, w, dtype=torch.bool, device=tgt_feat.device)
     queries = debiased_coordinates(tgt_feat[None], complement)[0]
     sim, fwd = forward_match(queries, ref.prototype)
-    feats = tgt_feat.reshape(C, h * w).T  # (N, C) view; the ops accept it without a copy
+    feats = tgt_feat.reshape(C, h * w).T  # (N, C) view; the CPU ops read it without a copy
+    if tgt_feat.device.type != "cpu" or ops.emulating_gpu():
+        # GPU kernels read rows: one copy, shared by the clustering and the aggregation.
+        feats = feats.contiguous()
     labels, votes = cluster_and_vote(feats, h, w, 1.0 - tau, queries, ref, fwd, connectivity, kernels)
     candidates = fwd & majority(votes, ref.shots)
-    return aggregate_clusters(labels, candidates, queries, feats, sim, ref.prototype, merge_threshold).reshape(h, w)
+    return aggregate_clusters(labels, candidates, queries, feats, sim, ref.prototype, merge_threshold,
+                              kernels).reshape(h, w)

@@ -84,8 +84,9 @@ def test_emu_post_backbone_path_has_no_host_sync_when_captured(connectivity):
         per_target = build.launch_count() - launches
         eager = _sync_calls(lambda: core.segment_patches(ref, feats))
     assert captured == [], f"host synchronisations in the captured post-backbone path: {captured}"
-    # Outside a capture the launchers validate their input on the host: one read per op.
-    assert len(eager) <= 2, eager
+    # Outside a capture the launchers validate their input on the host: one read per op
+    # (clustering, voting, aggregation's label range).
+    assert len(eager) <= 3, eager
     assert per_target > 0
 
 

@@ -34,6 +34,11 @@ inline void define_ops(torch::Library& m) {
   // Connectivity-constrained average linkage on an h x w grid (4 or 8 neighbours),
   // reciprocal-nearest-neighbour rounds on the true average distance.
   m.def("grid_average_linkage(Tensor features, int h, int w, int connectivity, float threshold) -> Tensor");
+  // Seed selection and aggregation (SPEC step 7): labels (N,) int64 in [0, N), candidates (N,)
+  // bool, feats_deb (N, D), feats (N, C), sim (N,), prototype (D,) float32 -> the (N,) bool
+  // patch mask. A CUDA kernel only: on the CPU the wrapper runs ATen's ops (the reference).
+  m.def("aggregate_clusters(Tensor labels, Tensor candidates, Tensor feats_deb, Tensor feats, Tensor sim, "
+        "Tensor prototype, float merge_threshold) -> Tensor");
 }
 
 // cluster_and_vote as the two ops of library `Ns` one after the other (on a GPU both already
