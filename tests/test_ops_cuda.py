@@ -393,6 +393,21 @@ def test_average_linkage_features_matches_cpu(backend, n, thr):
     assert _same_partition(lab_gpu, backend.average_linkage_precomputed(dist, thr).cpu())
 
 
+@pytest.mark.parametrize("rows,n,threads", [(1, 9, 256), (7, 150, 32), (64, 129, 256), (512, 513, 32),
+                                           (512, 513, 64)])
+def test_average_linkage_features_gram_strips(backend, rows, n, threads):
+    """The Gram row blocks go into the distance matrix's own storage and are widened in place,
+    in descending column chunks of 8 x threads: any strip height (one row, a last strip of one
+    row, N not a multiple of it) and rows of several chunks give the CPU partition."""
+    if backend.name != "emu":
+        pytest.skip("the strip height is a tunable of the emulated build only")
+    x = _clustered_features(70 + n, n, 32)
+    with tunable("average_linkage.gram_rows", rows), tunable("average_linkage.widen_threads", threads):
+        lab = backend.average_linkage(backend.dev(x), 0.4).cpu()
+    assert _first_appearance(lab)
+    assert _same_partition(lab, ops.average_linkage(x, 0.4))
+
+
 def test_average_linkage_everything_merges_and_nothing_merges(backend):
     x = _clustered_features(50, 120, 16)
     assert backend.average_linkage(backend.dev(x), 10.0).cpu().max().item() == 0

@@ -32,9 +32,13 @@
 // steps (the __device__ functions below) in a loop until a round merges nothing. So the result is always the converged partition, on any stream, captured into
 // a CUDA graph or not, and the host never reads a device value to get it.
 //
-// Memory: the (N, N) double matrix D plus O(N) state; the float32 Gram matrix is computed in
-// row blocks of kGramRows rows (the CPU kernel's blocks) straight into D, so the peak is
-// 8 N^2 + 4 kGramRows N bytes (plus X).
+// Memory: the (N, N) double matrix D plus O(N) state, nothing N x N beside it. The float32
+// Gram matrix is computed in row blocks of kGramRows rows (the CPU kernel's blocks, so the same
+// float32 values) straight into D's own storage: the block of rows [i0, i0 + B) against rows
+// [i0, N) goes into the first half of those rows of D, read as 2N floats (row i's float j at
+// byte 8 N i + 4 j). One kernel then widens each row in place to 1 - clamp(g) in float64 over
+// the upper triangle (widen_gram_kernel), and the state-initialising kernel mirrors it into the
+// lower one: ceil(N / kGramRows) GEMMs and two kernels, peak 8 N^2 bytes (plus X).
 //
 // Input rule (common/input_rules.h, the CPU kernels'): the threshold is not NaN; dist finite
 // (both triangles, as scikit-learn checks); features finite with C * max|x|^2 < 2^100, so every
@@ -243,29 +247,62 @@ dense_tail_kernel(DenseState st, int round, const int32_t* __restrict__ last_cou
 
 // ---- the distance matrix ---------------------------------------------------------------------
 
-// Rows [r0, r0 + rows) of D from a float32 block src (row r of the block at src + r * ld,
-// column c of the block = column c0 + c of D): D[i][j] = D[j][i] = value(src) for j > i (the
-// upper triangle, as scikit-learn passes it to scipy), D[i][i] = 0. value = 1 - clamp(g, -1, 1)
-// in float32 for a Gram block (NaN stays NaN, like torch's clamp), the entry itself otherwise.
-__global__ void build_dense_kernel(const float* __restrict__ src, int64_t ld, int64_t r0, int64_t rows,
-                                   int64_t c0, bool gram, double* __restrict__ D, int64_t N) {
+// D from a contiguous float32 (N, N) matrix src: D[i][j] = D[j][i] = src[i][j] for j > i (the
+// upper triangle, as scikit-learn passes it to scipy), D[i][i] = 0.
+__global__ void build_dense_kernel(const float* __restrict__ src, double* __restrict__ D, int64_t N) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= rows * (N - c0)) return;
-  const int64_t r = e / (N - c0), j = c0 + e % (N - c0), i = r0 + r;
+  if (e >= N * N) return;
+  const int64_t i = e / N, j = e % N;
   if (j < i) return;
   if (j == i) { D[i * N + i] = 0.0; return; }
-  float v = src[r * ld + (j - c0)];
-  if (gram) {
-    const float c = v < -1.f ? -1.f : (v > 1.f ? 1.f : v);
-    v = 1.f - c;
+  const double v = static_cast<double>(src[e]);
+  D[i * N + j] = v;
+  D[j * N + i] = v;
+}
+
+// Row i of D (one block per row) from the float32 Gram row stored in the first half of its own
+// bytes (float j of the row at byte 8 N i + 4 j, j in [i, N)): D[i][j] = 1 - clamp(g, -1, 1)
+// widened to float64 for j > i, D[i][i] = 0; the lower triangle is left to the mirror step.
+// In place, so the columns go in descending chunks, each read wholly before it is written:
+// writing doubles [a, b) overwrites floats [2a, 2b), which lie at or above a, all already read
+// (this chunk before the barrier, the chunks above it earlier); rows never touch each other.
+constexpr int kWidenThreads = 256;
+constexpr int kWidenPerThread = 8;
+
+__global__ void __launch_bounds__(kWidenThreads) widen_gram_kernel(double* __restrict__ D, int64_t N) {
+  const int64_t i = blockIdx.x;
+  double* Di = D + i * N;
+  const float* Gi = reinterpret_cast<const float*>(Di);
+  const int64_t T = blockDim.x, span = T * kWidenPerThread;
+  for (int64_t b = N; b > i;) {  // uniform over the block: i, N and the chunks are
+    const int64_t a = b - span > i ? b - span : i;
+    float v[kWidenPerThread];
+#pragma unroll
+    for (int k = 0; k < kWidenPerThread; ++k) {
+      const int64_t j = a + threadIdx.x + k * T;
+      v[k] = j < b ? Gi[j] : 0.f;
+    }
+    __syncthreads();  // the whole chunk is read before any of it is overwritten
+#pragma unroll
+    for (int k = 0; k < kWidenPerThread; ++k) {
+      const int64_t j = a + threadIdx.x + k * T;
+      if (j >= b) continue;
+      const float c = v[k] < -1.f ? -1.f : (v[k] > 1.f ? 1.f : v[k]);  // NaN stays NaN, like torch's clamp
+      Di[j] = j == i ? 0.0 : static_cast<double>(1.f - c);
+    }
+    b = a;
   }
-  D[i * N + j] = static_cast<double>(v);
-  D[j * N + i] = static_cast<double>(v);
 }
 
 // Every cluster a singleton (size 1, active, its own parent, no neighbour, never merged), and
-// the round counters of round_counts_init.
-__global__ void init_state_kernel(DenseState st, int32_t* counts, int64_t slots) {
+// the round counters of round_counts_init. With `mirror`, block i also copies row i's upper
+// triangle into column i (the widened Gram matrix holds only the upper one): the grid then has
+// at least N blocks.
+__global__ void init_state_kernel(DenseState st, int32_t* counts, int64_t slots, bool mirror) {
+  if (mirror && blockIdx.x < st.N) {  // uniform over the block
+    const int64_t i = blockIdx.x, N = st.N;
+    for (int64_t j = i + 1 + threadIdx.x; j < N; j += blockDim.x) st.D[j * N + i] = st.D[i * N + j];
+  }
   const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (x < slots) round_counts_init(counts, x);
   if (x >= st.N) return;
@@ -298,8 +335,9 @@ int64_t dense_bytes(int64_t N, const char* op) {
                              "the size in bytes of the N * N distances");
 }
 
-// Core: D is a contiguous symmetric (N, N) double matrix on the device (overwritten).
-at::Tensor cluster_dense(at::Tensor D, double threshold) {
+// Core: D is a contiguous (N, N) double matrix on the device (overwritten), symmetric, or
+// only its upper triangle set with `mirror` (the init kernel mirrors it first).
+at::Tensor cluster_dense(at::Tensor D, double threshold, bool mirror) {
   const int64_t N = D.size(0);
   auto opts = D.options();
   // Uninitialised buffers, set by one kernel (init_state_kernel) instead of one fill each.
@@ -318,8 +356,10 @@ at::Tensor cluster_dense(at::Tensor D, double threshold) {
   const int rounds = static_cast<int>(INSID3_TUNABLE("average_linkage.first_chunk_rounds", kFirstChunkRounds));
   auto counts = at::empty({round_count_slots(rounds)}, opts.dtype(at::kInt));
   int32_t* c = counts.data_ptr<int32_t>();
-  INSID3_LAUNCH(init_state_kernel, grid_1d(std::max<int64_t>(N, round_count_slots(rounds)), kPointThreads),
-                kPointThreads, 0, stream)(st, c, round_count_slots(rounds));
+  const unsigned int state_blocks = grid_1d(std::max<int64_t>(N, round_count_slots(rounds)), kPointThreads);
+  const unsigned int init_blocks = mirror ? std::max<unsigned int>(state_blocks, static_cast<unsigned int>(N))
+                                          : state_blocks;
+  INSID3_LAUNCH(init_state_kernel, init_blocks, kPointThreads, 0, stream)(st, c, round_count_slots(rounds), mirror);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   enqueue_rounds(st, c, rounds, threshold, stream);
   INSID3_LAUNCH(dense_tail_kernel, 1, kTailThreads, 0, stream)(st, rounds, c + rounds, c + rounds + 1, threshold);
@@ -342,9 +382,9 @@ at::Tensor average_linkage_precomputed_cuda(const at::Tensor& dist, double thres
   auto D = at::empty({N, N}, dist.options().dtype(at::kDouble));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   INSID3_LAUNCH(build_dense_kernel, grid_1d(N * N, kPointThreads), kPointThreads, 0, stream)(
-      d.data_ptr<float>(), N, 0, N, 0, false, D.data_ptr<double>(), N);
+      d.data_ptr<float>(), D.data_ptr<double>(), N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return cluster_dense(D, threshold);
+  return cluster_dense(D, threshold, false);
 }
 
 at::Tensor average_linkage_cuda(const at::Tensor& features, double threshold) {
@@ -361,19 +401,26 @@ at::Tensor average_linkage_cuda(const at::Tensor& features, double threshold) {
   auto D = at::empty({N, N}, features.options().dtype(at::kDouble));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = INSID3_TUNABLE("average_linkage.gram_rows", kGramRows);
-  for (int64_t i0 = 0; i0 < N; i0 += rows) {  // trip count from shapes only
-    const int64_t B = std::min(rows, N - i0);
-    at::Tensor G;
-    {
-      at::NoTF32Guard no_tf32;  // float32 distances, as on the CPU (no TF32 rounding)
-      // Rows [i0, i0 + B) against rows [i0, N): the CPU kernel's GEMM blocks.
-      G = at::mm(X.narrow(0, i0, B), X.narrow(0, i0, N - i0).t()).contiguous();
+  // D's storage read as (N, 2N) floats: the Gram row blocks go into the first half of their rows.
+  auto G = D.view(at::kFloat);
+  {
+    at::NoTF32Guard no_tf32;  // float32 distances, as on the CPU (no TF32 rounding)
+    for (int64_t i0 = 0; i0 < N; i0 += rows) {  // trip count from shapes only
+      const int64_t B = std::min(rows, N - i0);
+      // Rows [i0, i0 + B) against rows [i0, N): the CPU kernel's GEMM blocks; the output view
+      // (row stride 2N) is one cuBLAS leading dimension, written in place.
+      auto out = G.narrow(0, i0, B).narrow(1, i0, N - i0);
+      at::mm_out(out, X.narrow(0, i0, B), X.narrow(0, i0, N - i0).t());
     }
-    INSID3_LAUNCH(build_dense_kernel, grid_1d(B * (N - i0), kPointThreads), kPointThreads, 0, stream)(
-        G.data_ptr<float>(), N - i0, i0, B, i0, true, D.data_ptr<double>(), N);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return cluster_dense(D, threshold);
+  // Chunks of blockDim.x * kWidenPerThread columns; the emulation's tests shrink the block so
+  // that the rows of small N span several chunks.
+  const int widen_threads = static_cast<int>(INSID3_TUNABLE("average_linkage.widen_threads", kWidenThreads));
+  TORCH_CHECK(widen_threads > 0 && widen_threads <= kWidenThreads && widen_threads % kWarp == 0, op,
+              ": bad widen block size ", widen_threads);
+  INSID3_LAUNCH(widen_gram_kernel, static_cast<unsigned int>(N), widen_threads, 0, stream)(D.data_ptr<double>(), N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cluster_dense(D, threshold, true);
 }
 
 // ---- labels ---------------------------------------------------------------------------------
