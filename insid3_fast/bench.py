@@ -197,30 +197,44 @@ def backbone_functions(case: Case, model_size: str, precision: str) -> dict[str,
 
 def measure(case: Case, stages: list[str], repeats: int, progress=None,
             published: str | None = None, backbone: str | None = None,
-            precision: str = "fp32") -> list[dict]:
-    """Time every stage of ``case``; one record per stage."""
+            precision: str = "fp32", reference_times: dict | None = None) -> list[dict]:
+    """Time every stage of ``case``; one record per stage (with its precision and batch).
+
+    ``reference_times`` caches the per-target reference times of the backbone stages, which
+    do not depend on our precision or batch (the reference runs one fp32 episode at a time):
+    pass one dict over a grid of precisions and batches to time the reference once per case.
+    """
     fns = stage_functions(case)
     if backbone:
         fns.update(backbone_functions(case, backbone, precision))
         stages = list(stages) + ["backbone", "end_to_end"]
     rows = []
     n_targets = case.data["tgt_feats"].shape[0]
+    reference_times = {} if reference_times is None else reference_times
+
+    def record(stage: str, t_ours: float, t_ref: float) -> None:
+        rows.append(dict(stage=stage, size=case.size, shots=case.shots, dim=case.dim,
+                         connectivity=case.connectivity, device=str(case.device),
+                         precision=precision if stage in ("backbone", "end_to_end") else "fp32",
+                         batch=n_targets, ours_ms=1e3 * t_ours, reference_ms=1e3 * t_ref, ratio=t_ref / t_ours))
+
     for stage in stages:
         ours, ref = fns[stage]
         per = n_targets if stage in ("batched_targets", "backbone", "end_to_end") else 1
         t_ours = time_fn(ours, case.device, repeats) / per
-        t_ref = time_fn(ref, case.device, max(1, repeats // 2 + 1)) / per
-        rows.append(dict(stage=stage, size=case.size, shots=case.shots, dim=case.dim,
-                         connectivity=case.connectivity, device=str(case.device),
-                         ours_ms=1e3 * t_ours, reference_ms=1e3 * t_ref, ratio=t_ref / t_ours))
+        key = (stage, backbone, case.size, case.shots, case.connectivity)
+        if stage in ("backbone", "end_to_end") and key in reference_times:
+            t_ref = reference_times[key]
+        else:
+            t_ref = time_fn(ref, case.device, max(1, repeats // 2 + 1)) / per
+            reference_times[key] = t_ref
+        record(stage, t_ours, t_ref)
         if progress is not None:
             progress.update(1)
     if published:
         t_ours = time_fn(fns["episode"][0], case.device, repeats)
         t_pub = time_fn(published_episode(case, published), case.device, max(1, repeats // 2 + 1))
-        rows.append(dict(stage="vs_published", size=case.size, shots=case.shots, dim=case.dim,
-                         connectivity=case.connectivity, device=str(case.device),
-                         ours_ms=1e3 * t_ours, reference_ms=1e3 * t_pub, ratio=t_pub / t_ours))
+        record("vs_published", t_ours, t_pub)
     return rows
 
 
@@ -282,11 +296,17 @@ def peak_memory_mib(size: int, shots: int, dim: int = 1024, connectivity: int | 
 
 
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table: stage, size, shots, ours, reference, ratio."""
-    header = f"{'stage':<16}{'size':>6}{'shots':>6}{'conn':>6}{'ours ms':>11}{'reference ms':>14}{'ratio':>8}"
+    """A plain-text table: stage, size, shots, connectivity, precision, batch, ours, reference, ratio.
+
+    Times are per target; ``batch`` is the number of targets of the case (the backbone batch of
+    ``batched_targets``, ``backbone`` and ``end_to_end``).
+    """
+    header = (f"{'stage':<16}{'size':>6}{'shots':>6}{'conn':>6}{'prec':>6}{'batch':>6}"
+              f"{'ours ms':>11}{'reference ms':>14}{'ratio':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['stage']:<16}{r['size']:>6}{r['shots']:>6}{str(r['connectivity'] or '-'):>6}"
+                     f"{r.get('precision', '-'):>6}{r.get('batch', '-'):>6}"
                      f"{r['ours_ms']:>11.1f}{r['reference_ms']:>14.1f}{r['ratio']:>7.2f}x")
     return "\n".join(lines)
 
@@ -305,8 +325,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the records to this JSON file")
     p.add_argument("--backbone", metavar="SIZE", help="also time the backbone and end-to-end stages on a "
                    "random-weight DINOv3 of this size (e.g. large; slow on CPU)")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                   help="backbone precision of our path (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", default=None, nargs="+", choices=["fp32", "bf16"],
+                   help="backbone precision(s) of our path (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batches", type=int, nargs="+", default=[4], metavar="B",
+                   help="numbers of targets per case, i.e. backbone batch sizes (default: 4)")
     p.add_argument("--published", metavar="CHECKOUT",
                    help="also time the published code (a clone of visinf/INSID3) on the same features")
     p.add_argument("--memory", action="store_true", help="also measure the peak memory of one CPU episode")
@@ -322,15 +344,24 @@ def run_bench(args: argparse.Namespace) -> int:
         raise InputError("--device cuda requested but no CUDA device is available")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise InputError(f"output folder does not exist: '{os.path.dirname(os.path.abspath(args.json))}'")
+    if min(args.batches) < 1:
+        raise InputError(f"--batches must be at least 1, got {min(args.batches)}")
     rows: list[dict] = []
-    precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
-    total = len(args.sizes) * len(args.shots) * (len(args.stages) + (2 if args.backbone else 0))
+    precisions = args.precision or ["bf16" if args.device == "cuda" else "fp32"]
+    # The post-backbone stages once per case; the backbone stages once per precision.
+    per_case = len(args.stages) + (2 * len(precisions) if args.backbone else 0)
+    total = len(args.sizes) * len(args.shots) * len(args.batches) * per_case
+    reference_times: dict = {}
     with tqdm(total=total, desc="bench", unit="stage", file=sys.stderr) as bar:
         for size in args.sizes:
             for shots in args.shots:
-                bar.set_postfix(size=size, shots=shots)
-                case = build_case(size, shots, args.dim, args.device, args.connectivity)
-                rows += measure(case, args.stages, args.repeats, bar, args.published, args.backbone, precision)
+                for batch in args.batches:
+                    bar.set_postfix(size=size, shots=shots, batch=batch)
+                    case = build_case(size, shots, args.dim, args.device, args.connectivity, targets=batch)
+                    for k, precision in enumerate(precisions):
+                        stages = args.stages if k == 0 else []
+                        rows += measure(case, stages, args.repeats, bar, args.published if k == 0 else None,
+                                        args.backbone if args.backbone else None, precision, reference_times)
     print(format_table(rows))
     memory = []
     if args.memory:
@@ -341,7 +372,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 print(f"peak memory, episode {size} px, {shots} shot(s): ours {mem['ours']:.0f} MiB, "
                       f"reference {mem['reference']:.0f} MiB")
     if args.json:
-        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), precision=precision,
+        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), precision=precisions[0],
+                    precisions=precisions, batches=args.batches,
                     backbone=args.backbone,
                     device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
         atomic_write_json(args.json, {"meta": meta, "rows": rows, "memory": memory})

@@ -84,8 +84,8 @@ class Insid3Config:
                          choices=NOISE_KINDS, cli=False)
     precision: str = _option("fp32", "backbone precision (bf16: autocast, for GPUs; fp32 is the parity mode)",
                              choices=PRECISIONS)
-    compile: bool | str = _option(False, "torch.compile the backbone pass (True, or a mode such as "
-                                         "'reduce-overhead')", cli=False)
+    compile: bool | str = _option(False, "torch.compile the backbone pass and the post-backbone steps (True, "
+                                         "or a mode such as 'reduce-overhead')", cli=False)
     exif_transpose: bool = _option(False, "apply the EXIF orientation of the images (the published code "
                                           "ignores it)")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from .errors import BackendError, InputError
 from .inputs import resolve_svd_components, warn_input, warn_non_finite
 from .keypoints import transfer_keypoints
 from .pipeline import EncodedReference
+
+if TYPE_CHECKING:
+    from .capture import CapturedTarget, GraphRunner
 from .refine import refine_with_crf, upsample_mask
 
 log = logging.getLogger("insid3_fast")
@@ -97,9 +100,13 @@ class Insid3Core(torch.nn.Module):
         self.config = config
         self.encoder = encoder.to(device).eval()
         self._backbone = self._backbone_pass
+        self._segment_patches = pipeline.segment_patches
         if config.compile:
+            # Two graphs per target shape: the backbone pass and the post-backbone steps (the ops
+            # have fake kernels, so both trace whole; with "reduce-overhead" each is a CUDA graph).
             mode = config.compile if isinstance(config.compile, str) else None
             self._backbone = torch.compile(self._backbone_pass, dynamic=False, mode=mode)
+            self._segment_patches = torch.compile(pipeline.segment_patches, dynamic=False, mode=mode)
         basis = positional_basis(self.encoder, config.image_size, rank, config.noise, device,
                                  cache_key=cache_key, cache_dir=cache_dir)
         if basis.shape[1] >= basis.shape[0]:  # an encoder without ``embed_dim``
@@ -222,8 +229,8 @@ class Insid3Core(torch.nn.Module):
     def segment_patches(self, ref: EncodedReference, tgt_feat: torch.Tensor) -> torch.Tensor:
         """The (h, w) bool patch mask of one target given its normalised features (C, h, w)."""
         c = self.config
-        return pipeline.segment_patches(ref, tgt_feat, self.complement, tau=c.tau, merge_threshold=c.merge_threshold,
-                                        connectivity=c.connectivity, kernels=self.kernels)
+        return self._segment_patches(ref, tgt_feat, self.complement, tau=c.tau, merge_threshold=c.merge_threshold,
+                                     connectivity=c.connectivity, kernels=self.kernels)
 
     def finalize(self, patch_mask: torch.Tensor, image: torch.Tensor | None,
                  out_size: tuple[int, int] | None) -> torch.Tensor:
@@ -252,6 +259,21 @@ class Insid3Core(torch.nn.Module):
         return [self.finalize(self.segment_patches(ref, feats[b]),
                               images[b:b + 1] if images is not None else None, out_sizes[b])
                 for b in range(feats.shape[0])]
+
+    def capture(self, ref: EncodedReference, batch: int = 1, runner: "GraphRunner | None" = None) -> "CapturedTarget":
+        """A call that segments ``batch`` targets against ``ref`` by one CUDA-graph replay.
+
+        Fixed shapes (batch, 3, size, size); bilinear refinement only (the CRF runs on the host);
+        masks are (size, size), upsample them for other sizes. ``runner`` replaces the
+        ``torch.cuda.CUDAGraph`` (see ``insid3_fast.capture``). Example::
+
+            captured = core.capture(core.encode_reference(ref_images, ref_masks))
+            for frame in frames:  # (1, 3, size, size) normalised
+                mask = captured(frame)[0]
+        """
+        from .capture import CapturedTarget
+
+        return CapturedTarget(self, ref, batch, runner)
 
     # ---- one episode, the published call ----
     @torch.no_grad()

@@ -6,7 +6,7 @@ import dataclasses
 import glob
 import os
 import threading
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from .core import Insid3Core, resolve_device
 from .errors import InputError, StateError, WeightsError
 from .inputs import ImageLike, MaskLike, check_int, load_image, load_mask
 from .pipeline import EncodedReference
+
+if TYPE_CHECKING:
+    from .capture import CapturedTarget
 
 # File-name stems of Meta's released checkpoints, per model size (config.MODEL_SIZES, in order).
 WEIGHT_STEMS = dict(zip(MODEL_SIZES, ("dinov3_vits16_", "dinov3_vits16plus_", "dinov3_vitb16_", "dinov3_vitl16_",
@@ -350,6 +353,15 @@ class INSID3(torch.nn.Module):
                     yield from self._segment_batch(ref, *pending.pop(0).result())
             for future in pending:
                 yield from self._segment_batch(ref, *future.result())
+
+    def capture(self, ref: EncodedReference, batch_size: int = 1) -> CapturedTarget:
+        """A call that segments ``batch_size`` targets against ``ref`` by one CUDA-graph replay.
+
+        For fixed-shape streams (video): it takes normalised tensors (batch_size, 3, size, size)
+        (e.g. from ``insid3_fast.inputs.load_image``) and returns (batch_size, size, size) masks
+        at the model's image size. Bilinear refinement only. See ``Insid3Core.capture``.
+        """
+        return self.core.capture(self._check_reference(ref), batch_size)
 
     def _segment_batch(self, ref: EncodedReference, images: torch.Tensor,
                        sizes: list[tuple[int, int]]) -> list[torch.Tensor]:

@@ -27,3 +27,21 @@ def test_bench_table_and_json(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(r["reference_ms"] / r["ours_ms"])
         assert r["stage"] in table
     assert data["meta"]["precision"] == "fp32"
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native ops not built")
+def test_bench_grid_of_precisions_and_batches(tmp_path, capsys):
+    """The GPU table's grid (make gpu-check): end to end per precision and batch size, the
+    reference (one fp32 episode at a time) timed once per case and shared by the grid."""
+    out = tmp_path / "grid.json"
+    code = main(["bench", "--sizes", "128", "--shots", "1", "--dim", "32", "--repeats", "1", "--stages", "episode",
+                 "--batches", "1", "3", "--precision", "fp32", "bf16", "--json", str(out), "--backbone", "small"])
+    assert code == 0
+    capsys.readouterr()
+    rows = json.loads(out.read_text())["rows"]
+    e2e = [r for r in rows if r["stage"] == "end_to_end"]
+    assert [(r["batch"], r["precision"]) for r in e2e] == [(1, "fp32"), (1, "bf16"), (3, "fp32"), (3, "bf16")]
+    assert len({r["reference_ms"] for r in e2e}) == 1
+    assert [(r["stage"], r["batch"]) for r in rows if r["stage"] == "episode"] == [("episode", 1), ("episode", 3)]
+    assert main(["bench", "--batches", "0"]) == 2
+    assert "--batches must be at least 1" in capsys.readouterr().err

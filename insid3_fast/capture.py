@@ -1,0 +1,132 @@
+"""One CUDA graph per target: a fixed-shape target batch, captured once, replayed per call.
+
+``Insid3Core.capture(ref)`` (and ``INSID3.capture``) records the whole per-target work, from the
+normalised image to the (size, size) mask: the backbone pass, SPEC steps 3-7 and the bilinear
+upsampling, on static buffers. Each call then copies the images into the static input, replays
+the graph and returns a copy of the static output: no Python per op, no launch overhead, and no
+host synchronisation between the image and the mask (the post-backbone ops skip their host-side
+input checks while a stream is captured, see ``csrc/cuda/cuda_utils.cuh``).
+
+The graph is a ``torch.cuda.CUDAGraph`` (``CudaGraphRunner``); any object with the same
+``capture``/``replay`` pair can stand in for it (the tests run the captured call on the CUDA
+emulation with one that re-runs the recorded function).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import torch
+
+from .errors import InputError
+from .inputs import check_int
+
+if TYPE_CHECKING:
+    from .core import Insid3Core
+    from .pipeline import EncodedReference
+
+
+class GraphRunner(Protocol):
+    """Records a function once and re-executes it on the same buffers."""
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Record ``fn``; return its output, the static buffer every replay writes."""
+
+    def replay(self) -> None:
+        """Re-execute what was recorded."""
+
+
+class CudaGraphRunner:
+    """A ``torch.cuda.CUDAGraph``: ``warmup`` eager runs on a side stream, then one capture.
+
+    The warm-up runs let lazy initialisation (cuBLAS handles, the caching allocator's first
+    blocks, autotuning) happen outside the graph, as ``torch.cuda.graphs`` recommends.
+    """
+
+    def __init__(self, device: torch.device, warmup: int = 2) -> None:
+        self.device = device
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Warm up, then record ``fn`` into a new graph; its output is the static output."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn()
+        current.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            out = fn()
+        return out
+
+    def replay(self) -> None:
+        """Launch the recorded graph on the current stream."""
+        assert self.graph is not None, "capture() first"
+        self.graph.replay()
+
+
+class CapturedTarget:
+    """Segment ``batch`` targets of a fixed reference by one graph replay; see ``Insid3Core.capture``.
+
+    Call it with normalised images (batch, 3, size, size) (or (3, size, size) when ``batch`` is
+    1), on any device: a bool mask (batch, size, size) (or (size, size)) on the model's device,
+    a copy that later calls do not overwrite. A target whose features are not finite (NaN or
+    inf pixels) gets an empty mask, decided on the device.
+    """
+
+    def __init__(self, core: "Insid3Core", ref: "EncodedReference", batch: int = 1,
+                 runner: GraphRunner | None = None) -> None:
+        self.core = core
+        self.ref = core.check_reference(ref)
+        self.batch = check_int("batch", batch, minimum=1)
+        if core.config.mask_refiner == "crf":
+            raise InputError("a captured call cannot run the CRF (it runs on the host): use "
+                             "mask_refiner='bilinear', or segment() for CRF masks")
+        if core.config.compile in ("reduce-overhead", "max-autotune"):
+            raise InputError(f"compile={core.config.compile!r} records CUDA graphs of its own, which cannot "
+                             "run inside the captured call's graph: build the model with compile=True "
+                             "(or 'max-autotune-no-cudagraphs') to capture it")
+        if runner is None:
+            if core.device.type != "cuda":
+                raise InputError(f"capture() records a CUDA graph and needs a CUDA model, this one is on "
+                                 f"{core.device}: use segment() / stream() there")
+            runner = CudaGraphRunner(core.device)
+        size = core.image_size
+        self.shape = (self.batch, 3, size, size)
+        self.images = torch.zeros(self.shape, device=core.device, dtype=core.dtype)
+        self.runner = runner
+        with torch.no_grad():
+            self.masks = runner.capture(self._forward)
+
+    def _forward(self) -> torch.Tensor:
+        """The recorded work: static images -> static (batch, size, size) masks."""
+        core = self.core
+        feats = core.features(self.images)
+        # The ops' host-side finiteness checks are off under capture: a target whose features are
+        # not finite (a NaN pixel) is segmented as zeros instead and its mask emptied on the
+        # device, so the kernels only ever see finite input and the answer is the eager path's
+        # empty mask, without a host read.
+        ok = torch.isfinite(feats).flatten(1).all(dim=1)
+        feats = feats.masked_fill(~ok[:, None, None, None], 0.0)
+        masks = torch.stack([core.finalize(core.segment_patches(self.ref, feats[b]), None, None)
+                             for b in range(self.batch)])
+        return masks & ok[:, None, None]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The masks of ``images`` (one replay); see the class docstring for the shapes."""
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            raise InputError(f"a captured call takes a normalised float image tensor {self.shape}, got "
+                             f"{getattr(images, 'dtype', type(images).__name__)}")
+        single = images.dim() == 3 and self.batch == 1
+        batch = images[None] if single else images
+        if tuple(batch.shape) != self.shape:
+            raise InputError(f"this call was captured for images of shape {self.shape} (fixed shapes), got "
+                             f"{tuple(images.shape)}: capture another for this shape")
+        self.images.copy_(batch, non_blocking=True)
+        self.runner.replay()
+        out = self.masks.clone()
+        return out[0] if single else out

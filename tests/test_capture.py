@@ -1,0 +1,119 @@
+"""The captured per-target call (``Insid3Core.capture``, ``INSID3.capture``): fixed shapes, one
+replay per call, the eager masks. On this machine the CUDA graph is replaced by a stand-in runner
+that re-runs the recorded function on the same static buffers (``tests/test_emu_pipeline.py``
+runs it on the emulated CUDA kernels, under capture, and counts host synchronisations)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+from insid3_fast import INSID3
+from insid3_fast.errors import InputError
+from insid3_fast.inputs import load_image
+from insid3_fast.synthetic import SyntheticEncoder, make_episode
+
+SIZE = 128
+
+
+class ReplayRunner:
+    """Stands in for a CUDA graph: capture runs ``fn`` once and keeps its output as the static
+    buffer; replay runs ``fn`` again and writes its result into that buffer."""
+
+    def __init__(self) -> None:
+        self.fn: Callable[[], torch.Tensor] | None = None
+        self.out: torch.Tensor | None = None
+        self.replays = 0
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self.fn = fn
+        self.out = fn()
+        return self.out
+
+    def replay(self) -> None:
+        assert self.fn is not None and self.out is not None
+        self.out.copy_(self.fn())
+        self.replays += 1
+
+
+def _model(**kw) -> INSID3:
+    return INSID3(SyntheticEncoder(32, seed=1), image_size=SIZE, svd_components=8, device="cpu", **kw)
+
+
+def _images(seed: int, count: int) -> tuple[list[torch.Tensor], object]:
+    """(1, 3, SIZE, SIZE) target tensors of episodes sharing the first one's reference."""
+    episode = make_episode(seed, 1, size_hw=(96, 128))
+    targets = [episode[2]] + [make_episode(seed + 1 + k, 1, size_hw=(96, 128))[2] for k in range(count - 1)]
+    return [load_image(t, SIZE)[0] for t in targets], episode
+
+
+def test_captured_call_gives_the_eager_masks_for_every_target():
+    model = _model()
+    images, (refs, masks, _, _) = _images(11, 3)
+    ref = model.encode_reference(refs, masks)
+    runner = ReplayRunner()
+    captured = model.core.capture(ref, runner=runner)
+    outs = [captured(image) for image in images]
+    assert runner.replays == 3
+    for image, out in zip(images, outs):
+        expected = model.core.segment(ref, image)[0]
+        assert out.shape == (1, SIZE, SIZE) and out.dtype == torch.bool
+        assert torch.equal(out[0], expected)
+    assert outs[0].any()
+    assert not all(torch.equal(outs[0], o) for o in outs[1:])  # the replays read the new images
+
+
+def test_captured_batch_and_single_image_shapes():
+    model = _model()
+    images, (refs, masks, _, _) = _images(21, 2)
+    ref = model.encode_reference(refs, masks)
+    batch = torch.cat(images)
+    two = model.core.capture(ref, batch=2, runner=ReplayRunner())
+    got = two(batch)
+    assert got.shape == (2, SIZE, SIZE)
+    for b in range(2):
+        assert torch.equal(got[b], model.core.segment(ref, images[b])[0])
+    one = model.core.capture(ref, runner=ReplayRunner())
+    assert torch.equal(one(images[1][0]), got[1])  # (3, size, size) in, (size, size) out
+    with pytest.raises(InputError, match="captured for images of shape"):
+        two(images[0])
+    with pytest.raises(InputError, match="captured for images of shape"):
+        one(torch.zeros(1, 3, SIZE // 2, SIZE // 2))
+    with pytest.raises(InputError, match="float image tensor"):
+        one(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
+
+
+def test_captured_output_is_a_copy_and_non_finite_targets_are_empty():
+    model = _model()
+    images, (refs, masks, _, _) = _images(31, 1)
+    ref = model.encode_reference(refs, masks)
+    captured = model.core.capture(ref, runner=ReplayRunner())
+    first = captured(images[0])
+    kept = first.clone()
+    bad = images[0].clone()
+    bad[0, :, 5, 7] = float("nan")
+    second = captured(bad)
+    assert kept.any() and torch.equal(first, kept)  # not overwritten by the next replay
+    assert not second.any()
+    assert torch.equal(captured(images[0]), kept)  # and the graph recovers for finite input
+
+
+def test_capture_refuses_crf_cpu_models_and_foreign_references():
+    images, (refs, masks, _, _) = _images(41, 1)
+    model = _model()
+    ref = model.encode_reference(refs, masks)
+    with pytest.raises(InputError, match="needs a CUDA model"):
+        model.capture(ref)
+    crf = _model(mask_refiner="crf")
+    with pytest.raises(InputError, match="cannot run the CRF"):
+        crf.core.capture(crf.encode_reference(refs, masks), runner=ReplayRunner())
+    other = INSID3(SyntheticEncoder(32, seed=1), image_size=SIZE * 2, svd_components=8, device="cpu")
+    with pytest.raises(InputError, match="image size"):
+        other.core.capture(ref, runner=ReplayRunner())
+    overhead = _model(compile="reduce-overhead")
+    with pytest.raises(InputError, match="CUDA graphs of its own"):
+        overhead.core.capture(overhead.encode_reference(refs, masks), runner=ReplayRunner())
+    with pytest.raises(InputError, match="batch"):
+        model.core.capture(ref, batch=0, runner=ReplayRunner())
