@@ -127,7 +127,18 @@ else
   skip_step pytest_benchmark "no benchmark files under benchmarks/"
 fi
 if command -v insid3-fast >/dev/null 2>&1 && insid3-fast --help 2>/dev/null | grep -qw bench; then
-  run_step cli_bench insid3-fast bench --device cuda --backbone large --sizes 512 1024 --shots 1 5 --json "$RESULTS/gpu_${CARD_SLUG}_bench.json"
+  PUB=()
+  [[ -n "${INSID3_PUBLISHED:-}" && -d "${INSID3_PUBLISHED:-}" ]] && PUB=(--published "$INSID3_PUBLISHED")
+  # Post-backbone stages, ours against the published restatement (scikit-learn clustering) on
+  # the same features (and the published code itself with $INSID3_PUBLISHED).
+  run_step cli_bench insid3-fast bench --device cuda --sizes 512 1024 --shots 1 5 "${PUB[@]}" \
+    --json "$RESULTS/gpu_${CARD_SLUG}_bench.json"
+  # The published-vs-ours table: end to end with a ViT-L backbone (random weights), our
+  # backbone in fp32 and bf16 at batch sizes 1/8/32 against one fp32 published episode per
+  # target, and the captured call (one CUDA-graph replay per batch) against our eager path.
+  run_step cli_bench_e2e insid3-fast bench --device cuda --backbone large --sizes 1024 --shots 1 5 \
+    --batches 1 8 32 --precision fp32 bf16 --stages episode --repeats 3 \
+    --json "$RESULTS/gpu_${CARD_SLUG}_e2e.json"
 else
   skip_step cli_bench "no \`insid3-fast bench\` command"
 fi
@@ -149,7 +160,11 @@ fi
     echo "| ${NAMES[$i]} | ${STATUS[$i]} | ${SECS[$i]} | ${NOTES[$i]} |"
   done
   if [[ -f "$LOGS/cli_bench.log" ]]; then
-    echo; echo '## insid3-fast bench'; echo; echo '```'; tail -n 60 "$LOGS/cli_bench.log"; echo '```'
+    echo; echo '## insid3-fast bench (post-backbone stages)'; echo; echo '```'; tail -n 60 "$LOGS/cli_bench.log"; echo '```'
+  fi
+  if [[ -f "$LOGS/cli_bench_e2e.log" ]]; then
+    echo; echo '## published vs ours, end to end, ViT-L (per target)'; echo; echo '```'
+    grep -E '^(stage|-{5,}|end_to_end|captured|backbone|episode)' "$LOGS/cli_bench_e2e.log"; echo '```'
   fi
   if [[ -f "$LOGS/pytest_benchmark.log" ]]; then
     echo; echo '## pytest-benchmark'; echo; echo '```'

@@ -24,6 +24,9 @@ from .atomic import atomic_write_json
 STAGES = ("debias", "votes", "clustering", "cluster_and_vote", "aggregation", "upsampling", "episode", "cached_target",
           "batched_targets")
 DEFAULT_STAGES = STAGES
+#: With ``--backbone``: the backbone alone, end to end, and (on CUDA) the captured call, whose
+#: reference is our own eager end to end (the ratio is what the CUDA graph saves).
+BACKBONE_STAGES = ("backbone", "end_to_end", "captured")
 
 
 @dataclass
@@ -190,9 +193,14 @@ def backbone_functions(case: Case, model_size: str, precision: str) -> dict[str,
             out.append(upsample_mask(m, case.size, case.size))
         return out
 
-    return {"backbone": (lambda: ours.features(targets),
-                         lambda: [fp32.features(targets[b:b + 1]) for b in range(targets.shape[0])]),
-            "end_to_end": (lambda: ours.segment(enc, targets), ref_e2e)}
+    fns = {"backbone": (lambda: ours.features(targets),
+                        lambda: [fp32.features(targets[b:b + 1]) for b in range(targets.shape[0])]),
+           "end_to_end": (lambda: ours.segment(enc, targets), ref_e2e)}
+    if case.device.type == "cuda":
+        # The batch as one CUDA-graph replay, against our own eager end to end.
+        captured = ours.capture(enc, batch=targets.shape[0])
+        fns["captured"] = (lambda: captured(targets), lambda: ours.segment(enc, targets))
+    return fns
 
 
 def measure(case: Case, stages: list[str], repeats: int, progress=None,
@@ -207,7 +215,7 @@ def measure(case: Case, stages: list[str], repeats: int, progress=None,
     fns = stage_functions(case)
     if backbone:
         fns.update(backbone_functions(case, backbone, precision))
-        stages = list(stages) + ["backbone", "end_to_end"]
+        stages = list(stages) + [s for s in BACKBONE_STAGES if s in fns]
     rows = []
     n_targets = case.data["tgt_feats"].shape[0]
     reference_times = {} if reference_times is None else reference_times
@@ -215,15 +223,15 @@ def measure(case: Case, stages: list[str], repeats: int, progress=None,
     def record(stage: str, t_ours: float, t_ref: float) -> None:
         rows.append(dict(stage=stage, size=case.size, shots=case.shots, dim=case.dim,
                          connectivity=case.connectivity, device=str(case.device),
-                         precision=precision if stage in ("backbone", "end_to_end") else "fp32",
+                         precision=precision if stage in BACKBONE_STAGES else "fp32",
                          batch=n_targets, ours_ms=1e3 * t_ours, reference_ms=1e3 * t_ref, ratio=t_ref / t_ours))
 
     for stage in stages:
         ours, ref = fns[stage]
-        per = n_targets if stage in ("batched_targets", "backbone", "end_to_end") else 1
+        per = n_targets if stage in ("batched_targets",) + BACKBONE_STAGES else 1
         t_ours = time_fn(ours, case.device, repeats) / per
         key = (stage, backbone, case.size, case.shots, case.connectivity)
-        if stage in ("backbone", "end_to_end") and key in reference_times:
+        if stage in ("backbone", "end_to_end") and key in reference_times:  # not "captured": its reference is ours
             t_ref = reference_times[key]
         else:
             t_ref = time_fn(ref, case.device, max(1, repeats // 2 + 1)) / per
@@ -349,7 +357,8 @@ def run_bench(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     precisions = args.precision or ["bf16" if args.device == "cuda" else "fp32"]
     # The post-backbone stages once per case; the backbone stages once per precision.
-    per_case = len(args.stages) + (2 * len(precisions) if args.backbone else 0)
+    backbone_stages = len(BACKBONE_STAGES) - (args.device != "cuda")  # "captured" needs CUDA
+    per_case = len(args.stages) + (backbone_stages * len(precisions) if args.backbone else 0)
     total = len(args.sizes) * len(args.shots) * len(args.batches) * per_case
     reference_times: dict = {}
     with tqdm(total=total, desc="bench", unit="stage", file=sys.stderr) as bar:
