@@ -14,19 +14,11 @@ import argparse
 import numpy as np
 
 from insid3_fast import INSID3
-from insid3_fast.synthetic import SyntheticEncoder, make_episode
+from insid3_fast.synthetic import SyntheticEncoder, make_episode, mask_iou, segment_episode
 
 
-def _segment(model, refs, masks, target):
-    for image, mask in zip(refs, masks):
-        model.set_reference(image, mask)
-    model.set_target(target)
-    return model.segment().cpu().numpy()
 
 
-def _iou(a, b):
-    union = (a | b).sum()
-    return 1.0 if union == 0 else (a & b).sum() / union
 
 
 def main() -> None:
@@ -52,11 +44,11 @@ def main() -> None:
         changed, pixels, iou32, iou16 = 0, [], [], []
         for seed in range(args.episodes):
             refs, masks, target, truth = make_episode(seed, args.shots)
-            a, b = _segment(fp32, refs, masks, target), _segment(bf16, refs, masks, target)
+            a, b = segment_episode(fp32, refs, masks, target), segment_episode(bf16, refs, masks, target)
             changed += bool((a != b).any())
             pixels.append((a != b).mean())
-            iou32.append(_iou(a, truth))
-            iou16.append(_iou(b, truth))
+            iou32.append(mask_iou(a, truth))
+            iou16.append(mask_iou(b, truth))
         print(f"{name}: {changed}/{args.episodes} episodes changed, {100 * np.mean(pixels):.3f}% pixels changed "
               f"on average (max {100 * np.max(pixels):.2f}%), IoU fp32 {np.mean(iou32):.3f} vs bf16 {np.mean(iou16):.3f}")
 

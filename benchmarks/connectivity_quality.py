@@ -12,12 +12,9 @@ import argparse
 import numpy as np
 
 from insid3_fast import INSID3
-from insid3_fast.synthetic import SyntheticEncoder, make_episode
+from insid3_fast.synthetic import SyntheticEncoder, make_episode, mask_iou, segment_episode
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
 def main() -> None:
@@ -36,13 +33,10 @@ def main() -> None:
         refs, masks, target, truth = make_episode(seed, args.shots)
         preds = {}
         for c, model in models.items():
-            for image, mask in zip(refs, masks):
-                model.set_reference(image, mask)
-            model.set_target(target)
-            preds[c] = model.segment().numpy()
-            quality[c].append(_iou(preds[c], truth))
+            preds[c] = segment_episode(model, refs, masks, target)
+            quality[c].append(mask_iou(preds[c], truth))
         for c in models:
-            agreement[c].append(_iou(preds[c], preds[None]))
+            agreement[c].append(mask_iou(preds[c], preds[None]))
     print(f"{args.episodes} synthetic episodes, {args.size} px, {args.shots} shot(s), C = {args.dim}")
     print(f"{'clustering':<22}{'IoU vs truth':>14}{'IoU vs default':>16}")
     for c in models:

@@ -406,8 +406,10 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=labels.device)
     host = labels.device.type == "cpu" and not emulating_gpu()
+    clusters = None
     if host:  # free to read here; on a GPU the kernel checks (the reference would index out of range)
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        clusters = hi + 1
         if lo < 0 or hi >= n:
             raise InputError(f"{op}: labels must lie in [0, N) with N = {n}; got values in [{lo}, {hi}]")
     wide = feats_deb.shape[1] + feats.shape[1] > AGGREGATE_MAX_WIDTH  # beyond the CUDA kernel's registers
@@ -415,7 +417,7 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
         from . import torch_kernels
 
         return torch_kernels.aggregate_clusters(labels, candidates, feats_deb, feats, sim, prototype, threshold,
-                                                host_reads=host)
+                                                host_reads=host, clusters=clusters)
     return _run(op, kernels, labels.device, labels, candidates, feats_deb, feats, sim, prototype, threshold)
 
 

@@ -101,3 +101,18 @@ def make_episode(seed: int, shots: int, size_hw: tuple[int, int] = (200, 260), d
     refs = [make_scene(rng, *size_hw, concept, distractors) for _ in range(shots)]
     target, target_mask = make_scene(rng, *size_hw, concept, distractors)
     return [r[0] for r in refs], [r[1] for r in refs], target, target_mask
+
+
+def segment_episode(model, refs: list, masks: list, target: object) -> np.ndarray:
+    """The (H, W) bool mask ``model`` (an ``INSID3``) gives ``target`` through the published
+    stateful calls: ``set_reference`` per shot, ``set_target``, ``segment``."""
+    for image, mask in zip(refs, masks):
+        model.set_reference(image, mask)
+    model.set_target(target)
+    return model.segment().cpu().numpy()
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks (1 when both are empty)."""
+    union = (a | b).sum()
+    return 1.0 if union == 0 else float((a & b).sum() / union)

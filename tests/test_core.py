@@ -3,13 +3,12 @@ cast and save with it; the device is derived from them; one pipeline runs on eit
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from insid3_fast import INSID3, ops
 from insid3_fast.core import Insid3Core
-from insid3_fast.synthetic import SyntheticEncoder, make_episode
+from insid3_fast.synthetic import SyntheticEncoder, make_episode, segment_episode
 
 BUFFERS = ("basis", "projector", "complement")
 
@@ -18,12 +17,6 @@ def _model(**kw) -> INSID3:
     return INSID3(SyntheticEncoder(32, seed=1), image_size=128, svd_components=8, device="cpu", **kw)
 
 
-def _segment(model: INSID3, episode) -> np.ndarray:
-    refs, masks, target, _ = episode
-    for image, mask in zip(refs, masks):
-        model.set_reference(image, mask)
-    model.set_target(target)
-    return model.segment().cpu().numpy()
 
 
 def test_state_dict_holds_the_basis_projector_and_complement():
@@ -50,13 +43,13 @@ def test_load_state_dict_restores_the_basis():
 def test_to_float64_casts_every_buffer_and_the_model_still_segments():
     model = _model()
     episode = make_episode(3, 2, size_hw=(96, 128))
-    fp32 = _segment(model, episode)
+    fp32 = segment_episode(model, *episode[:3])
     assert model.to(torch.float64) is model
     for name in BUFFERS:
         assert getattr(model.core, name).dtype == torch.float64, name
     assert all(p.dtype == torch.float64 for p in model.encoder.parameters())
     assert model.core.dtype == torch.float64
-    fp64 = _segment(model, episode)
+    fp64 = segment_episode(model, *episode[:3])
     assert fp64.shape == fp32.shape and (fp64 == fp32).mean() > 0.99
 
 

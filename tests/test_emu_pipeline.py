@@ -18,7 +18,7 @@ import torch
 from backends import emulation
 from cuda_emu import build
 from insid3_fast import INSID3, ops, pipeline
-from insid3_fast.synthetic import SyntheticEncoder, make_episode
+from insid3_fast.synthetic import SyntheticEncoder, make_episode, segment_episode
 
 SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
            "aten::unique_consecutive", "aten::unique_dim")
@@ -28,12 +28,6 @@ def _model(**kw) -> INSID3:
     return INSID3(SyntheticEncoder(embed_dim=64), backend="native", image_size=512, svd_components=32, **kw)
 
 
-def _segment(model: INSID3, episode) -> np.ndarray:
-    refs, masks, target, _ = episode
-    for image, mask in zip(refs, masks):
-        model.set_reference(image, mask)
-    model.set_target(target)
-    return model.segment().cpu().numpy()
 
 
 @pytest.mark.parametrize("shots", [1, 3])
@@ -41,10 +35,10 @@ def test_emu_pipeline_512px_masks_equal_cpu(shots):
     """512 px (N = 1024 patches) end to end on the emulated kernels = the CPU kernels' masks."""
     library = emulation()
     episode = make_episode(seed=40 + shots, shots=shots)
-    expected = _segment(_model(), episode)
+    expected = segment_episode(_model(), *episode[:3])
     start = time.process_time()
     with ops.use_library(library):
-        got = _segment(_model(), episode)
+        got = segment_episode(_model(), *episode[:3])
     print(f"emulated 512 px pipeline, {shots} shot(s): {time.process_time() - start:.1f} s CPU")
     assert expected.any()
     assert np.array_equal(got, expected)

@@ -10,17 +10,12 @@ import torch
 
 from insid3_fast import INSID3, ops
 from insid3_fast.errors import BackendError, InputError, InputWarning
-from insid3_fast.synthetic import SyntheticEncoder, make_episode
+from insid3_fast.synthetic import SyntheticEncoder, make_episode, segment_episode
 from insid3_fast.testing.oracle import oracle_segment
 
 needs_native = pytest.mark.skipif(not ops.native_available(), reason="native ops not built")
 
 
-def segment(model, refs, masks, target):
-    for image, mask in zip(refs, masks):
-        model.set_reference(image, mask)
-    model.set_target(target)
-    return model.segment().cpu().numpy()
 
 
 def reference_and_native(encoder, episode, **kw):
@@ -31,9 +26,9 @@ def reference_and_native(encoder, episode, **kw):
     refs, masks, target, _ = episode
     model = INSID3(encoder, backend="reference", **kw)
     expected = oracle_segment(model, refs, masks, target).cpu().numpy()
-    on_reference_kernels = segment(model, refs, masks, target)
+    on_reference_kernels = segment_episode(model, refs, masks, target)
     assert np.array_equal(expected, on_reference_kernels), f"{(expected != on_reference_kernels).sum()} pixels differ"
-    return expected, segment(INSID3(encoder, backend="native", **kw), refs, masks, target)
+    return expected, segment_episode(INSID3(encoder, backend="native", **kw), refs, masks, target)
 
 
 def test_native_ops_are_built_in_ci():
@@ -82,7 +77,7 @@ def test_synthetic_episodes_are_segmented_well():
     ious = []
     for seed in range(3):
         refs, masks, target, truth = make_episode(seed, 1)
-        pred = segment(model, refs, masks, target)
+        pred = segment_episode(model, refs, masks, target)
         ious.append((pred & truth).sum() / (pred | truth).sum())
     assert np.mean(ious) > 0.6, ious
 
@@ -98,8 +93,8 @@ def test_tensor_and_file_inputs_agree(tmp_path):
         Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / f"m{i}.png")
         paths.append((tmp_path / f"r{i}.png", tmp_path / f"m{i}.png"))
     target.save(tmp_path / "t.png")
-    from_files = segment(model, [p for p, _ in paths], [m for _, m in paths], tmp_path / "t.png")
-    from_objects = segment(model, refs, masks, target)
+    from_files = segment_episode(model, [p for p, _ in paths], [m for _, m in paths], tmp_path / "t.png")
+    from_objects = segment_episode(model, refs, masks, target)
     assert np.array_equal(from_files, from_objects)
     assert from_files.shape == (target.height, target.width)
 
@@ -108,7 +103,7 @@ def test_resize_to_orig_size_off_gives_model_size():
     encoder = SyntheticEncoder(32)
     refs, masks, target, _ = make_episode(1, 1)
     model = INSID3(encoder, image_size=256, svd_components=16, device="cpu", resize_to_orig_size=False)
-    assert segment(model, refs, masks, target).shape == (256, 256)
+    assert segment_episode(model, refs, masks, target).shape == (256, 256)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native)])
@@ -117,7 +112,7 @@ def test_batched_and_streamed_targets_equal_one_by_one(backend):
     refs, masks, _, _ = make_episode(5, 2)
     targets = [make_episode(100 + i, 1)[2] for i in range(5)]
     model = INSID3(encoder, image_size=256, svd_components=16, device="cpu", backend=backend)
-    one_by_one = [segment(model, refs, masks, t) for t in targets]
+    one_by_one = [segment_episode(model, refs, masks, t) for t in targets]
     ref = model.encode_reference(refs, masks)
     batched = [m.numpy() for m in model.segment_targets(ref, targets, batch_size=3)]
     streamed = [m.numpy() for m in model.stream(ref, iter(targets), batch_size=2)]
@@ -194,8 +189,8 @@ def test_crf_refiner_refines_the_bilinear_mask():
     encoder = SyntheticEncoder(32)
     refs, masks, target, truth = make_episode(0, 1)
     kw = dict(image_size=256, svd_components=16, device="cpu", resize_to_orig_size=False)
-    plain = segment(INSID3(encoder, **kw), refs, masks, target)
-    refined = segment(INSID3(encoder, mask_refiner="crf", **kw), refs, masks, target)
+    plain = segment_episode(INSID3(encoder, **kw), refs, masks, target)
+    refined = segment_episode(INSID3(encoder, mask_refiner="crf", **kw), refs, masks, target)
     image = load_image(target, 256)[0]
     expected = crf_refine(denormalize(image[0]), torch.from_numpy(plain)).numpy()
     assert np.array_equal(refined, expected)
@@ -207,8 +202,8 @@ def test_compiled_backbone_gives_the_same_masks():
     encoder = SyntheticEncoder(32)
     refs, masks, target, _ = make_episode(0, 1)
     kw = dict(image_size=128, svd_components=16, device="cpu")
-    eager = segment(INSID3(encoder, **kw), refs, masks, target)
-    compiled = segment(INSID3(encoder, compile=True, **kw), refs, masks, target)
+    eager = segment_episode(INSID3(encoder, **kw), refs, masks, target)
+    compiled = segment_episode(INSID3(encoder, compile=True, **kw), refs, masks, target)
     assert np.array_equal(eager, compiled)
 
 
@@ -285,9 +280,9 @@ def test_cuda_native_masks_equal_cpu_reference(shots):
     encoder = SyntheticEncoder(64, seed=shots)
     refs, masks, target, _ = make_episode(20 + shots, shots)
     kw = dict(image_size=512, svd_components=32)
-    expected = segment(INSID3(encoder, backend="reference", device="cpu", **kw), refs, masks, target)
+    expected = segment_episode(INSID3(encoder, backend="reference", device="cpu", **kw), refs, masks, target)
     gpu = INSID3(encoder, backend="native", device="cuda", **kw)
-    assert np.array_equal(expected, segment(gpu, refs, masks, target))
+    assert np.array_equal(expected, segment_episode(gpu, refs, masks, target))
     ref = gpu.encode_reference(refs, masks)
     streamed = [m.cpu().numpy() for m in gpu.stream(ref, [target, target], batch_size=2)]
     assert all(np.array_equal(expected, m) for m in streamed)
