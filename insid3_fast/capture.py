@@ -20,6 +20,7 @@ import torch
 
 from .errors import InputError
 from .inputs import check_int
+from .refine import upsample_mask
 
 if TYPE_CHECKING:
     from .core import Insid3Core
@@ -74,7 +75,9 @@ class CapturedTarget:
     Call it with normalised images (batch, 3, size, size) (or (3, size, size) when ``batch`` is
     1), on any device: a bool mask (batch, size, size) (or (size, size)) on the model's device,
     a copy that later calls do not overwrite. A target whose features are not finite (NaN or
-    inf pixels) gets an empty mask, decided on the device.
+    inf pixels) gets an empty mask, decided on the device. The graph holds the reference and the
+    model's thresholds and buffers as they were at capture: after ``reconfigure`` (refused) or
+    moving the model, capture again.
     """
 
     def __init__(self, core: "Insid3Core", ref: "EncodedReference", batch: int = 1,
@@ -94,6 +97,7 @@ class CapturedTarget:
                 raise InputError(f"capture() records a CUDA graph and needs a CUDA model, this one is on "
                                  f"{core.device}: use segment() / stream() there")
             runner = CudaGraphRunner(core.device)
+        self.config = core.config  # the thresholds the graph holds (reconfigure() replaces it)
         size = core.image_size
         self.shape = (self.batch, 3, size, size)
         self.images = torch.zeros(self.shape, device=core.device, dtype=core.dtype)
@@ -116,8 +120,15 @@ class CapturedTarget:
         return masks & ok[:, None, None]
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """The masks of ``images`` (one replay); see the class docstring for the shapes."""
+    def __call__(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The masks of ``images`` (one replay); see the class docstring for the shapes.
+
+        ``out_size`` (H, W): resize the masks to it after the replay (as ``segment`` does for
+        ``resize_to_orig_size``); None: the model's size x size.
+        """
+        if self.core.config is not self.config:
+            raise InputError("the model was reconfigured after this call was captured (its thresholds are "
+                             "recorded in the graph): capture it again")
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise InputError(f"a captured call takes a normalised float image tensor {self.shape}, got "
                              f"{getattr(images, 'dtype', type(images).__name__)}")
@@ -126,7 +137,15 @@ class CapturedTarget:
         if tuple(batch.shape) != self.shape:
             raise InputError(f"this call was captured for images of shape {self.shape} (fixed shapes), got "
                              f"{tuple(images.shape)}: capture another for this shape")
+        if out_size is not None:
+            if not isinstance(out_size, (tuple, list)) or len(out_size) != 2:
+                raise InputError(f"out_size must be (height, width), got {out_size!r}")
+            out_size = (check_int("out_size height", out_size[0], minimum=1),
+                        check_int("out_size width", out_size[1], minimum=1))
         self.images.copy_(batch, non_blocking=True)
         self.runner.replay()
-        out = self.masks.clone()
+        if out_size is None:
+            out = self.masks.clone()
+        else:
+            out = torch.stack([upsample_mask(m, *out_size) for m in self.masks])
         return out[0] if single else out

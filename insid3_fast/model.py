@@ -359,7 +359,8 @@ class INSID3(torch.nn.Module):
 
         For fixed-shape streams (video): it takes normalised tensors (batch_size, 3, size, size)
         (e.g. from ``insid3_fast.inputs.load_image``) and returns (batch_size, size, size) masks
-        at the model's image size. Bilinear refinement only. See ``Insid3Core.capture``.
+        at the model's image size (``captured(images, out_size=(H, W))`` resizes them after the
+        replay). Bilinear refinement only. See ``Insid3Core.capture``.
         """
         return self.core.capture(self._check_reference(ref), batch_size)
 

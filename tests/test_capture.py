@@ -77,6 +77,12 @@ def test_captured_batch_and_single_image_shapes():
         assert torch.equal(got[b], model.core.segment(ref, images[b])[0])
     one = model.core.capture(ref, runner=ReplayRunner())
     assert torch.equal(one(images[1][0]), got[1])  # (3, size, size) in, (size, size) out
+    resized = two(batch, out_size=(96, 128))
+    assert resized.shape == (2, 96, 128)
+    for b in range(2):
+        assert torch.equal(resized[b], model.core.segment(ref, images[b], [(96, 128)])[0])
+    with pytest.raises(InputError, match="out_size"):
+        two(batch, out_size=(0, 128))
     with pytest.raises(InputError, match="captured for images of shape"):
         two(images[0])
     with pytest.raises(InputError, match="captured for images of shape"):
@@ -98,6 +104,9 @@ def test_captured_output_is_a_copy_and_non_finite_targets_are_empty():
     assert kept.any() and torch.equal(first, kept)  # not overwritten by the next replay
     assert not second.any()
     assert torch.equal(captured(images[0]), kept)  # and the graph recovers for finite input
+    model.tau = 0.5
+    with pytest.raises(InputError, match="reconfigured after this call was captured"):
+        captured(images[0])
 
 
 def test_capture_refuses_crf_cpu_models_and_foreign_references():
