@@ -45,19 +45,11 @@ NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::vi
              "aten::is_same_size", "aten::scalar_tensor", "aten::as_strided_", "aten::zeros_like_noop"}
 
 
-def _inside(evt, name: str) -> bool:
+def _has_ancestor(evt, test) -> bool:
+    """Whether an enclosing profiler event of evt satisfies test(name)."""
     parent = evt.cpu_parent
     while parent is not None:
-        if parent.name == name:
-            return True
-        parent = parent.cpu_parent
-    return False
-
-
-def _inside_aten(evt) -> bool:
-    parent = evt.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
+        if test(parent.name):
             return True
         parent = parent.cpu_parent
     return False
@@ -75,7 +67,7 @@ def _profile(fn, by_op: dict[str, int] | None = None) -> tuple[int, int, dict[st
     syncs, flops = 0, {}
     for evt in prof.events():
         if evt.name in SYNCING:
-            syncs += not _inside(evt, "aten::quantile")  # CPU-only check of q (see tests)
+            syncs += not _has_ancestor(evt, lambda name: name == "aten::quantile")  # CPU-only check of q (see tests)
         if evt.name in GEMMS and evt.flops:
             dtype = str(evt.input_dtypes[0]) if evt.input_dtypes else "?"
             flops[dtype] = flops.get(dtype, 0) + int(evt.flops)
@@ -91,7 +83,7 @@ def _profile(fn, by_op: dict[str, int] | None = None) -> tuple[int, int, dict[st
         return 1
 
     launches = sum(launches_of(e) for e in prof.events()
-                   if e.name.startswith("aten::") and not _inside_aten(e))
+                   if e.name.startswith("aten::") and not _has_ancestor(e, lambda name: name.startswith("aten::")))
     return syncs, launches, flops
 
 
