@@ -12,6 +12,7 @@ reference / ours.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -162,6 +163,15 @@ def published_episode(case: Case, checkout: str) -> Callable[[], object]:
     return lambda: model.predict_mask(images, masks, target)
 
 
+@functools.lru_cache(maxsize=1)
+def _random_dinov3(model_size: str, device: str) -> torch.nn.Module:
+    """A random-weight DINOv3 (seed 0) on ``device``, built once per grid (a ViT-L takes seconds)."""
+    from .backbone import DinoV3Backbone, build_dinov3
+
+    torch.manual_seed(0)
+    return DinoV3Backbone(build_dinov3(model_size).eval(), model_size).to(device)
+
+
 def backbone_functions(case: Case, model_size: str, precision: str) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     """(ours, reference) for the ``backbone`` and ``end_to_end`` stages on a random-weight DINOv3.
 
@@ -169,13 +179,11 @@ def backbone_functions(case: Case, model_size: str, precision: str) -> dict[str,
     reference: one fp32 episode at a time (S references + the target through the backbone,
     then the published restatement), as the published code runs.
     """
-    from .backbone import DinoV3Backbone, build_dinov3
     from .core import Insid3Core
     from .refine import upsample_mask
     from .testing import published
 
-    torch.manual_seed(0)
-    encoder = DinoV3Backbone(build_dinov3(model_size).eval(), model_size).to(case.device)
+    encoder = _random_dinov3(model_size, str(case.device))
     r = min(500, encoder.embed_dim // 2)
     d = case.data
     ours = Insid3Core(encoder, image_size=case.size, svd_components=r, backend="native", device=case.device,

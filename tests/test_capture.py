@@ -42,11 +42,11 @@ def _model(**kw) -> INSID3:
     return INSID3(SyntheticEncoder(32, seed=1), image_size=SIZE, svd_components=8, device="cpu", **kw)
 
 
-def _images(seed: int, count: int) -> tuple[list[torch.Tensor], object]:
-    """(1, 3, SIZE, SIZE) target tensors of episodes sharing the first one's reference."""
+def _images(seed: int, count: int, size: int = SIZE) -> tuple[list[torch.Tensor], object]:
+    """(1, 3, size, size) target tensors of episodes sharing the first one's reference."""
     episode = make_episode(seed, 1, size_hw=(96, 128))
     targets = [episode[2]] + [make_episode(seed + 1 + k, 1, size_hw=(96, 128))[2] for k in range(count - 1)]
-    return [load_image(t, SIZE)[0] for t in targets], episode
+    return [load_image(t, size)[0] for t in targets], episode
 
 
 def test_captured_call_gives_the_eager_masks_for_every_target():
@@ -126,3 +126,20 @@ def test_capture_refuses_crf_cpu_models_and_foreign_references():
         overhead.core.capture(overhead.encode_reference(refs, masks), runner=ReplayRunner())
     with pytest.raises(InputError, match="batch"):
         model.core.capture(ref, batch=0, runner=ReplayRunner())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and __import__("insid3_fast").ops.native_available("cuda")),
+                    reason="needs a CUDA device and insid3_fast._C built with CUDA kernels")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_real_cuda_graph_replays_give_the_eager_masks(batch):
+    """On a GPU: the default runner records a real torch.cuda.CUDAGraph (a host sync inside
+    would fail the capture), and its replays give the eager CUDA path's masks."""
+    model = INSID3(SyntheticEncoder(64, seed=1), image_size=256, svd_components=32, device="cuda")
+    images, (refs, masks, _, _) = _images(51, batch + 1, size=256)
+    ref = model.encode_reference(refs, masks)
+    captured = model.capture(ref, batch_size=batch)
+    for start in (0, 1):
+        chunk = torch.cat(images[start:start + batch]).cuda()
+        expected = torch.stack(model.core.segment(ref, chunk))
+        assert torch.equal(captured(chunk), expected)

@@ -62,7 +62,11 @@ inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* n
 }
 
 // Is the current stream being captured into a CUDA graph? Then no host read is possible.
-inline bool capturing() { return c10::cuda::isStreamCapturingMayInitCtx(c10::cuda::getCurrentCUDAStream()); }
+// (currentStreamCaptureStatusMayInitCtx is in every torch the package supports; the
+// isStreamCapturingMayInitCtx shorthand only from 2.12.)
+inline bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
 
 // True, in every thread of the block, for the block of the grid that finishes last: the
 // threadfence pattern of the CUDA samples. No block waits for another, so the grid may run

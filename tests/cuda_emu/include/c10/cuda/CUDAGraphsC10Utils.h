@@ -5,5 +5,8 @@
 #include "cuda_emu.h"
 
 namespace c10::cuda {
-inline bool isStreamCapturingMayInitCtx(cudaStream_t) { return ::cuda_emu::capturing(); }
+enum class CaptureStatus : int { None = 0, Active = 1, Invalidated = 2 };
+inline CaptureStatus currentStreamCaptureStatusMayInitCtx() {
+  return ::cuda_emu::capturing() ? CaptureStatus::Active : CaptureStatus::None;
+}
 }  // namespace c10::cuda
