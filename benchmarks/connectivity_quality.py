@@ -15,8 +15,6 @@ from insid3_fast import INSID3
 from insid3_fast.synthetic import SyntheticEncoder, make_episode, mask_iou, segment_episode
 
 
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--episodes", type=int, default=20)

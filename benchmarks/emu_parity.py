@@ -80,7 +80,7 @@ def plain_rounds(dist: np.ndarray, threshold: float, lowest: bool = True) -> tup
     return np.array([first.setdefault(int(v), len(first)) for v in root]), ties
 
 
-def _explain(feats: torch.Tensor, threshold: float, cpu: torch.Tensor) -> str:
+def _explain(feats: torch.Tensor, threshold: float, cpu: torch.Tensor, emu: torch.Tensor) -> str:
     """Why the emulated partition differs from the CPU's: the plain rounds with either tie rule."""
     n = feats.shape[0]
     dist = torch.empty(n, n)
@@ -92,7 +92,8 @@ def _explain(feats: torch.Tensor, threshold: float, cpu: torch.Tensor) -> str:
     high, _ = plain_rounds(dist, threshold, lowest=False)
     moved = int((torch.from_numpy(low) != cpu).sum())
     return (f"exact nearest-neighbour ties met by the rounds: {ties}; plain rounds, ties to the lowest "
-            f"index (the device's rule) = CPU: {np.array_equal(low, cpu.numpy())} ({moved} patches elsewhere); "
+            f"index (the device's rule) = emulated: {np.array_equal(low, emu.numpy())}, = CPU: "
+            f"{np.array_equal(low, cpu.numpy())} ({moved} patches elsewhere); "
             f"ties to the highest index = CPU: {np.array_equal(high, cpu.numpy())}")
 
 
@@ -113,6 +114,7 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--first", type=int, default=0, help="the first episode (seeds 1000 + first, ...)")
     args = p.parse_args()
     library = emulation()
     encoder = SyntheticEncoder(args.dim, hidden=256)
@@ -125,7 +127,7 @@ def main() -> None:
         model = INSID3(encoder, image_size=args.size, svd_components=min(500, args.dim // 2), device="cpu",
                        connectivity=connectivity)
         counts = [0, 0, 0]
-        for seed in range(args.episodes):
+        for seed in range(args.first, args.first + args.episodes):
             shots = (1, 3, 5)[seed % 3]
             refs, masks, target, _ = make_episode(1000 + seed, shots)
             ref = model.encode_reference(refs, masks)
@@ -138,7 +140,8 @@ def main() -> None:
             if not torch.equal(cpu[0], emu[0]):
                 C, h, w = feat.shape
                 why = ("(the grid clustering: not explained here)" if connectivity is not None else
-                       _explain(feat.reshape(C, h * w).T.contiguous(), 1.0 - model.core.config.tau, cpu[0]))
+                       _explain(feat.reshape(C, h * w).T.contiguous(), 1.0 - model.core.config.tau, cpu[0],
+                                emu[0]))
                 notes.append(f"  episode {1000 + seed} ({'published' if connectivity is None else connectivity}): "
                              f"{int((cpu[0] != emu[0]).sum())} of {h * w} patches in another cluster; " + why)
         name = "published" if connectivity is None else f"connectivity {connectivity}"

@@ -26,6 +26,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET_S:-480}"
+OUT_OF_TIME=""
 T_START=$(date +%s)
 RESULTS="$ROOT/benchmarks/results"
 LOGS="$RESULTS/logs"
@@ -71,7 +72,9 @@ run_step() {
   local name="$1" share="$2"; shift 2
   local log="$LOGS/${name}.log"
   local elapsed=$(( $(date +%s) - T_START ))
-  if (( elapsed * 100 >= BUDGET * share )); then
+  if [[ -n "$OUT_OF_TIME" ]] || (( elapsed * 100 >= BUDGET * share )); then
+    # Once one step is skipped for time, so are all after it (they matter less).
+    OUT_OF_TIME=1
     skip_step "$name" "out of time: ${elapsed} s of the ${BUDGET} s budget used (starts only before ${share} %)"
     return
   fi
@@ -94,7 +97,7 @@ run_step() {
     FAILED=1
     echo "!!!!!!!! STEP FAILED: $name (rc=$rc) — see $log" >&2
   fi
-  [[ $rc -eq 124 ]] && note="timed out at the end of the budget; ${note}"
+  [[ $rc -eq 124 || $rc -eq 137 ]] && note="timed out at the end of the budget; ${note}"
   NAMES+=("$name"); SECS+=("$dt"); NOTES+=("${note//|//}")
   save_results
 }

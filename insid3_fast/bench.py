@@ -369,19 +369,24 @@ def run_bench(args: argparse.Namespace) -> int:
     per_case = len(args.stages) + (backbone_stages * len(precisions) if args.backbone else 0)
     total = len(args.sizes) * len(args.shots) * len(args.batches) * per_case
     reference_times: dict = {}
-    with tqdm(total=total, desc="bench", unit="stage", file=sys.stderr) as bar:
-        for size in args.sizes:
-            for shots in args.shots:
-                for batch in args.batches:
-                    bar.set_postfix(size=size, shots=shots, batch=batch)
-                    case = build_case(size, shots, args.dim, args.device, args.connectivity, targets=batch)
-                    for k, precision in enumerate(precisions):
-                        stages = args.stages if k == 0 else []
-                        rows += measure(case, stages, args.repeats, bar, args.published if k == 0 else None,
-                                        args.backbone if args.backbone else None, precision, reference_times)
+    interrupted = False
+    try:
+        with tqdm(total=total, desc="bench", unit="stage", file=sys.stderr) as bar:
+            for size in args.sizes:
+                for shots in args.shots:
+                    for batch in args.batches:
+                        bar.set_postfix(size=size, shots=shots, batch=batch)
+                        case = build_case(size, shots, args.dim, args.device, args.connectivity, targets=batch)
+                        for k, precision in enumerate(precisions):
+                            stages = args.stages if k == 0 else []
+                            rows += measure(case, stages, args.repeats, bar, args.published if k == 0 else None,
+                                            args.backbone if args.backbone else None, precision, reference_times)
+    except KeyboardInterrupt:  # e.g. a time budget's SIGINT: keep the cases measured so far
+        interrupted = True
+        print("insid3-fast bench: interrupted; the table holds the cases measured so far", file=sys.stderr)
     print(format_table(rows))
     memory = []
-    if args.memory:
+    if args.memory and not interrupted:
         for size in args.sizes:
             for shots in args.shots:
                 mem = peak_memory_mib(size, shots, args.dim, args.connectivity)
@@ -393,5 +398,5 @@ def run_bench(args: argparse.Namespace) -> int:
                     precisions=precisions, batches=args.batches,
                     backbone=args.backbone,
                     device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
-        atomic_write_json(args.json, {"meta": meta, "rows": rows, "memory": memory})
-    return 0
+        atomic_write_json(args.json, {"meta": dict(meta, interrupted=interrupted), "rows": rows, "memory": memory})
+    return 130 if interrupted else 0

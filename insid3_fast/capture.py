@@ -75,9 +75,10 @@ class CapturedTarget:
     Call it with normalised images (batch, 3, size, size) (or (3, size, size) when ``batch`` is
     1), on any device: a bool mask (batch, size, size) (or (size, size)) on the model's device,
     a copy that later calls do not overwrite. A target whose features are not finite (NaN or
-    inf pixels) gets an empty mask, decided on the device. The graph holds the reference and the
-    model's thresholds and buffers as they were at capture: after ``reconfigure`` (refused) or
-    moving the model, capture again.
+    inf pixels) gets an empty mask, decided on the device (eagerly the GPU ops raise instead). The
+    graph holds the reference and the model's thresholds, buffers and weights as they were at
+    capture: after ``reconfigure`` or moving, casting or reloading the model a call is refused;
+    capture again.
     """
 
     def __init__(self, core: "Insid3Core", ref: "EncodedReference", batch: int = 1,
@@ -92,12 +93,18 @@ class CapturedTarget:
             raise InputError(f"compile={core.config.compile!r} records CUDA graphs of its own, which cannot "
                              "run inside the captured call's graph: build the model with compile=True "
                              "(or 'max-autotune-no-cudagraphs') to capture it")
+        if core.kernels != "native":
+            raise InputError("a captured call needs the native kernels (the reference kernels run scikit-learn "
+                             "on the host): build the model with backend='native' or 'auto'")
         if runner is None:
             if core.device.type != "cuda":
                 raise InputError(f"capture() records a CUDA graph and needs a CUDA model, this one is on "
                                  f"{core.device}: use segment() / stream() there")
             runner = CudaGraphRunner(core.device)
         self.config = core.config  # the thresholds the graph holds (reconfigure() replaces it)
+        # The graph holds raw pointers to the buffers and weights, not references: moving or
+        # casting the model frees them, and a replay would read freed memory.
+        self._storage = self._storage_of(core)
         size = core.image_size
         self.shape = (self.batch, 3, size, size)
         self.images = torch.zeros(self.shape, device=core.device, dtype=core.dtype)
@@ -105,14 +112,20 @@ class CapturedTarget:
         with torch.no_grad():
             self.masks = runner.capture(self._forward)
 
+    @staticmethod
+    def _storage_of(core: "Insid3Core") -> tuple:
+        """Where the tensors the graph reads live: device, dtype and the first bytes of each."""
+        tensors = [core.complement, core.basis, *core.encoder.parameters(), *core.encoder.buffers()]
+        return core.device, core.dtype, tuple(t.data_ptr() for t in tensors)
+
     def _forward(self) -> torch.Tensor:
         """The recorded work: static images -> static (batch, size, size) masks."""
         core = self.core
         feats = core.features(self.images)
         # The ops' host-side finiteness checks are off under capture: a target whose features are
         # not finite (a NaN pixel) is segmented as zeros instead and its mask emptied on the
-        # device, so the kernels only ever see finite input and the answer is the eager path's
-        # empty mask, without a host read.
+        # device, so the kernels only ever see finite input, without a host read. (Eagerly such
+        # a target gives an empty mask on the CPU path and an InputError from the GPU ops.)
         ok = torch.isfinite(feats).flatten(1).all(dim=1)
         feats = feats.masked_fill(~ok[:, None, None, None], 0.0)
         masks = torch.stack([core.finalize(core.segment_patches(self.ref, feats[b]), None, None)
@@ -129,6 +142,9 @@ class CapturedTarget:
         if self.core.config is not self.config:
             raise InputError("the model was reconfigured after this call was captured (its thresholds are "
                              "recorded in the graph): capture it again")
+        if self._storage_of(self.core) != self._storage:
+            raise InputError("the model was moved, cast or reloaded after this call was captured (the graph "
+                             "reads the old weights' memory): capture it again")
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise InputError(f"a captured call takes a normalised float image tensor {self.shape}, got "
                              f"{getattr(images, 'dtype', type(images).__name__)}")

@@ -45,3 +45,27 @@ def test_bench_grid_of_precisions_and_batches(tmp_path, capsys):
     assert [(r["stage"], r["batch"]) for r in rows if r["stage"] == "episode"] == [("episode", 1), ("episode", 3)]
     assert main(["bench", "--batches", "0"]) == 2
     assert "--batches must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not ops.native_available(), reason="native ops not built")
+def test_bench_interrupted_keeps_the_cases_measured(tmp_path, capsys, monkeypatch):
+    """A SIGINT (make gpu-check's time budget) mid-grid: the table and JSON of the finished cases."""
+    from insid3_fast import bench
+
+    real, calls = bench.measure, []
+
+    def measure(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    out = tmp_path / "part.json"
+    code = main(["bench", "--sizes", "128", "--shots", "1", "2", "--dim", "32", "--repeats", "1",
+                 "--stages", "episode", "--json", str(out)])
+    assert code == 130
+    data = json.loads(out.read_text())
+    assert data["meta"]["interrupted"] is True
+    assert [(r["shots"], r["stage"]) for r in data["rows"]] == [(1, "episode")]
+    assert "interrupted" in capsys.readouterr().err

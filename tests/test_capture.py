@@ -109,6 +109,27 @@ def test_captured_output_is_a_copy_and_non_finite_targets_are_empty():
         captured(images[0])
 
 
+def test_non_finite_targets_are_emptied_after_the_steps_and_moved_models_refused(monkeypatch):
+    """The device-side guard itself: even where the steps would mark every patch, a target with
+    non-finite features gets an empty mask; and a model cast after capture is refused."""
+    model = _model()
+    images, (refs, masks, _, _) = _images(61, 1)
+    ref = model.encode_reference(refs, masks)
+    monkeypatch.setattr(model.core, "segment_patches", lambda r, f: torch.ones(f.shape[1:], dtype=torch.bool))
+    captured = model.core.capture(ref, runner=ReplayRunner())
+    assert captured(images[0]).all()
+    bad = images[0].clone()
+    bad[0, 0, 0, 0] = float("inf")
+    assert not captured(bad).any()
+    model.to(torch.float64)
+    with pytest.raises(InputError, match="moved, cast or reloaded"):
+        captured(images[0])
+    reference = INSID3(SyntheticEncoder(32, seed=1), image_size=SIZE, svd_components=8, device="cpu",
+                       backend="reference")
+    with pytest.raises(InputError, match="native kernels"):
+        reference.core.capture(reference.encode_reference(refs, masks), runner=ReplayRunner())
+
+
 def test_capture_refuses_crf_cpu_models_and_foreign_references():
     images, (refs, masks, _, _) = _images(41, 1)
     model = _model()

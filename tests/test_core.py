@@ -17,8 +17,6 @@ def _model(**kw) -> INSID3:
     return INSID3(SyntheticEncoder(32, seed=1), image_size=128, svd_components=8, device="cpu", **kw)
 
 
-
-
 def test_state_dict_holds_the_basis_projector_and_complement():
     model = _model()
     state = model.state_dict()

@@ -28,8 +28,6 @@ def _model(**kw) -> INSID3:
     return INSID3(SyntheticEncoder(embed_dim=64), backend="native", image_size=512, svd_components=32, **kw)
 
 
-
-
 @pytest.mark.parametrize("shots", [1, 3])
 def test_emu_pipeline_512px_masks_equal_cpu(shots):
     """512 px (N = 1024 patches) end to end on the emulated kernels = the CPU kernels' masks."""

@@ -16,8 +16,6 @@ from insid3_fast.testing.oracle import oracle_segment
 needs_native = pytest.mark.skipif(not ops.native_available(), reason="native ops not built")
 
 
-
-
 def reference_and_native(encoder, episode, **kw):
     """The published restatement's mask (the oracle) and the native path's, on one episode.
 

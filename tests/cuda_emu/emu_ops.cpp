@@ -46,7 +46,7 @@ TORCH_LIBRARY(insid3_fast_emu, m) {
   insid3::define_ops(m);
   // Kernel launches so far (all grids of this library).
   m.def("emu_launch_count() -> int", &emu_launch_count);
-  // Make c10::cuda::isStreamCapturingMayInitCtx report a capture (the graph-capture branch).
+  // Make c10::cuda::currentStreamCaptureStatusMayInitCtx report a capture (the graph-capture branch).
   m.def("emu_set_capturing(bool on) -> ()", &emu_set_capturing);
   // Override a host-side constant of the kernels (INSID3_TUNABLE); value < 0 restores it.
   m.def("emu_set_tunable(str name, int value) -> ()", &emu_set_tunable);
