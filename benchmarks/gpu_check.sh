@@ -88,7 +88,12 @@ run_step() {
   tail -n 25 "$log"
   # the pytest summary line ("== 12 passed, 3 skipped in 4.2s ==") or the last line
   local note
-  note="$(grep -E '^=+ .*(passed|failed|error|skipped|deselected|no tests ran).* =+$' "$log" | tail -n1 | sed -e 's/^=* //' -e 's/ =*$//')"
+  # pytest's result line ("12 passed, 3 skipped in 4.2s", with or without === borders), also
+  # under compute-sanitizer (whose own "ERROR SUMMARY" line comes after it); else the last line.
+  note="$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran' "$log" | tail -n1 | sed -e 's/^=* //' -e 's/ =*$//')"
+  local san_note
+  san_note="$(grep -E 'ERROR SUMMARY' "$log" | tail -n1 | sed -e 's/^=* *//')"
+  [[ -n "$san_note" ]] && note="${note:+$note; }$san_note"
   [[ -z "$note" ]] && note="$(grep -v '^\s*$' "$log" | tail -n1 | cut -c1-120)"
   if [[ $rc -eq 0 ]]; then
     STATUS+=("PASS")
