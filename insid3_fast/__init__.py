@@ -3,6 +3,7 @@
 import torch
 
 from . import ops
+from .capture import CapturedTarget
 from .config import Insid3Config, LoadConfig
 from .core import Insid3Core, Segmenter
 from .errors import BackendError, InputError, InputWarning, Insid3Error, StateError, WeightsError
@@ -21,5 +22,5 @@ def load_dinov3(weights: str, model_size: str | None = None, device: object = No
 
 
 __all__ = ["INSID3", "build_insid3", "load_dinov3", "ops", "Insid3Config", "LoadConfig", "Insid3Core", "Segmenter",
-           "EncodedReference", "Insid3Error", "InputError", "WeightsError", "BackendError", "StateError",
+           "EncodedReference", "CapturedTarget", "Insid3Error", "InputError", "WeightsError", "BackendError", "StateError",
            "InputWarning", "__version__"]
