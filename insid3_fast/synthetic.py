@@ -12,15 +12,11 @@ debiasing must remove. Scenes hold coloured objects (the concepts) on textured b
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-
-if TYPE_CHECKING:
-    from .model import INSID3
 
 
 class SyntheticEncoder(torch.nn.Module):
@@ -107,7 +103,7 @@ def make_episode(seed: int, shots: int, size_hw: tuple[int, int] = (200, 260), d
     return [r[0] for r in refs], [r[1] for r in refs], target, target_mask
 
 
-def segment_episode(model: "INSID3", refs: list, masks: list, target: object) -> np.ndarray:
+def segment_episode(model: torch.nn.Module, refs: list, masks: list, target: object) -> np.ndarray:
     """The (H, W) bool mask ``model`` (an ``INSID3``) gives ``target`` through the published
     stateful calls: ``set_reference`` per shot, ``set_target``, ``segment``."""
     for image, mask in zip(refs, masks):

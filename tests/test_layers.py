@@ -19,7 +19,7 @@ LAYERS = [
     ["config"],
     ["ops", "refine"],
     ["pipeline"],
-    ["core"],
+    ["core", "capture"],
     ["model"],
     ["testing"],
     ["reference", "eval", "bench"],
