@@ -77,8 +77,8 @@ class CapturedTarget:
     a copy that later calls do not overwrite. A target whose features are not finite (NaN or
     inf pixels) gets an empty mask, decided on the device (eagerly the GPU ops raise instead). The
     graph holds the reference and the model's thresholds, buffers and weights as they were at
-    capture: after ``reconfigure`` or moving, casting or reloading the model a call is refused;
-    capture again.
+    capture: after ``reconfigure`` or moving or casting the model a call is refused; capture
+    again. Weights loaded in place (``load_state_dict``) are read by the next replay.
     """
 
     def __init__(self, core: "Insid3Core", ref: "EncodedReference", batch: int = 1,
@@ -104,7 +104,9 @@ class CapturedTarget:
         self.config = core.config  # the thresholds the graph holds (reconfigure() replaces it)
         # The graph holds raw pointers to the buffers and weights, not references: moving or
         # casting the model frees them, and a replay would read freed memory.
-        self._storage = self._storage_of(core)
+        params = list(core.encoder.parameters())
+        self._watched = (params[0], params[-1]) if params else ()
+        self._storage = self._storage_of()
         size = core.image_size
         self.shape = (self.batch, 3, size, size)
         self.images = torch.zeros(self.shape, device=core.device, dtype=core.dtype)
@@ -112,11 +114,21 @@ class CapturedTarget:
         with torch.no_grad():
             self.masks = runner.capture(self._forward)
 
-    @staticmethod
-    def _storage_of(core: "Insid3Core") -> tuple:
-        """Where the tensors the graph reads live: device, dtype and the first bytes of each."""
-        tensors = [core.complement, core.basis, *core.encoder.parameters(), *core.encoder.buffers()]
-        return core.device, core.dtype, tuple(t.data_ptr() for t in tensors)
+    def _storage_of(self) -> tuple:
+        """Where the tensors the graph reads live: device, dtype and the first bytes of the
+        debiasing buffers and of the encoder's first and last parameter.
+
+        A sample, not all of them: this runs before every replay, and collecting the pointers of
+        a ViT-L's few hundred tensors would cost the Python time the graph exists to remove.
+        Moving or casting the model (or its encoder) reallocates every one of them; the
+        parameter objects stay (``Module._apply`` swaps their data), so they are held here, and
+        the first one's identity is compared too (with torch's overwrite-on-conversion flag set,
+        ``_apply`` makes new parameter objects).
+        """
+        core = self.core
+        first = next(core.encoder.parameters(), None)
+        return (core.device, core.dtype, core.complement.data_ptr(), core.basis.data_ptr(), id(first),
+                *(p.data_ptr() for p in self._watched))
 
     def _forward(self) -> torch.Tensor:
         """The recorded work: static images -> static (batch, size, size) masks."""
@@ -142,7 +154,7 @@ class CapturedTarget:
         if self.core.config is not self.config:
             raise InputError("the model was reconfigured after this call was captured (its thresholds are "
                              "recorded in the graph): capture it again")
-        if self._storage_of(self.core) != self._storage:
+        if self._storage_of() != self._storage:
             raise InputError("the model was moved, cast or reloaded after this call was captured (the graph "
                              "reads the old weights' memory): capture it again")
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():

@@ -121,9 +121,15 @@ def test_non_finite_targets_are_emptied_after_the_steps_and_moved_models_refused
     bad = images[0].clone()
     bad[0, 0, 0, 0] = float("inf")
     assert not captured(bad).any()
-    model.to(torch.float64)
+    model.core.encoder.to(torch.float64)  # the encoder alone: the buffers stay float32
     with pytest.raises(InputError, match="moved, cast or reloaded"):
         captured(images[0])
+    model.core.encoder.to(torch.float32)
+    again = model.core.capture(ref, runner=ReplayRunner())
+    assert again(images[0]).all()
+    model.to(torch.float64)
+    with pytest.raises(InputError, match="moved, cast or reloaded"):
+        again(images[0])
     reference = INSID3(SyntheticEncoder(32, seed=1), image_size=SIZE, svd_components=8, device="cpu",
                        backend="reference")
     with pytest.raises(InputError, match="native kernels"):
