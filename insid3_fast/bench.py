@@ -28,6 +28,9 @@ DEFAULT_STAGES = STAGES
 #: With ``--backbone``: the backbone alone, end to end, and (on CUDA) the captured call, whose
 #: reference is our own eager end to end (the ratio is what the CUDA graph saves).
 BACKBONE_STAGES = ("backbone", "end_to_end", "captured")
+#: The backbone stages whose reference (one fp32 published episode per target) depends neither
+#: on our precision nor on the batch: timed once per case (``captured``'s reference is ours).
+SHARED_REFERENCE_STAGES = ("backbone", "end_to_end")
 
 
 @dataclass
@@ -239,7 +242,7 @@ def measure(case: Case, stages: list[str], repeats: int, progress=None,
         per = n_targets if stage in ("batched_targets",) + BACKBONE_STAGES else 1
         t_ours = time_fn(ours, case.device, repeats) / per
         key = (stage, backbone, case.size, case.shots, case.connectivity)
-        if stage in ("backbone", "end_to_end") and key in reference_times:  # not "captured": its reference is ours
+        if stage in SHARED_REFERENCE_STAGES and key in reference_times:
             t_ref = reference_times[key]
         else:
             t_ref = time_fn(ref, case.device, max(1, repeats // 2 + 1)) / per
@@ -380,7 +383,7 @@ def run_bench(args: argparse.Namespace) -> int:
                         for k, precision in enumerate(precisions):
                             stages = args.stages if k == 0 else []
                             rows += measure(case, stages, args.repeats, bar, args.published if k == 0 else None,
-                                            args.backbone if args.backbone else None, precision, reference_times)
+                                            args.backbone, precision, reference_times)
     except KeyboardInterrupt:  # e.g. a time budget's SIGINT: keep the cases measured so far
         interrupted = True
         print("insid3-fast bench: interrupted; the table holds the cases measured so far", file=sys.stderr)

@@ -417,7 +417,7 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
         from . import torch_kernels
 
         return torch_kernels.aggregate_clusters(labels, candidates, feats_deb, feats, sim, prototype, threshold,
-                                                host_reads=host, clusters=clusters)
+                                                clusters=clusters)
     return _run(op, kernels, labels.device, labels, candidates, feats_deb, feats, sim, prototype, threshold)
 
 

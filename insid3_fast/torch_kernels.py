@@ -130,19 +130,18 @@ def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: i
 
 def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb: torch.Tensor,
                        feats: torch.Tensor, sim: torch.Tensor, prototype: torch.Tensor,
-                       merge_threshold: float, host_reads: bool = True, clusters: int | None = None) -> torch.Tensor:
+                       merge_threshold: float, clusters: int | None = None) -> torch.Tensor:
     """Seed selection and aggregation (see ``ops.aggregate_clusters``) with per-cluster reductions.
 
-    ``host_reads``: the number of clusters is read on the host and the sums are float32 (the
-    CPU's own path, the published code's arithmetic); else K = N bounds the labels, nothing is
-    read, and the sums are float64 (the GPU's torch path). ``clusters``: with ``host_reads``,
-    max(labels) + 1 when the caller has read it already (not read twice).
+    ``clusters``: K = max(labels) + 1, read on the host by the caller, and float32 sums (the
+    CPU's own path, the published code's arithmetic). None: the device mode, where nothing is
+    read on the host: K = N bounds the labels and the sums are float64 (the GPU's torch path).
     """
     N = labels.shape[0]
     dev, dtype = labels.device, sim.dtype
-    if host_reads:
+    if clusters is not None:
         # On the CPU the number of clusters is free to read and the sums are sequential.
-        K, acc = (int(labels.max()) + 1 if clusters is None else clusters), dtype
+        K, acc = clusters, dtype
     else:
         # On a GPU (or the tests' emulation of its kernels): no host sync (K = N bounds the
         # labels) and float64 sums, so that the order of the atomic additions practically never

@@ -29,8 +29,8 @@ def _case(seed: int, n: int, k: int, p: float, d: int = 24, c: int = 40, dup: bo
 
 
 def _both_references(args, alpha):
-    return (torch_kernels.aggregate_clusters(*args, alpha, host_reads=True),
-            torch_kernels.aggregate_clusters(*args, alpha, host_reads=False))
+    return (torch_kernels.aggregate_clusters(*args, alpha, clusters=int(args[0].max()) + 1),
+            torch_kernels.aggregate_clusters(*args, alpha, clusters=None))
 
 
 CASES = [  # (seed, N, K, candidate fraction): chunks of 512 patches, one cluster, no candidate, ...
@@ -55,7 +55,8 @@ def test_the_cases_have_masks_that_are_neither_empty_nor_full():
     """The comparisons above mean something: most cases select some clusters and not others."""
     mixed = 0
     for seed, n, k, p in CASES:
-        mask = torch_kernels.aggregate_clusters(*_case(seed, n, k, p), 0.01, host_reads=True)
+        args = _case(seed, n, k, p)
+        mask = torch_kernels.aggregate_clusters(*args, 0.01, clusters=int(args[0].max()) + 1)
         mixed += bool(mask.any()) and not bool(mask.all())
     assert mixed >= len(CASES) // 2
 
@@ -82,7 +83,7 @@ def test_emu_aggregate_non_finite_inputs_as_the_gpu_torch_path():
     args = (labels, cand, deb, feats.contiguous(), sim, proto)
     with ops.use_library(library):
         got = ops.aggregate_clusters(*args, 0.01)
-    assert torch.equal(got, torch_kernels.aggregate_clusters(*args, 0.01, host_reads=False))
+    assert torch.equal(got, torch_kernels.aggregate_clusters(*args, 0.01, clusters=None))
 
 
 def test_emu_aggregate_is_three_launches_and_reads_only_the_label_check():
@@ -119,7 +120,7 @@ def test_emu_aggregate_wider_than_the_kernel_takes_the_torch_path():
         with pytest.raises(RuntimeError, match="D \\+ C must be at most"):
             getattr(torch.ops, library).aggregate_clusters(*args, 0.01)
         got = ops.aggregate_clusters(*args, 0.01)
-    assert torch.equal(got, torch_kernels.aggregate_clusters(*args, 0.01, host_reads=False))
+    assert torch.equal(got, torch_kernels.aggregate_clusters(*args, 0.01, clusters=None))
 
 
 def test_aggregate_refuses_bad_shapes():
