@@ -11,29 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from checkpoints import write_meta_checkpoint
 from insid3_fast import atomic
-from insid3_fast.cli import main
+from cli_fixtures import MASK, REF, TARGET, cache_dir, run, weights  # noqa: F401 (fixtures)
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-REF, MASK, TARGET = EXAMPLES / "ref_cat_image.jpg", EXAMPLES / "ref_cat_mask.png", EXAMPLES / "target_cat_image.jpg"
 COMMON = ["--image-size", "64", "--device", "cpu", "--svd-components", "16"]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return write_meta_checkpoint(tmp_path_factory.mktemp("w") / "dinov3_vits16_pretrain_lvd1689m-test.pth")
-
-
 @pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("INSID3_CACHE", str(tmp_path / "cache"))
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+def _private_cache(cache_dir):
+    """Every test writes its positional-basis cache in its own folder."""
 
 
 def segment(weights, output, target=TARGET, ref_mask=MASK, extra=()):

@@ -1,0 +1,36 @@
+"""What the CLI tests share: the bundled example files, a tiny Meta-layout checkpoint, a private
+positional-basis cache, and a call of ``insid3-fast`` that returns (exit code, stdout, stderr).
+
+Import the fixtures by name into a test module (``from cli_fixtures import weights, cache_dir``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from checkpoints import write_meta_checkpoint
+from insid3_fast.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+REF, MASK, TARGET = EXAMPLES / "ref_cat_image.jpg", EXAMPLES / "ref_cat_mask.png", EXAMPLES / "target_cat_image.jpg"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A random-weight ViT-S/16 checkpoint in Meta's layout, once per test module."""
+    return write_meta_checkpoint(tmp_path_factory.mktemp("w") / "dinov3_vits16_pretrain_lvd1689m-test.pth")
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    """The positional-basis cache in the test's own folder (requested by an autouse fixture)."""
+    monkeypatch.setenv("INSID3_CACHE", str(tmp_path / "cache"))
+
+
+def run(args, capsys):
+    """``insid3-fast ARGS`` in-process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
