@@ -4,8 +4,9 @@
 
 Runs the post-backbone steps of one target (the synthetic encoder at C = 1024, so N = (size/16)^2
 patches) with the kernels of csrc/cuda executed by tests/cuda_emu, and counts what a GPU would
-see: kernel launches (ours, counted by the emulation, and ATen's), host synchronisations (``.item()`` and data-dependent-shape
-ops, as the test of the zero-sync path counts them; eager, and while "captured"), the peak bytes
+see: kernel launches (ours, counted by the emulation, and ATen's), host synchronisations (as
+``tests/cuda_emu/syncs.py`` defines them for the zero-sync tests too: ``.item()``,
+data-dependent-shape ops and copies to the host; eager, and while "captured"), the peak bytes
 held by tensors, and the GEMM FLOPs by precision. Times are not measured: the emulation's speed
 says nothing about a GPU's. Writes ``{"launches", "host_syncs", "host_syncs_captured",
 "peak_bytes", "gemm_flops", ...}``.
@@ -18,19 +19,15 @@ import json
 import os
 import sys
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from backends import peak_bytes  # noqa: E402
-from cuda_emu import build  # noqa: E402
+from cuda_emu import build, syncs  # noqa: E402
 from insid3_fast import INSID3, ops  # noqa: E402
 from insid3_fast.inputs import load_image  # noqa: E402
 from insid3_fast.synthetic import SyntheticEncoder, make_episode  # noqa: E402
 
-SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-           "aten::unique_consecutive", "aten::unique_dim")
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 # ATen ops that launch no kernel on a GPU: views, metadata, allocation without initialisation.
 NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view",
@@ -45,29 +42,17 @@ NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::vi
              "aten::is_same_size", "aten::scalar_tensor", "aten::as_strided_", "aten::zeros_like_noop"}
 
 
-def _has_ancestor(evt, test) -> bool:
-    """Whether an enclosing profiler event of evt satisfies test(name)."""
-    parent = evt.cpu_parent
-    while parent is not None:
-        if test(parent.name):
-            return True
-        parent = parent.cpu_parent
-    return False
-
-
 def _profile(fn, by_op: dict[str, int] | None = None) -> tuple[int, int, dict[str, int]]:
     """(host syncs, ATen kernel launches, GEMM FLOPs by input dtype) of fn, from the profiler's
     ATen events. A launch is an ATen op with no ATen op below it that is not a view, metadata or
     bare allocation: what would put one kernel on a GPU stream (cuBLAS may use more than one).
     ATen's CPU decompositions differ from its CUDA ones in places: an estimate, not a trace.
     by_op, when given, receives the launches per ATen op name."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
-                                with_flops=True) as prof:
+    with syncs.recording(record_shapes=True, with_flops=True) as (events, copies):
         fn()
-    syncs, flops = 0, {}
-    for evt in prof.events():
-        if evt.name in SYNCING:
-            syncs += not _has_ancestor(evt, lambda name: name == "aten::quantile")  # CPU-only check of q (see tests)
+    n_syncs, flops = len(copies), {}
+    for evt in events:
+        n_syncs += syncs.is_sync(evt)
         if evt.name in GEMMS and evt.flops:
             dtype = str(evt.input_dtypes[0]) if evt.input_dtypes else "?"
             flops[dtype] = flops.get(dtype, 0) + int(evt.flops)
@@ -76,15 +61,15 @@ def _profile(fn, by_op: dict[str, int] | None = None) -> tuple[int, int, dict[st
         # An op launches what its ATen sub-ops launch; one that calls none launches one kernel
         # unless it is a view, metadata or a bare allocation.
         below = sum(launches_of(c) for c in evt.cpu_children if c.name.startswith("aten::"))
-        if below or evt.name in NO_KERNEL or evt.name in SYNCING:
+        if below or evt.name in NO_KERNEL or evt.name in syncs.SYNCING:
             return below
         if by_op is not None:
             by_op[evt.name] = by_op.get(evt.name, 0) + 1
         return 1
 
-    launches = sum(launches_of(e) for e in prof.events()
-                   if e.name.startswith("aten::") and not _has_ancestor(e, lambda name: name.startswith("aten::")))
-    return syncs, launches, flops
+    launches = sum(launches_of(e) for e in events
+                   if e.name.startswith("aten::") and not syncs.has_ancestor(e, lambda name: name.startswith("aten::")))
+    return n_syncs, launches, flops
 
 
 def measure(size: int, shots: int, connectivity: int | None = None) -> dict:
@@ -101,7 +86,7 @@ def measure(size: int, shots: int, connectivity: int | None = None) -> dict:
         core.segment_patches(ref, feats)  # warm-up (caches, lazy inits)
         before = build.launch_count()
         by_op: dict[str, int] = {}
-        syncs, aten_launches, flops = _profile(lambda: core.segment_patches(ref, feats), by_op)
+        n_syncs, aten_launches, flops = _profile(lambda: core.segment_patches(ref, feats), by_op)
         launches = build.launch_count() - before
         with build.capturing():  # what a CUDA graph of the call would hold: no input checks
             before = build.launch_count()
@@ -114,7 +99,7 @@ def measure(size: int, shots: int, connectivity: int | None = None) -> dict:
         "launches": launches + aten_launches, "launches_ours": launches, "launches_aten": aten_launches,
         "launches_captured": captured_ours + captured_aten, "launches_captured_ours": captured_ours,
         "launches_captured_aten": captured_aten,
-        "host_syncs": syncs, "host_syncs_captured": captured,
+        "host_syncs": n_syncs, "host_syncs_captured": captured,
         "peak_bytes": peak, "peak_over_8N2": peak / (8 * n * n),
         "gemm_flops": flops,
         "aten_launches_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),

@@ -1,10 +1,7 @@
 """The whole pipeline on the emulated CUDA kernels (``-k emu``): the GPU path's masks equal the
-CPU path's, and the post-backbone steps make no host synchronisation while "captured".
-
-Synchronisations are counted with the profiler, which records every ATen call, including the
-ones made inside our C++ launchers (a TorchDispatchMode would not see those). The ops that
-synchronise on a CUDA device are counted: ``_local_scalar_dense`` (``.item()``, ``int(t)``,
-``bool(t)``) and the data-dependent-shape ops (``nonzero``, ``masked_select``, ``unique``).
+CPU path's, and the post-backbone steps make no host synchronisation while "captured"
+(synchronisations as ``cuda_emu.syncs`` sees them: ATen's syncing calls and Python's copies to
+the host).
 """
 
 from __future__ import annotations
@@ -17,11 +14,9 @@ import torch
 
 from backends import emulation
 from cuda_emu import build
+from cuda_emu.syncs import sync_calls
 from insid3_fast import INSID3, ops, pipeline
 from insid3_fast.synthetic import SyntheticEncoder, make_episode, segment_episode
-
-SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-           "aten::unique_consecutive", "aten::unique_dim")
 
 
 def _model(**kw) -> INSID3:
@@ -42,24 +37,6 @@ def test_emu_pipeline_512px_masks_equal_cpu(shots):
     assert np.array_equal(got, expected)
 
 
-def _sync_calls(fn) -> list[str]:
-    """The synchronising ATen calls fn makes, except the q-range check of torch.quantile, which
-    ATen makes on the host only for a CPU q (on a GPU q stays on the device, unchecked)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    calls = []
-    for evt in prof.events():
-        if evt.name not in SYNCING:
-            continue
-        parent, in_quantile = evt.cpu_parent, False
-        while parent is not None:
-            in_quantile |= parent.name == "aten::quantile"
-            parent = parent.cpu_parent
-        if not in_quantile:
-            calls.append(evt.name)
-    return calls
-
-
 @pytest.mark.parametrize("connectivity", [None, 4])
 def test_emu_post_backbone_path_has_no_host_sync_when_captured(connectivity):
     library = emulation()
@@ -72,9 +49,9 @@ def test_emu_post_backbone_path_has_no_host_sync_when_captured(connectivity):
     with ops.use_library(library):
         launches = build.launch_count()
         with build.capturing():
-            captured = _sync_calls(lambda: core.segment_patches(ref, feats))
+            captured = sync_calls(lambda: core.segment_patches(ref, feats))
         per_target = build.launch_count() - launches
-        eager = _sync_calls(lambda: core.segment_patches(ref, feats))
+        eager = sync_calls(lambda: core.segment_patches(ref, feats))
     assert captured == [], f"host synchronisations in the captured post-backbone path: {captured}"
     # Outside a capture the launchers validate their input on the host: one read per op
     # (clustering, voting, aggregation's label range).
@@ -135,7 +112,7 @@ def test_emu_captured_call_replays_without_host_sync_and_gives_the_cpu_masks(enc
     with ops.use_library(library):
         captured = core.capture(ref, runner=CapturingRunner())
         launches = build.launch_count()
-        syncs = _sync_calls(lambda: captured(image))
+        syncs = sync_calls(lambda: captured(image))
         per_replay = build.launch_count() - launches
         got = captured(image)
     assert syncs == [], f"host synchronisations in a captured replay: {syncs}"
