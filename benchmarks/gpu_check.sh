@@ -137,6 +137,8 @@ run_step test_ops_cuda 60 "$PY" -m pytest -q -rs -m "not slow" -k "not emu" test
   tests/test_capture.py tests/test_model.py tests/test_crf_devices.py
 
 # ---- 3. the published-vs-ours table, then the post-backbone stages ------------------------------
+# Optional arguments as arrays, expanded as ${A[@]+"${A[@]}"}: bash < 4.4 calls an empty
+# array unbound under set -u.
 PUB=()
 [[ -n "${INSID3_PUBLISHED:-}" && -d "${INSID3_PUBLISHED:-}" ]] && PUB=(--published "$INSID3_PUBLISHED")
 # End to end with a ViT-L backbone (random weights, 1024 px, N = 4096): our backbone in fp32 and
@@ -149,7 +151,7 @@ run_step bench_e2e 65 "$PY" -m insid3_fast.cli bench --device cuda --backbone la
 # The post-backbone stages on the same features, ours against the published restatement (and
 # the published code itself with $INSID3_PUBLISHED).
 run_step bench_stages 75 "$PY" -m insid3_fast.cli bench --device cuda --sizes 1024 --shots 1 5 --repeats 3 \
-  "${PUB[@]}" --json "$RESULTS/gpu_${CARD_SLUG}_bench.json"
+  ${PUB[@]+"${PUB[@]}"} --json "$RESULTS/gpu_${CARD_SLUG}_bench.json"
 
 # ---- 4. compute-sanitizer on subsets --------------------------------------------------------------
 SUBSET='not emu and (random-Q300 or random-Q257 or n300 or n37 or 8x8-c8 or 16x12-c4 or aggregate)'
@@ -171,7 +173,7 @@ fi
 # ---- 5. the rest of the suite ------------------------------------------------------------------
 XDIST=()
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 8)
-run_step test_all 90 "$PY" -m pytest -q -rs -m "not slow" -k "not emu" "${XDIST[@]}" tests
+run_step test_all 90 "$PY" -m pytest -q -rs -m "not slow" -k "not emu" ${XDIST[@]+"${XDIST[@]}"} tests
 
 # ---- 6. table -----------------------------------------------------------------------------------
 {
