@@ -14,7 +14,9 @@ emulation with one that re-runs the recorded function).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+import contextlib
+import threading
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
 
@@ -28,7 +30,12 @@ if TYPE_CHECKING:
 
 
 class GraphRunner(Protocol):
-    """Records a function once and re-executes it on the same buffers."""
+    """Records a function once and re-executes it on the same buffers.
+
+    A runner may also have ``ordered()``, a context manager that each call's copy in, replay
+    and read out run inside (``CudaGraphRunner``: on the graph's device, after the previous
+    call's work whatever stream that ran on).
+    """
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Record ``fn``; return its output, the static buffer every replay writes."""
@@ -48,20 +55,36 @@ class CudaGraphRunner:
         self.device = device
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._done: torch.cuda.Event | None = None  # the end of the last call's work
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Warm up, then record ``fn`` into a new graph; its output is the static output."""
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                fn()
-        current.wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            out = fn()
+        # On the model's device, whichever is current: torch.cuda.graph's default capture
+        # stream lives on the device that was current when the process first captured.
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    fn()
+            current.wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
+                out = fn()
         return out
+
+    @contextlib.contextmanager
+    def ordered(self) -> Iterator[None]:
+        """One call's work on the graph's device, after the previous call's (the static buffers
+        are shared: a call from another stream must not overwrite them before that one is read)."""
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream(self.device)
+            if self._done is not None:
+                current.wait_event(self._done)
+            yield
+            self._done = torch.cuda.Event()
+            self._done.record(current)
 
     def replay(self) -> None:
         """Launch the recorded graph on the current stream."""
@@ -74,8 +97,9 @@ class CapturedTarget:
 
     Call it with normalised images (batch, 3, size, size) (or (3, size, size) when ``batch`` is
     1), on any device: a bool mask (batch, size, size) (or (size, size)) on the model's device,
-    a copy that later calls do not overwrite. A target whose features are not finite (NaN or
-    inf pixels) gets an empty mask, decided on the device (eagerly the GPU ops raise instead). The
+    a copy that later calls do not overwrite. Calls from several threads (or CUDA streams) are
+    served one at a time. A target whose features are not finite (NaN or inf pixels) gets an
+    empty mask, decided on the device (eagerly the ops raise instead, on every backend). The
     graph holds the reference and the model's thresholds, buffers and weights as they were at
     capture: after ``reconfigure`` or moving or casting the model a call is refused; capture
     again. Weights loaded in place (``load_state_dict``) are read by the next replay.
@@ -95,7 +119,8 @@ class CapturedTarget:
                              "(or 'max-autotune-no-cudagraphs') to capture it")
         if core.kernels != "native":
             raise InputError("a captured call needs the native kernels (the reference kernels run scikit-learn "
-                             "on the host): build the model with backend='native' or 'auto'")
+                             "on the host): core.reconfigure(backend='native'), or build the model with backend='native' "
+                             "('auto' falls back to the reference kernels where the extension is not built)")
         if runner is None:
             if core.device.type != "cuda":
                 raise InputError(f"capture() records a CUDA graph and needs a CUDA model, this one is on "
@@ -106,6 +131,11 @@ class CapturedTarget:
         # casting the model frees them, and a replay would read freed memory.
         params = list(core.encoder.parameters())
         self._watched = (params[0], params[-1]) if params else ()
+        # Every tensor the graph may read stays allocated while this call lives, even if the
+        # model drops it (a parameter replaced or cast that the sampled check below misses):
+        # a replay then reads stale weights, never freed memory.
+        self._alive = (core.complement, core.basis, *(p.data for p in params), *core.encoder.buffers())
+        self._lock = threading.Lock()
         self._storage = self._storage_of()
         size = core.image_size
         self.shape = (self.batch, 3, size, size)
@@ -137,7 +167,7 @@ class CapturedTarget:
         # The ops' host-side finiteness checks are off under capture: a target whose features are
         # not finite (a NaN pixel) is segmented as zeros instead and its mask emptied on the
         # device, so the kernels only ever see finite input, without a host read. (Eagerly such
-        # a target gives an empty mask on the CPU path and an InputError from the GPU ops.)
+        # a target makes the ops raise, as scikit-learn does in the published code.)
         ok = torch.isfinite(feats).flatten(1).all(dim=1)
         feats = feats.masked_fill(~ok[:, None, None, None], 0.0)
         masks = torch.stack([core.finalize(core.segment_patches(self.ref, feats[b]), None, None)
@@ -170,10 +200,12 @@ class CapturedTarget:
                 raise InputError(f"out_size must be (height, width), got {out_size!r}")
             out_size = (check_int("out_size height", out_size[0], minimum=1),
                         check_int("out_size width", out_size[1], minimum=1))
-        self.images.copy_(batch, non_blocking=True)
-        self.runner.replay()
-        if out_size is None:
-            out = self.masks.clone()
-        else:
-            out = torch.stack([upsample_mask(m, *out_size) for m in self.masks])
+        # One call at a time: the input and output buffers are the graph's own.
+        with self._lock, getattr(self.runner, "ordered", contextlib.nullcontext)():
+            self.images.copy_(batch, non_blocking=self.images.is_cuda)  # towards a GPU only (see to_device)
+            self.runner.replay()
+            if out_size is None:
+                out = self.masks.clone()
+            else:
+                out = torch.stack([upsample_mask(m, *out_size) for m in self.masks])
         return out[0] if single else out

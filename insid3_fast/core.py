@@ -23,7 +23,7 @@ from . import ops, pipeline
 from .config import BACKENDS, Insid3Config
 from .debias import complement_basis, debias, orthogonal_projector, positional_basis
 from .errors import BackendError, InputError
-from .inputs import resolve_svd_components, warn_input, warn_non_finite
+from .inputs import resolve_svd_components, to_device, warn_input, warn_non_finite
 from .keypoints import transfer_keypoints
 from .pipeline import EncodedReference
 
@@ -185,18 +185,21 @@ class Insid3Core(torch.nn.Module):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised features (B, C, h, w) of normalised images (B, 3, size, size), one batch."""
-        return self._backbone(images.to(self.device, non_blocking=True))
+        return self._backbone(to_device(images, self.device))
 
     # ---- reference ----
     @torch.no_grad()
     def encode_reference(self, images: torch.Tensor, masks: torch.Tensor,
                          features: torch.Tensor | None = None) -> EncodedReference:
-        """Encode S shots: images (S, 3, size, size) normalised, masks (S, size, size) bool.
+        """Encode S shots: images (S, 3, size, size) normalised, masks (S, H, W).
 
+        Masks of any dtype: a pixel is foreground where the mask is > 0, and the values (soft or
+        0-255 masks) weigh the bilinear downsampling to the patch grid, as in the published
+        ``predict_mask`` (its ``set_reference`` makes masks bool first: so does ours).
         ``features`` (S, C, h, w), when given, skips the backbone pass.
         """
-        masks = masks.to(self.device).bool()
-        if not bool(masks.flatten(1).any(dim=1).all()):
+        masks = masks.to(self.device)
+        if not bool((masks > 0).flatten(1).any(dim=1).all()):
             raise InputError("a reference mask is empty (no foreground pixel); every shot needs a mask")
         feats = self.features(images) if features is None else features.to(self.device, self.dtype)
         return self.encode_reference_features(feats, masks)

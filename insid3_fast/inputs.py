@@ -171,6 +171,15 @@ def warn_non_finite(images: torch.Tensor, what: str) -> None:
               "e.g. with torch.nan_to_num")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, without waiting when the copy goes to a GPU.
+
+    Asynchronous only towards CUDA (the GPU's stream orders what reads it); a copy from a GPU
+    to the host made with ``non_blocking=True`` can return before its data arrive.
+    """
+    return tensor.to(device, non_blocking=torch.device(device).type == "cuda")
+
+
 def load_image(image: ImageLike, size: int, *, exif_transpose: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
     """Load an image as a normalised (1, 3, size, size) float32 tensor and its original (H, W).
 

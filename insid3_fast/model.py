@@ -15,7 +15,7 @@ from PIL import Image
 from .config import MODEL_SIZES, Insid3Config, LoadConfig
 from .core import Insid3Core, resolve_device
 from .errors import InputError, StateError, WeightsError
-from .inputs import ImageLike, MaskLike, check_int, load_image, load_mask
+from .inputs import ImageLike, MaskLike, check_int, load_image, load_mask, to_device
 from .pipeline import EncodedReference
 
 if TYPE_CHECKING:
@@ -222,28 +222,31 @@ class INSID3(torch.nn.Module):
                 self._clear_state()
 
     def segment(self) -> torch.Tensor:
-        """Segment the target given the references set so far; a bool (H, W) mask. Clears the state."""
+        """Segment the target given the references set so far; a bool (H, W) mask.
+
+        Clears the state when it returns; when it raises the state stays (as in the published
+        code), so a missing piece can still be set and ``segment()`` called again.
+        """
         refs, masks, target, _, tgt_size = self._take_state("segment")
-        try:
-            if not refs or target is None or any(m is None for m in masks):
-                raise RuntimeError("segment() requires reference image(s), reference mask(s) and a target image")
-            out = tgt_size if self.resize_to_orig_size else None
-            return self._predict_mask(torch.cat(refs), torch.cat(masks), target, out)
-        finally:
-            self._release_state()
+        if not refs or target is None or any(m is None for m in masks):
+            raise RuntimeError("segment() requires reference image(s), reference mask(s) and a target image")
+        out = tgt_size if self.resize_to_orig_size else None
+        mask = self._predict_mask(torch.cat(refs), torch.cat(masks), target, out)
+        self._release_state()
+        return mask
 
     def match(self, src_kps: torch.Tensor, use_debiased: bool = True) -> torch.Tensor:
-        """Transfer reference keypoints (K, 2) (x, y) to the target; (K, 2) target pixels. Clears the state.
+        """Transfer reference keypoints (K, 2) (x, y) to the target; (K, 2) target pixels.
 
         Keypoints with a NaN or infinite coordinate give NaN predictions (with an ``InputWarning``).
+        Clears the state when it returns, not when it raises (as ``segment``).
         """
         refs, _, target, ref_sizes, tgt_size = self._take_state("match")
-        try:
-            if not refs or target is None:
-                raise RuntimeError("match() requires a reference image and a target image")
-            return self._predict_keypoint(refs[0], src_kps, target, use_debiased, ref_sizes[0], tgt_size)
-        finally:
-            self._release_state()
+        if not refs or target is None:
+            raise RuntimeError("match() requires a reference image and a target image")
+        points = self._predict_keypoint(refs[0], src_kps, target, use_debiased, ref_sizes[0], tgt_size)
+        self._release_state()
+        return points
 
     @torch.no_grad()
     def predict_mask(self, ref_images: torch.Tensor, ref_masks: torch.Tensor, tgt_image: torch.Tensor) -> torch.Tensor:
@@ -362,12 +365,12 @@ class INSID3(torch.nn.Module):
         at the model's image size (``captured(images, out_size=(H, W))`` resizes them after the
         replay). Bilinear refinement only. See ``Insid3Core.capture``.
         """
-        return self.core.capture(self._check_reference(ref), batch_size)
+        return self.core.capture(self._check_reference(ref), check_int("batch_size", batch_size, minimum=1))
 
     def _segment_batch(self, ref: EncodedReference, images: torch.Tensor,
                        sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         out = [s if self.resize_to_orig_size else None for s in sizes]
-        return self.core.segment(ref, images.to(self.device, non_blocking=True), out)
+        return self.core.segment(ref, to_device(images, self.device), out)
 
 
 def _as_list(items: object) -> list:

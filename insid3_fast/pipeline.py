@@ -82,8 +82,10 @@ def downsample_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def encode_reference(feats: torch.Tensor, masks: torch.Tensor, complement: torch.Tensor) -> EncodedReference:
-    """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size) bool.
+    """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size).
 
+    The masks' values are downsampled as they are (``downsample_mask``: bool, soft or 0-255
+    masks, as the published ``predict_mask`` does); the encoded reference keeps ``masks > 0``.
     The prototype is the normalised mean over shots of each shot's mean debiased foreground
     feature (every mask has a foreground cell after ``downsample_mask``).
     """
@@ -94,7 +96,7 @@ def encode_reference(feats: torch.Tensor, masks: torch.Tensor, complement: torch
     prototype = F.normalize(torch.stack(shot_protos).mean(dim=0), p=2, dim=0)
     # One host read per reference (not per target): is everything the targets use finite?
     finite = bool(torch.isfinite(keys).all() & torch.isfinite(prototype).all())
-    return EncodedReference(masks, masks_down, prototype, keys, C, finite)
+    return EncodedReference(masks if masks.dtype == torch.bool else masks > 0, masks_down, prototype, keys, C, finite)
 
 
 # ---- step 5: candidates ------------------------------------------------------------------------

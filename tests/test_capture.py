@@ -170,3 +170,37 @@ def test_real_cuda_graph_replays_give_the_eager_masks(batch):
         chunk = torch.cat(images[start:start + batch]).cuda()
         expected = torch.stack(model.core.segment(ref, chunk))
         assert torch.equal(captured(chunk), expected)
+
+
+def test_captured_call_serves_threads_one_at_a_time():
+    """The graph's input and output buffers are shared: calls from several threads must not
+    interleave (they did, and returned each other's masks, with a replay slow enough to let the
+    threads overlap)."""
+    import threading
+    import time
+
+    class SlowReplayRunner(ReplayRunner):
+        def replay(self):
+            time.sleep(0.002)  # give the other thread the time to overwrite the input
+            super().replay()
+
+    model = _model()
+    images, (refs, masks, _, _) = _images(71, 2)
+    ref = model.encode_reference(refs, masks)
+    expected = [model.core.segment(ref, images[k])[0] for k in range(2)]
+    assert not torch.equal(expected[0], expected[1])
+    captured = model.core.capture(ref, runner=SlowReplayRunner())
+    wrong = [0, 0]
+
+    def work(k):
+        for _ in range(15):
+            wrong[k] += not torch.equal(captured(images[k])[0], expected[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0, 0]
+    with pytest.raises(InputError, match="batch_size must be"):
+        model.capture(ref, batch_size=0)

@@ -401,3 +401,44 @@ def test_cli_default_rank_for_each_model_size(size, rank, tmp_path, capsys):
     assert code == 0, err
     assert err.count(f"rank-{rank} positional subspace") == 1
     assert "warning" not in err
+
+
+# ---- published call patterns found by a review of the drop-in (third pass) ----
+def test_predict_mask_downsamples_the_mask_values_as_published(model, episode):
+    """The published predict_mask downsamples ``mask.float()``: a 0/255 uint8 mask (or a soft
+    one) covers more patch cells than its bool version. Ours did ``.bool()`` first."""
+    from insid3_fast.testing import published
+
+    refs, _, target, _ = episode
+    image = normalised(refs[0], SIZE)
+    stripe = torch.zeros(1, SIZE, SIZE, dtype=torch.uint8)
+    stripe[0, 100:104, 40:200] = 255  # 4 px high: a quarter of a patch row, 255 times over 0.5
+    soft = stripe.float() / 255 * 0.3
+    h = w = SIZE // 16
+    for mask in (stripe, soft):
+        down = model.core.encode_reference(image, mask).masks_down[0]
+        assert torch.equal(down, published.downsample_mask(mask[0], h, w))
+    assert not torch.equal(model.core.encode_reference(image, stripe).masks_down,
+                           model.core.encode_reference(image, stripe.bool()).masks_down)
+    got = model.predict_mask(image, stripe, normalised(target, SIZE))
+    assert got.dtype == torch.bool and got.shape == (SIZE, SIZE)
+
+
+def test_a_failed_segment_keeps_the_state_as_published(model, episode):
+    """Published segment()/match() raise before reset_state(): the references stay, so setting
+    the missing target and calling again works. Ours cleared the state in a finally."""
+    refs, masks, target, _ = episode
+    model.reset_state()
+    model.set_reference(refs[0], masks[0])
+    with pytest.raises(RuntimeError, match="requires"):
+        model.segment()
+    model.set_target(target)
+    first = model.segment()
+    assert first.shape == np.asarray(target).shape[:2]
+    with pytest.raises(RuntimeError, match="requires"):
+        model.segment()  # a successful segment() cleared the state
+    model.set_reference(refs[0])
+    with pytest.raises(RuntimeError, match="requires"):
+        model.match(torch.tensor([[10.0, 20.0]]))
+    model.set_target(target)
+    assert model.match(torch.tensor([[10.0, 20.0]])).shape == (1, 2)

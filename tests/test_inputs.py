@@ -97,3 +97,16 @@ def test_mask_errors(tmp_path):
         load_mask(np.ones((20, 20)), 16, expected_hw=(20, 21))
     with pytest.raises(InputError, match="not found"):
         load_mask(tmp_path / "missing.png", 16)
+
+
+def test_to_device_is_asynchronous_only_towards_a_gpu(monkeypatch):
+    """A non-blocking copy from a GPU to the host can return before its data arrive (torch pins
+    the destination): only copies towards CUDA may be asynchronous."""
+    from insid3_fast.inputs import to_device
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kw: calls.append((args, kw)) or self)
+    to_device(torch.zeros(1), torch.device("cpu"))
+    to_device(torch.zeros(1), torch.device("cuda", 0))
+    to_device(torch.zeros(1), "cuda")
+    assert [kw["non_blocking"] for _, kw in calls] == [False, True, True]
