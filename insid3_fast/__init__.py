@@ -6,7 +6,8 @@ from . import ops
 from .capture import CapturedTarget
 from .config import Insid3Config, LoadConfig
 from .core import Insid3Core, Segmenter
-from .errors import BackendError, InputError, InputWarning, Insid3Error, StateError, WeightsError
+from .errors import (BackendError, InputError, InputFileNotFoundError, InputWarning, Insid3Error, StateError,
+                     WeightsError)
 from .model import INSID3, build_insid3
 from .pipeline import EncodedReference
 
@@ -22,5 +23,5 @@ def load_dinov3(weights: str, model_size: str | None = None, device: object = No
 
 
 __all__ = ["INSID3", "build_insid3", "load_dinov3", "ops", "Insid3Config", "LoadConfig", "Insid3Core", "Segmenter",
-           "EncodedReference", "CapturedTarget", "Insid3Error", "InputError", "WeightsError", "BackendError", "StateError",
+           "EncodedReference", "CapturedTarget", "Insid3Error", "InputError", "InputFileNotFoundError", "WeightsError", "BackendError", "StateError",
            "InputWarning", "__version__"]

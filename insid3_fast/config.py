@@ -19,7 +19,7 @@ import torch
 
 from .debias import NOISE_KINDS
 from .errors import InputError
-from .inputs import check_image_size_multiple, check_int, check_thresholds
+from .inputs import check_image_size_multiple, check_int, check_thresholds, warn_input
 
 BACKENDS = ("auto", "native", "reference")
 PRECISIONS = ("fp32", "bf16")
@@ -97,7 +97,11 @@ class Insid3Config:
         tau, alpha = check_thresholds(self.tau, self.merge_threshold)
         set_("tau", tau)
         set_("merge_threshold", alpha)
-        _check_choice("mask_refiner", self.mask_refiner, REFINERS)
+        if self.mask_refiner not in REFINERS:
+            # The published code tests mask_refiner == 'crf' and upsamples bilinearly otherwise.
+            warn_input(f"mask_refiner={self.mask_refiner!r} is not one of {', '.join(REFINERS)}: the masks are "
+                       "upsampled bilinearly, as the published code does for anything but 'crf'")
+            set_("mask_refiner", "bilinear")
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("noise", self.noise, NOISE_KINDS)

@@ -9,6 +9,11 @@ class InputError(Insid3Error, ValueError):
     """An image, mask, keypoint file or argument that cannot be used."""
 
 
+class InputFileNotFoundError(InputError, FileNotFoundError):
+    """An image or mask path that names no file (a ``FileNotFoundError`` too, as the published
+    loader raises)."""
+
+
 class WeightsError(Insid3Error):
     """A DINOv3 checkpoint that is missing, unreadable or of an unknown layout."""
 

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .errors import InputError, InputWarning
+from .errors import InputError, InputFileNotFoundError, InputWarning
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,7 +40,7 @@ PATCH_SIZE = 16
 DEFAULT_SVD_COMPONENTS = 500
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
-MaskLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+MaskLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor, list]
 
 # numpy dtype kinds that hold pixel values: bool, signed and unsigned integers, floats.
 _NUMERIC_KINDS = "biuf"
@@ -71,7 +71,7 @@ def open_image_file(path: str | os.PathLike, what: str = "image", exif_transpose
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise InputError(f"{what} file not found: '{path}'")
+        raise InputFileNotFoundError(f"{what} file not found: '{path}'")
     try:
         with Image.open(path) as img:
             img.load()
@@ -133,9 +133,11 @@ def _array_to_pil(array: np.ndarray, source: object) -> Image.Image:
 
 
 def _check_image_size(height: int, width: int, source: object) -> None:
-    if height < PATCH_SIZE or width < PATCH_SIZE:
-        raise InputError(f"image {_describe(source)} is {width}x{height} px, smaller than one "
-                         f"{PATCH_SIZE}x{PATCH_SIZE} patch; use a larger image")
+    if height < 1 or width < 1:
+        raise InputError(f"image {_describe(source)} is {width}x{height} px: it has no pixels")
+    if height < PATCH_SIZE or width < PATCH_SIZE:  # the published code resizes it as any other
+        _warn(f"image {_describe(source)} is {width}x{height} px, smaller than one {PATCH_SIZE}x{PATCH_SIZE} "
+              "patch: it is upscaled to the model size, and its mask will be coarse")
 
 
 def _tensor_image(image: torch.Tensor) -> torch.Tensor:
@@ -237,6 +239,12 @@ def mask_to_bool_array(mask: MaskLike, *, exif_transpose: bool = False) -> np.nd
         mask = ImageOps.exif_transpose(mask) or mask
     if isinstance(mask, Image.Image):
         mask = np.array(mask)
+    elif isinstance(mask, (list, tuple)):  # nested lists of numbers: the published np.array(mask) > 0
+        try:
+            mask = np.asarray(mask)
+        except ValueError as exc:
+            raise InputError(f"mask given as a {type(source).__name__} is not a rectangular (H, W) array of "
+                             f"numbers: {exc}") from None
     if not isinstance(mask, np.ndarray):
         raise InputError(f"unsupported mask type {type(source).__name__}; pass a path, PIL image, "
                          "numpy array or tensor")
@@ -304,27 +312,37 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
     return out
 
 
-def check_real(name: str, value: object, low: float | None = None, high: float | None = None) -> float:
-    """``value`` as a finite float in [low, high] (ints, floats, numpy scalars, 1-element tensors)."""
+def check_real(name: str, value: object, low: float | None = None, high: float | None = None,
+               infinite: bool = False) -> float:
+    """``value`` as a float in [low, high] (ints, floats, numpy scalars, 1-element tensors):
+    finite, or with ``infinite`` any but NaN."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InputError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     out = float(value)
-    if not math.isfinite(out):
-        raise InputError(f"{name} must be a finite number, got {out}")
+    if math.isnan(out) or (not infinite and math.isinf(out)):
+        raise InputError(f"{name} must be a {'' if infinite else 'finite '}number, got {out}")
     if (low is not None and out < low) or (high is not None and out > high):
         raise InputError(f"{name} must be in [{low}, {high}], got {out}")
     return out
 
 
 def check_thresholds(tau: object, merge_threshold: object) -> tuple[float, float]:
-    """Validated (tau, merge_threshold): tau a similarity in [0, 1], merge_threshold finite.
+    """Validated (tau, merge_threshold) as the published code takes them.
 
-    tau < 0 would merge clusters whose features point away from each other (everything ends
-    in one cluster); the published default is 0.6.
+    tau: a finite similarity <= 1 (above 1 the clustering's distance threshold 1 - tau is
+    negative, which scikit-learn refuses in the published code); below 0 it merges clusters
+    whose features point away from each other (one or a few clusters are left), which the
+    published code does too: accepted with an ``InputWarning``. merge_threshold: any number but
+    NaN (+inf: no cluster joins the mask; -inf: every matched one).
     """
-    return check_real("tau", tau, 0.0, 1.0), check_real("merge_threshold", merge_threshold)
+    tau = check_real("tau", tau, high=1.0)
+    if tau < 0:
+        warn_input(f"tau = {tau} < 0: clusters merge up to a cosine distance of {1.0 - tau}, even when their "
+                   "features point away from each other, so the target ends in one or a few clusters (the "
+                   "published default is 0.6)")
+    return tau, check_real("merge_threshold", merge_threshold, infinite=True)
 
 
 def default_svd_components(embed_dim: int | None) -> int:

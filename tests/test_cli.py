@@ -69,6 +69,16 @@ def _small_image(tmp_path):
     return path
 
 
+def test_segment_a_target_smaller_than_a_patch_with_a_warning(weights, tmp_path, capsys):
+    """Resized like any other image (the published behaviour), with a warning; the mask has the
+    target's own size."""
+    out = tmp_path / "m.png"
+    code, _, err = run(seg_args(weights, out, **{"--target": _small_image(tmp_path)}), capsys)
+    assert code == 0, err
+    assert "smaller than one 16x16 patch" in err
+    assert Image.open(out).size == (12, 40)
+
+
 def _empty_mask(tmp_path):
     path = tmp_path / "empty.png"
     Image.new("L", Image.open(REF).size).save(path)
@@ -91,7 +101,6 @@ def _junk(tmp_path):
     ("missing ref", lambda t: {"--ref-image": t / "nope.jpg"}, "not found: '.*nope.jpg'"),
     ("unreadable target", lambda t: {"--target": _junk(t)}, "cannot read image file '.*junk.jpg'"),
     ("empty mask", lambda t: {"--ref-mask": _empty_mask(t)}, "empty.png.*empty"),
-    ("small image", lambda t: {"--target": _small_image(t)}, "tiny.png.*smaller than one 16x16 patch"),
     ("mismatched sizes", lambda t: {"--ref-mask": _wrong_size_mask(t)}, "wrong.png.*same size"),
     ("unknown size", lambda t: {"--model-size": "gigantic"}, "unknown model size 'gigantic'"),
     ("missing weights", lambda t: {"--weights": t / "none.pth"}, "DINOv3.*github.com/facebookresearch/dinov3"),

@@ -210,18 +210,40 @@ def test_nan_in_a_reference_tensor_warns(model, episode):
         model.predict_mask(image, published_mask(masks[0], SIZE), normalised(refs[0], SIZE))
 
 
-@pytest.mark.parametrize("kw", [dict(tau=float("nan")), dict(tau=float("inf")), dict(tau=-1.0), dict(tau=1.5),
-                                dict(merge_threshold=float("nan")), dict(merge_threshold=-float("inf"))])
+@pytest.mark.parametrize("kw", [dict(tau=float("nan")), dict(tau=float("inf")), dict(tau=1.5),
+                                dict(merge_threshold=float("nan"))])
 def test_non_finite_or_out_of_range_thresholds_are_refused(kw):
     with pytest.raises(InputError, match="tau|merge_threshold"):
         INSID3(SyntheticEncoder(16), image_size=64, svd_components=4, device="cpu", **kw)
+
+
+def test_thresholds_the_published_code_runs_with_are_accepted(episode):
+    """tau < 0 (one cluster; with a warning) and an infinite merge_threshold run in the
+    published code: they give its result here (an empty mask for +inf, every matched cluster
+    for -inf, all-or-nothing for tau < 0, whose clustering leaves this target one cluster)."""
+    refs, masks, target, _ = episode
+    kw = dict(image_size=SIZE, svd_components=16, device="cpu")
+    with pytest.warns(InputWarning, match="tau = -0.5 < 0"):
+        one_cluster = INSID3(SyntheticEncoder(32, seed=1), tau=-0.5, **kw)
+    for model in (one_cluster, INSID3(SyntheticEncoder(32, seed=1), merge_threshold=float("inf"), **kw),
+                  INSID3(SyntheticEncoder(32, seed=1), merge_threshold=-float("inf"), **kw)):
+        model.set_reference(refs[0], masks[0])
+        model.set_target(target)
+        mask = model.segment()
+        if model.merge_threshold == float("inf"):
+            assert not mask.any()
+        elif model.merge_threshold == -float("inf"):
+            everything = mask
+        else:
+            assert mask.all() or not mask.any()  # one cluster here: all of it or none
+    assert everything.any()
 
 
 def test_threshold_setters_are_validated(model):
     with pytest.raises(InputError, match="tau"):
         model.tau = float("nan")
     with pytest.raises(InputError, match="merge_threshold"):
-        model.merge_threshold = float("inf")
+        model.merge_threshold = float("nan")
     assert model.tau == 0.6 and model.merge_threshold == 0.2
     assert model.core.tau == 0.6
 
@@ -442,3 +464,18 @@ def test_a_failed_segment_keeps_the_state_as_published(model, episode):
         model.match(torch.tensor([[10.0, 20.0]]))
     model.set_target(target)
     assert model.match(torch.tensor([[10.0, 20.0]])).shape == (1, 2)
+
+
+def test_nested_list_masks_and_missing_files_as_published(model, episode):
+    """The published loader takes ``np.array(mask) > 0`` of a nested list, and a missing file
+    raises FileNotFoundError there: ours raised 'unsupported mask type list' and a ValueError."""
+    refs, masks, _, _ = episode
+    as_list = masks[0].astype(np.uint8).tolist()
+    assert torch.equal(load_mask(as_list, SIZE), load_mask(masks[0], SIZE))
+    with pytest.raises(InputError, match="rectangular"):
+        load_mask([[1, 0], [1]], SIZE)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        model.set_reference("/nonexistent/ref.png", masks[0])
+    with pytest.raises(InputError, match="not found"):  # and still the package's InputError
+        model.set_target("/nonexistent/target.png")
+    model.reset_state()

@@ -73,9 +73,15 @@ def test_truncated_file(tmp_path, rgb):
         load_image(path, 32)
 
 
-def test_image_smaller_than_patch():
-    with pytest.raises(InputError, match="smaller than one 16x16 patch"):
-        load_image(np.zeros((10, 40, 3), np.uint8), 32)
+def test_image_smaller_than_patch_is_resized_with_a_warning():
+    """The published code resizes any image to the model size; so do we, with a warning."""
+    from insid3_fast.errors import InputWarning
+
+    with pytest.warns(InputWarning, match="smaller than one 16x16 patch"):
+        tensor, orig = load_image(np.zeros((10, 40, 3), np.uint8), 32)
+    assert tensor.shape == (1, 3, 32, 32) and orig == (10, 40)
+    with pytest.raises(InputError, match="no pixels"):
+        load_image(np.zeros((0, 40, 3), np.uint8), 32)
 
 
 def test_mask_forms_and_nearest_resize(tmp_path):

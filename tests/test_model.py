@@ -149,15 +149,16 @@ def test_state_errors_and_reset():
     with pytest.raises(RuntimeError, match="mask"):
         model.segment()
     with pytest.raises(RuntimeError):
-        model.segment()  # the failed call cleared the state
+        model.segment()  # the state stays after a failed call (as published): the mask is still missing
 
 
 def test_bad_configuration():
     enc = SyntheticEncoder(16)
     with pytest.raises(InputError, match="multiple of 16"):
         INSID3(enc, image_size=100, device="cpu")
-    with pytest.raises(InputError, match="mask_refiner"):
-        INSID3(enc, image_size=128, mask_refiner="nope", device="cpu")
+    for refiner in ("nope", None):  # the published code upsamples bilinearly for anything but 'crf'
+        with pytest.warns(InputWarning, match="mask_refiner"):
+            assert INSID3(enc, image_size=128, mask_refiner=refiner, device="cpu").mask_refiner == "bilinear"
     with pytest.raises(InputError, match="connectivity"):
         INSID3(enc, image_size=128, connectivity=6, device="cpu")
     with pytest.warns(InputWarning, match="not smaller than the embedding size"):
