@@ -75,7 +75,8 @@ class Insid3Core(torch.nn.Module):
     """INSID3 without state: the backbone, the debiasing buffers and the configuration.
 
     Args:
-        encoder: a module with Meta's ``get_intermediate_layers(x, n, reshape, norm)``.
+        encoder: a module with Meta's ``get_intermediate_layers(x, n, reshape)`` (called as the published code
+            calls it: its default ``norm=True``, the final LayerNorm, applies).
         config: the options (``Insid3Config``); keyword ``options`` override its fields.
         cache_key: identifies the weights for the on-disk positional-basis cache (None: no cache).
         cache_dir: the cache folder (default: ``$INSID3_CACHE`` or ``~/.cache/insid3_fast``).
@@ -177,9 +178,9 @@ class Insid3Core(torch.nn.Module):
         images = images.to(self.dtype)
         if self.config.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                fmap = self.encoder.get_intermediate_layers(images, n=1, reshape=True, norm=True)[0]
+                fmap = self.encoder.get_intermediate_layers(images, n=1, reshape=True)[0]
         else:
-            fmap = self.encoder.get_intermediate_layers(images, n=1, reshape=True, norm=True)[0]
+            fmap = self.encoder.get_intermediate_layers(images, n=1, reshape=True)[0]
         return F.normalize(fmap.to(self.dtype), p=2, dim=1)
 
     @torch.no_grad()
@@ -293,10 +294,13 @@ class Insid3Core(torch.nn.Module):
         if tuple(tgt_image.shape[-2:]) != tuple(ref_images.shape[-2:]):
             raise InputError(f"tgt_image is {tuple(tgt_image.shape[-2:])} px but ref_images are "
                              f"{tuple(ref_images.shape[-2:])}: they go through the backbone as one batch")
-        if not isinstance(ref_masks, torch.Tensor) or ref_masks.ndim != 3 or ref_masks.shape[0] != S:
+        if not isinstance(ref_masks, torch.Tensor) or ref_masks.ndim != 3 or ref_masks.shape[0] < S:
             got = tuple(ref_masks.shape) if isinstance(ref_masks, torch.Tensor) else type(ref_masks).__name__
             raise InputError(f"ref_masks must be a (S, H, W) tensor with one mask per reference image "
                              f"(S = {S}), got {got}")
+        if ref_masks.shape[0] > S:  # the published code reads the masks of its S shots only
+            warn_input(f"{ref_masks.shape[0]} reference masks for {S} reference images: the first {S} are used")
+            ref_masks = ref_masks[:S]
         warn_non_finite(ref_images, "ref_images")
         warn_non_finite(tgt_image, "tgt_image")
         feats = self.features(torch.cat([ref_images.to(self.device), tgt_image.to(self.device)]))
@@ -319,8 +323,11 @@ class Insid3Core(torch.nn.Module):
         except (TypeError, ValueError, RuntimeError):
             raise InputError("keypoints must be a (K, 2) array of numbers (x, y), "
                              f"got {type(ref_kps).__name__}") from None
-        if kps.ndim != 2 or kps.shape[-1] != 2 or kps.shape[0] == 0:
+        if kps.ndim != 2 or kps.shape[-1] < 2 or kps.shape[0] == 0:
             raise InputError(f"keypoints must be a non-empty (K, 2) array of (x, y), got shape {tuple(kps.shape)}")
+        if kps.shape[-1] > 2:  # e.g. (x, y, visibility): the published code reads x and y only
+            warn_input(f"keypoints have {kps.shape[-1]} columns: the first two are read as (x, y)")
+            kps = kps[:, :2]
         for name, image in (("ref_image", ref_image), ("tgt_image", tgt_image)):
             if check_image_batch(name, image) != 1:
                 raise InputError(f"{name} must be one image (1, 3, H, W), got {tuple(image.shape)}")

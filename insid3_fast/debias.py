@@ -55,7 +55,7 @@ def compute_positional_basis(encoder: torch.nn.Module, image_size: int, componen
                              noise: str = "constant", device: torch.device | str = "cpu") -> torch.Tensor:
     """The first ``components`` left singular vectors (C, r) of the centred noise-image features."""
     x = noise_image(image_size, noise).to(device)
-    fmap = encoder.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0].float()
+    fmap = encoder.get_intermediate_layers(x, n=1, reshape=True)[0].float()
     fmap = F.normalize(fmap, p=2, dim=1)
     E = fmap.permute(1, 0, 2, 3).reshape(fmap.shape[1], -1)
     E = E - E.mean(dim=1, keepdim=True)

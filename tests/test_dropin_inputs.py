@@ -479,3 +479,35 @@ def test_nested_list_masks_and_missing_files_as_published(model, episode):
     with pytest.raises(InputError, match="not found"):  # and still the package's InputError
         model.set_target("/nonexistent/target.png")
     model.reset_state()
+
+
+def test_an_encoder_without_a_norm_argument_runs(episode):
+    """The published code calls get_intermediate_layers(x, n=1, reshape=True): an encoder whose
+    method has no ``norm`` parameter works there (ours passed norm=True and raised TypeError)."""
+
+    class NoNorm(SyntheticEncoder):
+        def get_intermediate_layers(self, x, n=1, reshape=True):
+            return super().get_intermediate_layers(x, n=n, reshape=reshape)
+
+    refs, masks, target, _ = episode
+    kw = dict(image_size=SIZE, svd_components=16, device="cpu")
+    plain, no_norm = INSID3(SyntheticEncoder(32, seed=1), **kw), INSID3(NoNorm(32, seed=1), **kw)
+    for m in (plain, no_norm):
+        m.set_reference(refs[0], masks[0])
+        m.set_target(target)
+    assert torch.equal(no_norm.segment(), plain.segment())
+
+
+def test_extra_masks_and_keypoint_columns_are_ignored_as_published(model, episode):
+    """Published predict_mask reads the masks of its S shots (more masks: the rest unused), and
+    the keypoint transfer reads columns x, y of (K, 3) keypoints: ours raised for both."""
+    refs, masks, target, _ = episode
+    image, tgt = normalised(refs[0], SIZE), normalised(target, SIZE)
+    one = published_mask(masks[0], SIZE)
+    with pytest.warns(InputWarning, match="2 reference masks for 1 reference images"):
+        two = model.predict_mask(image, torch.cat([one, torch.zeros_like(one)]), tgt)
+    assert torch.equal(two, model.predict_mask(image, one, tgt))
+    kps = torch.tensor([[30.0, 40.0, 1.0], [100.0, 90.0, 0.0]])
+    with pytest.warns(InputWarning, match="3 columns"):
+        got = model.predict_keypoint(image, kps, tgt)
+    assert torch.equal(got, model.predict_keypoint(image, kps[:, :2], tgt))
