@@ -112,6 +112,7 @@ class Insid3Core(torch.nn.Module):
                                  cache_key=cache_key, cache_dir=cache_dir)
         if basis.shape[1] >= basis.shape[0]:  # an encoder without ``embed_dim``
             basis = basis[:, :resolve_svd_components(rank, basis.shape[0])].contiguous()
+        self.basis_size = config.image_size  # the image size the basis was estimated at
         self.register_buffer("basis", basis)
         self.register_buffer("projector", orthogonal_projector(basis))
         self.register_buffer("complement", complement_basis(basis))
@@ -172,6 +173,44 @@ class Insid3Core(torch.nn.Module):
         config = dataclasses.replace(self.config, **options)
         resolve_backend(config.backend, self.device)
         self.config = config
+
+    def resize(self, image_size: int) -> None:
+        """Segment at another image size from now on, keeping the positional basis estimated at
+        the first size (what the published class does when its ``image_size`` is assigned; build
+        a new model to re-estimate the basis). References encoded before are refused after it."""
+        config = dataclasses.replace(self.config, image_size=image_size)
+        if config.image_size != self.basis_size:
+            warn_input(f"image_size set to {config.image_size}: the positional basis stays the one estimated at "
+                       f"{self.basis_size} px (as in the published code); build a new model to re-estimate it")
+        self.config = config
+
+    def replace_encoder(self, encoder: torch.nn.Module) -> None:
+        """Run another backbone (moved to this model's device) with the positional basis estimated
+        at construction, as the published class does when its ``encoder`` is assigned."""
+        if not callable(getattr(encoder, "get_intermediate_layers", None)):
+            raise InputError(f"an encoder needs Meta's get_intermediate_layers(x, n, reshape), "
+                             f"{type(encoder).__name__} has none")
+        warn_input("the encoder was replaced: the positional basis stays the one estimated from the first "
+                   "encoder (as in the published code); build a new model to re-estimate it")
+        self.encoder = encoder.to(self.device)
+
+    def set_basis(self, basis: torch.Tensor) -> None:
+        """Remove another (C, r) positional basis from now on (orthonormal columns, as the SVD's):
+        the published class's ``positional_basis`` assigned. References encoded before keep the old one."""
+        C = self.basis.shape[0]
+        if not isinstance(basis, torch.Tensor) or basis.ndim != 2 or basis.shape[0] != C or basis.shape[1] >= C:
+            got = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
+            raise InputError(f"positional_basis must be a (C, r) tensor with C = {C} and r < C, got {got}")
+        basis = basis.detach().to(self.device, self.dtype).contiguous()
+        if not bool(torch.isfinite(basis).all()):
+            raise InputError("positional_basis holds NaN or inf")
+        gram = basis.double().T @ basis.double()
+        if not torch.allclose(gram, torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), atol=1e-4):
+            raise InputError("positional_basis must have orthonormal columns (as the SVD's U gives them); "
+                             "orthonormalise it first, e.g. torch.linalg.qr(basis).Q")
+        self.basis = basis
+        self.projector = orthogonal_projector(basis)
+        self.complement = complement_basis(basis)
 
     # ---- backbone ----
     def _backbone_pass(self, images: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from PIL import Image
 from .config import MODEL_SIZES, Insid3Config, LoadConfig
 from .core import Insid3Core, resolve_device
 from .errors import InputError, StateError, WeightsError
-from .inputs import ImageLike, MaskLike, check_int, load_image, load_mask, to_device
+from .inputs import ImageLike, MaskLike, check_int, load_image, load_mask, to_device, warn_input
 from .pipeline import EncodedReference
 
 if TYPE_CHECKING:
@@ -92,20 +92,39 @@ class INSID3(torch.nn.Module):
         """The options this model runs with."""
         return self.core.config
 
+    # The published class keeps its options as plain attributes that code may assign; here each
+    # assignment goes to the core, and does what the published class does with it (the positional
+    # basis stays the one estimated at construction unless it is itself assigned).
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "encoder" and "core" in self.__dict__.get("_modules", {}):
+            # nn.Module would register a module value as a new submodule, past the property.
+            self.core.replace_encoder(value)
+            return
+        super().__setattr__(name, value)
+
     @property
     def encoder(self) -> torch.nn.Module:
-        """The backbone (a submodule of ``core``)."""
+        """The backbone (a submodule of ``core``). Assignable, as in the published class: the new
+        encoder runs on the model's device, with the positional basis estimated at construction."""
         return self.core.encoder
 
     @property
     def image_size(self) -> int:
-        """Side of the square the images are resized to."""
+        """Side of the square the images are resized to (assignable: see ``Insid3Core.resize``)."""
         return self.core.image_size
+
+    @image_size.setter
+    def image_size(self, value: int) -> None:
+        self.core.resize(value)
 
     @property
     def resize_to_orig_size(self) -> bool:
-        """Whether masks come back at the target's original size (else image_size x image_size)."""
+        """Whether masks come back at the target's original size (else image_size x image_size; settable)."""
         return self.core.config.resize_to_orig_size
+
+    @resize_to_orig_size.setter
+    def resize_to_orig_size(self, value: bool) -> None:
+        self.core.reconfigure(resize_to_orig_size=value)
 
     @property
     def exif_transpose(self) -> bool:
@@ -114,8 +133,13 @@ class INSID3(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """The device everything runs on (the buffers'; follows ``model.to(...)``)."""
+        """The device everything runs on (the buffers'; follows ``model.to(...)``; assigning it
+        moves the model there)."""
         return self.core.device
+
+    @device.setter
+    def device(self, value: torch.device | str) -> None:
+        self.to(resolve_device(value))
 
     @property
     def backend(self) -> str:
@@ -124,13 +148,24 @@ class INSID3(torch.nn.Module):
 
     @property
     def positional_basis(self) -> torch.Tensor:
-        """The (C, r) positional basis."""
+        """The (C, r) positional basis (assignable, as in the published class: see ``Insid3Core.set_basis``)."""
         return self.core.basis
+
+    @positional_basis.setter
+    def positional_basis(self, value: torch.Tensor) -> None:
+        self.core.set_basis(value)
 
     @property
     def svd_components(self) -> int:
         """The rank r of the positional subspace actually removed."""
         return self.core.svd_components
+
+    @svd_components.setter
+    def svd_components(self, value: int) -> None:
+        # The published class reads svd_components once, to build the basis at construction.
+        warn_input(f"svd_components = {value!r} assigned after construction changes nothing (as in the published "
+                   f"code): the basis keeps rank {self.svd_components}; build a new model, or assign "
+                   "positional_basis")
 
     @property
     def tau(self) -> float:
@@ -152,8 +187,12 @@ class INSID3(torch.nn.Module):
 
     @property
     def mask_refiner(self) -> str:
-        """``bilinear`` or ``crf``."""
+        """``bilinear`` or ``crf`` (settable)."""
         return self.core.mask_refiner
+
+    @mask_refiner.setter
+    def mask_refiner(self, value: str) -> None:
+        self.core.reconfigure(mask_refiner=value)
 
     def reset_state(self) -> None:
         """Forget the references and the target set so far (whichever thread set them)."""

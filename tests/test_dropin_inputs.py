@@ -511,3 +511,44 @@ def test_extra_masks_and_keypoint_columns_are_ignored_as_published(model, episod
     with pytest.warns(InputWarning, match="3 columns"):
         got = model.predict_keypoint(image, kps, tgt)
     assert torch.equal(got, model.predict_keypoint(image, kps[:, :2], tgt))
+
+
+def test_published_attributes_can_be_assigned(episode):
+    """The published class keeps its options as plain attributes; code that assigns them must
+    run (ours raised 'property has no setter', and ``model.encoder = e`` was silently ignored)."""
+    refs, masks, target, _ = episode
+    model = INSID3(SyntheticEncoder(32, seed=1), image_size=SIZE, svd_components=16, device="cpu")
+
+    def segment():
+        model.set_reference(refs[0], masks[0])
+        model.set_target(target)
+        return model.segment()
+
+    first = segment()
+    model.resize_to_orig_size = False
+    assert segment().shape == (SIZE, SIZE)
+    model.resize_to_orig_size = True
+    model.mask_refiner = "bilinear"
+    assert torch.equal(segment(), first)
+    with pytest.warns(InputWarning, match="image_size set to 128: the positional basis stays the one estimated at 256"):
+        model.image_size = 128
+    basis = model.positional_basis.clone()
+    assert segment().shape == first.shape and model.image_size == 128
+    assert torch.equal(model.positional_basis, basis)  # kept, as published
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        model.image_size = SIZE  # back at the basis's own size: nothing to warn about
+    with pytest.warns(InputWarning, match="encoder was replaced"):
+        model.encoder = SyntheticEncoder(32, seed=2)
+    assert model.core.encoder is model.encoder and "encoder" not in model._modules
+    assert not torch.equal(segment(), first)
+    with pytest.warns(InputWarning, match="changes nothing"):
+        model.svd_components = 4
+    assert model.svd_components == 16
+    q = torch.linalg.qr(torch.randn(32, 8, generator=torch.Generator().manual_seed(3))).Q
+    model.positional_basis = q
+    assert model.svd_components == 8 and torch.allclose(model.core.projector, torch.eye(32) - q @ q.T)
+    with pytest.raises(InputError, match="orthonormal"):
+        model.positional_basis = q * 2
+    model.device = "cpu"
+    assert model.device.type == "cpu"
