@@ -19,7 +19,7 @@ import torch
 
 from .debias import NOISE_KINDS
 from .errors import InputError
-from .inputs import check_image_size_multiple, check_int, check_thresholds, warn_input
+from .inputs import check_image_size, check_int, check_thresholds, warn_input
 
 BACKENDS = ("auto", "native", "reference")
 PRECISIONS = ("fp32", "bf16")
@@ -63,7 +63,8 @@ class Insid3Config:
     (numpy scalars become Python numbers).
     """
 
-    image_size: int = _option(1024, "side the images are resized to (a multiple of 16)")
+    image_size: int = _option(1024, "side the images are resized to (a multiple of 16; the API also takes "
+                                    "others, as the published code does)")
     svd_components: int | None = _option(
         500, "rank of the positional subspace removed (the published 500; at or above the embedding size "
              "C it falls back to C // 2 with a warning; None: that rule silently)",
@@ -91,7 +92,7 @@ class Insid3Config:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
-        set_("image_size", check_image_size_multiple(self.image_size))
+        set_("image_size", check_image_size(self.image_size))
         if self.svd_components is not None:
             set_("svd_components", check_int("svd_components", self.svd_components, minimum=0))
         tau, alpha = check_thresholds(self.tau, self.merge_threshold)

@@ -376,6 +376,23 @@ def resolve_svd_components(requested: object, embed_dim: int | None) -> int:
     return r
 
 
+def check_image_size(size: object) -> int:
+    """The model's image size as the published class takes it: an int of at least one patch.
+
+    One that is not a multiple of 16 works as it does there, with an ``InputWarning``: the
+    patch embedding (a stride-16 convolution) sees the largest multiple of 16 and drops the last
+    ``size % 16`` rows and columns; the mask is upsampled to the full size.
+    """
+    size = check_int("image size", size)
+    if size < PATCH_SIZE:
+        raise InputError(f"image size must be at least one {PATCH_SIZE} px patch, got {size}")
+    if size % PATCH_SIZE:
+        warn_input(f"image size {size} is not a multiple of {PATCH_SIZE}: the backbone sees its first "
+                   f"{size - size % PATCH_SIZE} px rows and columns (as the published code's does); pass a "
+                   f"multiple of {PATCH_SIZE} to use every pixel")
+    return size
+
+
 def check_image_size_multiple(size: object) -> int:
     """``size`` as an int; InputError unless it is a positive multiple of the 16 px patch."""
     size = check_int("image size", size)

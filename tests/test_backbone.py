@@ -415,10 +415,17 @@ def test_shape_mismatch_raises(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("height, width", [(30, 48), (32, 40)])
-def test_input_not_multiple_of_16_raises(tiny, height, width):
+def test_input_not_multiple_of_16_is_read_as_meta_s_patch_embedding_reads_it(tiny, height, width):
+    """Meta's stride-16 patch convolution never reads the last H % 16 rows and W % 16 columns
+    (the published code runs on such sizes); timm's refused them: the wrapper crops them."""
     backbone = load_dinov3(tiny[2])
-    with pytest.raises(InputError, match="multiple of 16"):
-        backbone.get_intermediate_layers(_image(height, width))
+    image = _image(height, width)
+    got = backbone.get_intermediate_layers(image)[0]
+    cropped = image[..., : height - height % 16, : width - width % 16]
+    assert got.shape[-2:] == (height // 16, width // 16)
+    assert torch.equal(got, backbone.get_intermediate_layers(cropped)[0])
+    with pytest.raises(InputError, match="smaller than one 16 px patch"):
+        backbone.get_intermediate_layers(_image(8, 48))
 
 
 # --------------------------------------------------------------------------- fingerprint

@@ -552,3 +552,19 @@ def test_published_attributes_can_be_assigned(episode):
         model.positional_basis = q * 2
     model.device = "cpu"
     assert model.device.type == "cpu"
+
+
+def test_image_size_not_a_multiple_of_16_runs_as_published(episode):
+    """The published class takes image_size=120 (its backbone reads 7 x 7 patches and the mask
+    is upsampled to 120 px); ours raised. Here with a random DINOv3 ViT-S and the synthetic encoder."""
+    from checkpoints import random_timm_model
+    from insid3_fast.backbone import DinoV3Backbone
+
+    refs, masks, target, _ = episode
+    for encoder in (SyntheticEncoder(32, seed=1), DinoV3Backbone(random_timm_model("small"), "small")):
+        with pytest.warns(InputWarning, match="not a multiple of 16"):
+            model = INSID3(encoder, image_size=120, svd_components=16, device="cpu", resize_to_orig_size=False)
+        model.set_reference(refs[0], masks[0])
+        model.set_target(target)
+        assert model.segment().shape == (120, 120)
+        assert model.core.features(torch.zeros(1, 3, 120, 120)).shape[-2:] == (7, 7)

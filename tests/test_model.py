@@ -154,8 +154,8 @@ def test_state_errors_and_reset():
 
 def test_bad_configuration():
     enc = SyntheticEncoder(16)
-    with pytest.raises(InputError, match="multiple of 16"):
-        INSID3(enc, image_size=100, device="cpu")
+    with pytest.raises(InputError, match="at least one 16 px patch"):
+        INSID3(enc, image_size=8, device="cpu")
     for refiner in ("nope", None):  # the published code upsamples bilinearly for anything but 'crf'
         with pytest.warns(InputWarning, match="mask_refiner"):
             assert INSID3(enc, image_size=128, mask_refiner=refiner, device="cpu").mask_refiner == "bilinear"

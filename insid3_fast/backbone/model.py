@@ -112,15 +112,16 @@ class DinoV3Backbone(nn.Module):
     ) -> tuple[Tensor, ...]:
         """Patch tokens of the last ``n`` blocks (or of the blocks listed in ``n``), after the
         final LayerNorm when ``norm``, CLS and storage tokens dropped: (B, C, h, w) tensors when
-        ``reshape`` else (B, h*w, C). ``x`` is (B, 3, H, W), H and W multiples of 16."""
+        ``reshape`` else (B, h*w, C). ``x`` is (B, 3, H, W); h = H // 16, w = W // 16 (the last
+        rows and columns of sizes that are not multiples of 16 are not seen, as in Meta's model)."""
         if x.ndim != 4:
             raise InputError(f"expected an image batch of shape (B, 3, H, W), got {tuple(x.shape)}")
         height, width = x.shape[-2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise InputError(
-                f"image size {height}x{width} is not a multiple of {self.patch_size}: the image "
-                f"size must be a multiple of {self.patch_size} (DINOv3 patch size)."
-            )
+        if height < self.patch_size or width < self.patch_size:
+            raise InputError(f"image size {height}x{width} is smaller than one {self.patch_size} px patch")
+        # Meta's patch embedding is a stride-16 convolution, which never reads the last
+        # height % 16 rows and width % 16 columns; timm's refuses such sizes: crop them here.
+        x = x[..., : height - height % self.patch_size, : width - width % self.patch_size]
         param = self.model.patch_embed.proj.weight
         indices = n if isinstance(n, int) else list(n)
         outputs = self.model.forward_intermediates(
