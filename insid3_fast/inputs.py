@@ -262,10 +262,12 @@ def _same_aspect(a_hw: tuple[int, int], b_hw: tuple[int, int], tolerance: float 
 
 
 def load_mask(mask: MaskLike, size: int, expected_hw: tuple[int, int] | None = None, *,
-              mismatch: str = "raise", exif_transpose: bool = False) -> torch.Tensor:
+              mismatch: str = "raise", exif_transpose: bool = False, empty: str = "raise") -> torch.Tensor:
     """Load a reference mask as a bool (1, size, size) tensor (``> 0``, nearest resize).
 
-    Raises InputError when the mask has no foreground pixel. ``expected_hw`` is the original
+    A mask without a foreground pixel raises InputError, or with ``empty="warn"`` is returned
+    with an ``InputWarning`` (the published ``set_reference`` stores it: ``match`` does not
+    read it, segmenting with it fails). ``expected_hw`` is the original
     size of the image the mask belongs to; when the mask's size differs, ``mismatch`` says
     what happens: ``raise`` (the command line's default), ``warn`` (the published behaviour:
     the mask is resized to size x size anyway; an ``InputWarning`` when the aspect ratios
@@ -284,8 +286,11 @@ def load_mask(mask: MaskLike, size: int, expected_hw: tuple[int, int] | None = N
             _warn(f"{sizes}, with another aspect ratio; both are resized to {size}x{size} (the mask "
                   "with nearest, as the published code does): check that the mask belongs to the image")
     if not array.any():
-        raise InputError(f"reference mask {_describe(mask)} is empty (no pixel > 0); "
-                         "mark the object to segment in the mask")
+        if empty != "warn":
+            raise InputError(f"reference mask {_describe(mask)} is empty (no pixel > 0); "
+                             "mark the object to segment in the mask")
+        _warn(f"reference mask {_describe(mask)} is empty (no pixel > 0): match() does not need it, but "
+              "segment() will refuse it; mark the object to segment in the mask")
     tensor = torch.from_numpy(np.ascontiguousarray(array)).unsqueeze(0)
     resized = F.interpolate(tensor.unsqueeze(0).float(), size=(size, size), mode="nearest")
     return resized.squeeze(0) > 0.5

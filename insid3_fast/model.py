@@ -79,6 +79,7 @@ class INSID3(torch.nn.Module):
                               exif_transpose=exif_transpose)
         self.core = Insid3Core(encoder, config, cache_dir=cache_dir,
                                cache_key=cache_key if cache_key is not None else getattr(encoder, "weights_fingerprint", None))
+        self.register_load_state_dict_pre_hook(_published_state_dict)
         self.reset_state()
 
     @classmethod
@@ -229,18 +230,19 @@ class INSID3(torch.nn.Module):
         its image's (a sign of a wrong mask).
         """
         tensor, orig = load_image(image, self.image_size, exif_transpose=self.exif_transpose)
-        mask_tensor = None if mask is None else self._load_mask(image, orig, mask)
+        # An empty mask is kept, as published (match() does not read it; segment() refuses it).
+        mask_tensor = None if mask is None else self._load_mask(image, orig, mask, empty="warn")
         with _STATE_LOCK:
             self._claim_state("set_reference")
             self._ref_masks.append(mask_tensor)
             self._ref_images.append(tensor)
             self._orig_ref_sizes.append(orig)
 
-    def _load_mask(self, image: ImageLike, orig: tuple[int, int], mask: MaskLike) -> torch.Tensor:
+    def _load_mask(self, image: ImageLike, orig: tuple[int, int], mask: MaskLike, empty: str = "raise") -> torch.Tensor:
         # A tensor image already at the model size says nothing about the photo's size.
         at_model_size = isinstance(image, torch.Tensor) and orig == (self.image_size, self.image_size)
         return load_mask(mask, self.image_size, expected_hw=None if at_model_size else orig,
-                         mismatch="warn", exif_transpose=self.exif_transpose)
+                         mismatch="warn", exif_transpose=self.exif_transpose, empty=empty)
 
     def set_target(self, image: ImageLike) -> None:
         """Set the image to segment (or to transfer keypoints to)."""
@@ -410,6 +412,19 @@ class INSID3(torch.nn.Module):
                        sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         out = [s if self.resize_to_orig_size else None for s in sizes]
         return self.core.segment(ref, to_device(images, self.device), out)
+
+
+def _published_state_dict(module: torch.nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Read the published class's state dict (``encoder.*`` keys, no buffers: its positional
+    basis is an attribute computed at construction) as ours (``core.encoder.*`` and the basis,
+    projector and complement, kept as they are, as the published model keeps its basis)."""
+    old = prefix + "encoder."
+    if not any(k.startswith(old) for k in state_dict) or any(k.startswith(prefix + "core.") for k in state_dict):
+        return
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "core." + key[len(prefix):]] = state_dict.pop(key)
+    for name, buffer in module.core.named_buffers(recurse=False):
+        state_dict.setdefault(prefix + "core." + name, buffer)
 
 
 def _as_list(items: object) -> list:

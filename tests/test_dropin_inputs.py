@@ -568,3 +568,39 @@ def test_image_size_not_a_multiple_of_16_runs_as_published(episode):
         model.set_target(target)
         assert model.segment().shape == (120, 120)
         assert model.core.features(torch.zeros(1, 3, 120, 120)).shape[-2:] == (7, 7)
+
+
+def test_an_empty_reference_mask_is_kept_for_match_and_refused_by_segment(model, episode):
+    """The published set_reference stores an empty mask (match() does not read it, segment()
+    fails on it); ours refused it in set_reference, so match() could not run."""
+    refs, masks, target, _ = episode
+    empty = np.zeros_like(masks[0])
+    model.reset_state()
+    with pytest.warns(InputWarning, match="empty"):
+        model.set_reference(refs[0], empty)
+    model.set_target(target)
+    assert model.match(torch.tensor([[10.0, 20.0]])).shape == (1, 2)
+    with pytest.warns(InputWarning, match="empty"):
+        model.set_reference(refs[0], empty)
+    model.set_target(target)
+    with pytest.raises(InputError, match="empty"):
+        model.segment()
+    model.reset_state()
+    with pytest.raises(InputError, match="empty"):  # the stateless encode_reference stays strict
+        model.encode_reference(refs[0], empty)
+
+
+def test_a_published_state_dict_loads(episode):
+    """The published class's state dict holds ``encoder.*`` only (its basis is an attribute):
+    ``load_state_dict`` of one into ours raised on missing and unexpected keys."""
+    source, target = SyntheticEncoder(32, seed=1), SyntheticEncoder(32, seed=5)
+    kw = dict(image_size=SIZE, svd_components=16, device="cpu")
+    model = INSID3(target, **kw)
+    basis = model.positional_basis.clone()
+    published = {"encoder." + k: v for k, v in source.state_dict().items()}
+    model.load_state_dict(published)  # strict
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.state_dict().values(), source.state_dict().values()))
+    assert torch.equal(model.positional_basis, basis)  # kept, as the published model keeps its own
+    model.load_state_dict(INSID3(source, **kw).state_dict())  # ours still loads as it is
+    with pytest.raises(RuntimeError, match="Missing"):
+        model.load_state_dict({"encoder.nope": torch.zeros(1)})
