@@ -238,6 +238,9 @@ class Insid3Core(torch.nn.Module):
         ``predict_mask`` (its ``set_reference`` makes masks bool first: so does ours).
         ``features`` (S, C, h, w), when given, skips the backbone pass.
         """
+        if not isinstance(masks, torch.Tensor) or masks.ndim != 3 or masks.shape[0] != images.shape[0]:
+            got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+            raise InputError(f"masks must be (S, H, W) with one mask per image (S = {images.shape[0]}), got {got}")
         masks = masks.to(self.device)
         if not bool((masks > 0).flatten(1).any(dim=1).all()):
             raise InputError("a reference mask is empty (no foreground pixel); every shot needs a mask")
@@ -299,6 +302,9 @@ class Insid3Core(torch.nn.Module):
         feats = self.features(images) if features is None else features.to(self.device, self.dtype)
         if out_sizes is None:
             out_sizes = [None] * feats.shape[0]
+        elif len(out_sizes) != feats.shape[0]:
+            raise InputError(f"out_sizes must hold one size (or None) per target: {len(out_sizes)} for "
+                             f"{feats.shape[0]} targets")
         return [self.finalize(self.segment_patches(ref, feats[b]),
                               images[b:b + 1] if images is not None else None, out_sizes[b])
                 for b in range(feats.shape[0])]

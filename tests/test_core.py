@@ -8,6 +8,7 @@ import torch
 
 from insid3_fast import INSID3, ops
 from insid3_fast.core import Insid3Core
+from insid3_fast.errors import InputError
 from insid3_fast.synthetic import SyntheticEncoder, make_episode, segment_episode
 
 BUFFERS = ("basis", "projector", "complement")
@@ -140,3 +141,19 @@ def test_aggregation_of_a_feature_map_view_equals_the_contiguous_rows(n, c):
     got = pipeline.aggregate_clusters(labels, candidates, queries, view, sim, prototype, 0.01)
     expected = pipeline.aggregate_clusters(labels, candidates, queries, view.contiguous(), sim, prototype, 0.01)
     assert got.any() and torch.equal(got, expected)
+
+
+def test_the_core_checks_its_mask_count_and_out_sizes():
+    """Its own API (not the drop-in): one mask per reference image, one out size per target
+    (a mask too many was kept in the reference; a list of sizes too long was ignored)."""
+    model = _model()
+    core = model.core
+    images = torch.randn(2, 3, core.image_size, core.image_size)
+    masks = torch.zeros(3, core.image_size, core.image_size, dtype=torch.bool)
+    masks[:, 4:40, 4:40] = True
+    with pytest.raises(InputError, match="one mask per image"):
+        core.encode_reference(images, masks)
+    ref = core.encode_reference(images, masks[:2])
+    with pytest.raises(InputError, match="one size"):
+        core.segment(ref, images, [(50, 60)])
+    assert [m.shape for m in core.segment(ref, images, [(50, 60), None])] == [(50, 60), (core.image_size,) * 2]
