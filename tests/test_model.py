@@ -158,7 +158,8 @@ def test_bad_configuration():
         INSID3(enc, image_size=8, device="cpu")
     for refiner in ("nope", None):  # the published code upsamples bilinearly for anything but 'crf'
         with pytest.warns(InputWarning, match="mask_refiner"):
-            assert INSID3(enc, image_size=128, mask_refiner=refiner, device="cpu").mask_refiner == "bilinear"
+            assert INSID3(enc, image_size=128, svd_components=8, mask_refiner=refiner,
+                          device="cpu").mask_refiner == "bilinear"
     with pytest.raises(InputError, match="connectivity"):
         INSID3(enc, image_size=128, connectivity=6, device="cpu")
     with pytest.warns(InputWarning, match="not smaller than the embedding size"):
