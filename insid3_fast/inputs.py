@@ -336,17 +336,21 @@ def check_real(name: str, value: object, low: float | None = None, high: float |
 def check_thresholds(tau: object, merge_threshold: object) -> tuple[float, float]:
     """Validated (tau, merge_threshold) as the published code takes them.
 
-    tau: a finite similarity <= 1 (above 1 the clustering's distance threshold 1 - tau is
-    negative, which scikit-learn refuses in the published code); below 0 it merges clusters
-    whose features point away from each other (one or a few clusters are left), which the
-    published code does too: accepted with an ``InputWarning``. merge_threshold: any number but
-    NaN (+inf: no cluster joins the mask; -inf: every matched one).
+    tau: a finite similarity. Below 0 it merges clusters whose features point away from each
+    other (one or a few clusters are left), as the published code does; above 1 the distance
+    threshold 1 - tau is negative and nothing merges (the published code constructs and
+    matches keypoints with it; its scikit-learn refuses it when segmenting): both accepted with
+    an ``InputWarning``. merge_threshold: any number but NaN (+inf: no cluster joins the mask;
+    -inf: every matched one).
     """
-    tau = check_real("tau", tau, high=1.0)
+    tau = check_real("tau", tau)
     if tau < 0:
         warn_input(f"tau = {tau} < 0: clusters merge up to a cosine distance of {1.0 - tau}, even when their "
                    "features point away from each other, so the target ends in one or a few clusters (the "
                    "published default is 0.6)")
+    elif tau > 1:
+        warn_input(f"tau = {tau} > 1: the clustering's distance threshold 1 - tau is negative, so no two "
+                   "patches merge (the published code's scikit-learn refuses it when segmenting; match() runs)")
     return tau, check_real("merge_threshold", merge_threshold, infinite=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -257,6 +258,18 @@ class INSID3(torch.nn.Module):
             return (list(self._ref_images), list(self._ref_masks), self._tgt_image,
                     list(self._orig_ref_sizes), self._orig_tgt_size)
 
+    @contextlib.contextmanager
+    def _keeping_state_on_error(self) -> Iterator[None]:
+        """On an error the references and target stay (as published), but the calling thread no
+        longer owns them: its sequence has ended, another thread may go on."""
+        try:
+            yield
+        except BaseException:
+            with _STATE_LOCK:
+                if self._state_owner == threading.get_ident():
+                    self._state_owner = None
+            raise
+
     def _release_state(self) -> None:
         with _STATE_LOCK:
             if self._state_owner in (None, threading.get_ident()):
@@ -269,10 +282,11 @@ class INSID3(torch.nn.Module):
         code), so a missing piece can still be set and ``segment()`` called again.
         """
         refs, masks, target, _, tgt_size = self._take_state("segment")
-        if not refs or target is None or any(m is None for m in masks):
-            raise RuntimeError("segment() requires reference image(s), reference mask(s) and a target image")
-        out = tgt_size if self.resize_to_orig_size else None
-        mask = self._predict_mask(torch.cat(refs), torch.cat(masks), target, out)
+        with self._keeping_state_on_error():
+            if not refs or target is None or any(m is None for m in masks):
+                raise RuntimeError("segment() requires reference image(s), reference mask(s) and a target image")
+            out = tgt_size if self.resize_to_orig_size else None
+            mask = self._predict_mask(torch.cat(refs), torch.cat(masks), target, out)
         self._release_state()
         return mask
 
@@ -283,9 +297,10 @@ class INSID3(torch.nn.Module):
         Clears the state when it returns, not when it raises (as ``segment``).
         """
         refs, _, target, ref_sizes, tgt_size = self._take_state("match")
-        if not refs or target is None:
-            raise RuntimeError("match() requires a reference image and a target image")
-        points = self._predict_keypoint(refs[0], src_kps, target, use_debiased, ref_sizes[0], tgt_size)
+        with self._keeping_state_on_error():
+            if not refs or target is None:
+                raise RuntimeError("match() requires a reference image and a target image")
+            points = self._predict_keypoint(refs[0], src_kps, target, use_debiased, ref_sizes[0], tgt_size)
         self._release_state()
         return points
 

@@ -122,7 +122,7 @@ def test_insid3_takes_every_model_option():
 
 def test_config_validates_and_is_frozen():
     with pytest.raises(InputError, match="tau"):
-        Insid3Config(tau=1.5)
+        Insid3Config(tau=float("nan"))
     with pytest.raises(InputError, match="backend"):
         Insid3Config(backend="fast")
     with pytest.raises(InputError, match="connectivity"):

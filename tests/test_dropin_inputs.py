@@ -210,8 +210,7 @@ def test_nan_in_a_reference_tensor_warns(model, episode):
         model.predict_mask(image, published_mask(masks[0], SIZE), normalised(refs[0], SIZE))
 
 
-@pytest.mark.parametrize("kw", [dict(tau=float("nan")), dict(tau=float("inf")), dict(tau=1.5),
-                                dict(merge_threshold=float("nan"))])
+@pytest.mark.parametrize("kw", [dict(tau=float("nan")), dict(tau=float("inf")), dict(merge_threshold=float("nan"))])
 def test_non_finite_or_out_of_range_thresholds_are_refused(kw):
     with pytest.raises(InputError, match="tau|merge_threshold"):
         INSID3(SyntheticEncoder(16), image_size=64, svd_components=4, device="cpu", **kw)
@@ -225,6 +224,11 @@ def test_thresholds_the_published_code_runs_with_are_accepted(episode):
     kw = dict(image_size=SIZE, svd_components=16, device="cpu")
     with pytest.warns(InputWarning, match="tau = -0.5 < 0"):
         one_cluster = INSID3(SyntheticEncoder(32, seed=1), tau=-0.5, **kw)
+    with pytest.warns(InputWarning, match="tau = 1.5 > 1"):
+        singletons = INSID3(SyntheticEncoder(32, seed=1), tau=1.5, **kw)  # published: match() runs
+    singletons.set_reference(refs[0])
+    singletons.set_target(target)
+    assert singletons.match(torch.tensor([[10.0, 20.0]])).shape == (1, 2)
     for model in (one_cluster, INSID3(SyntheticEncoder(32, seed=1), merge_threshold=float("inf"), **kw),
                   INSID3(SyntheticEncoder(32, seed=1), merge_threshold=-float("inf"), **kw)):
         model.set_reference(refs[0], masks[0])
@@ -604,3 +608,23 @@ def test_a_published_state_dict_loads(episode):
     model.load_state_dict(INSID3(source, **kw).state_dict())  # ours still loads as it is
     with pytest.raises(RuntimeError, match="Missing"):
         model.load_state_dict({"encoder.nope": torch.zeros(1)})
+
+
+def test_a_failed_segment_ends_the_threads_sequence(model, episode):
+    """The state stays after a failed segment() (as published), but the failing thread's
+    sequence is over: another thread may set references then (it got StateError)."""
+    import threading
+
+    refs, masks, target, _ = episode
+    model.reset_state()
+
+    def fail():
+        model.set_reference(refs[0], masks[0])
+        with pytest.raises(RuntimeError, match="requires"):
+            model.segment()
+
+    thread = threading.Thread(target=fail)
+    thread.start()
+    thread.join()
+    model.set_target(target)  # from this thread: no StateError, the references are still there
+    assert model.segment().shape == np.asarray(target).shape[:2]

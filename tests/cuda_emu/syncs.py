@@ -26,6 +26,7 @@ HOST_COPIES = ("cpu", "numpy", "tolist", "__array__")
 def host_copies(calls: list[str]) -> Iterator[None]:
     """Record every call of the tensor methods in HOST_COPIES, as ``Tensor.<name>``, into ``calls``."""
     saved = {name: getattr(torch.Tensor, name) for name in HOST_COPIES}
+    own = {name for name in HOST_COPIES if name in vars(torch.Tensor)}  # the others are TensorBase's
 
     def recording(name: str) -> Callable:
         def method(self, *args, **kwargs):
@@ -39,7 +40,10 @@ def host_copies(calls: list[str]) -> Iterator[None]:
         yield
     finally:
         for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+            if name in own:
+                setattr(torch.Tensor, name, method)
+            else:
+                delattr(torch.Tensor, name)
 
 
 def has_ancestor(evt, test: Callable[[str], bool]) -> bool:
