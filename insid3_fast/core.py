@@ -23,7 +23,7 @@ from . import ops, pipeline
 from .config import BACKENDS, Insid3Config
 from .debias import complement_basis, debias, orthogonal_projector, positional_basis
 from .errors import BackendError, InputError
-from .inputs import resolve_svd_components, to_device, warn_input, warn_non_finite
+from .inputs import PATCH_SIZE, resolve_svd_components, to_device, warn_input, warn_non_finite
 from .keypoints import transfer_keypoints
 from .pipeline import EncodedReference
 
@@ -113,6 +113,7 @@ class Insid3Core(torch.nn.Module):
         if basis.shape[1] >= basis.shape[0]:  # an encoder without ``embed_dim``
             basis = basis[:, :resolve_svd_components(rank, basis.shape[0])].contiguous()
         self.basis_size = config.image_size  # the image size the basis was estimated at
+        self.basis_version = 0  # counts the bases assigned since (set_basis); references record it
         self.register_buffer("basis", basis)
         self.register_buffer("projector", orthogonal_projector(basis))
         self.register_buffer("complement", complement_basis(basis))
@@ -195,22 +196,38 @@ class Insid3Core(torch.nn.Module):
         self.encoder = encoder.to(self.device)
 
     def set_basis(self, basis: torch.Tensor) -> None:
-        """Remove another (C, r) positional basis from now on (orthonormal columns, as the SVD's):
-        the published class's ``positional_basis`` assigned. References encoded before keep the old one."""
+        """Remove another (C, r) positional basis from now on: the published class's
+        ``positional_basis`` assigned. References encoded before are refused afterwards.
+
+        The published code debiases with P = I - B Bᵀ whatever B is. For orthonormal columns
+        (the SVD's) that is the projection this package's complement coordinates reproduce; for
+        any other B (with an ``InputWarning``) the coordinates are Qᵀx with Q Qᵀ = P² (Q from the
+        eigenvectors of P scaled by |eigenvalue|), which give the published ``normalize(P x)``
+        inner products as well.
+        """
         C = self.basis.shape[0]
-        if not isinstance(basis, torch.Tensor) or basis.ndim != 2 or basis.shape[0] != C or basis.shape[1] >= C:
+        if not isinstance(basis, torch.Tensor) or basis.ndim != 2 or basis.shape[0] != C:
             got = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
-            raise InputError(f"positional_basis must be a (C, r) tensor with C = {C} and r < C, got {got}")
+            raise InputError(f"positional_basis must be a (C, r) tensor with C = {C}, got {got}")
         basis = basis.detach().to(self.device, self.dtype).contiguous()
         if not bool(torch.isfinite(basis).all()):
             raise InputError("positional_basis holds NaN or inf")
-        gram = basis.double().T @ basis.double()
-        if not torch.allclose(gram, torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), atol=1e-4):
-            raise InputError("positional_basis must have orthonormal columns (as the SVD's U gives them); "
-                             "orthonormalise it first, e.g. torch.linalg.qr(basis).Q")
-        self.basis = basis
-        self.projector = orthogonal_projector(basis)
-        self.complement = complement_basis(basis)
+        projector = orthogonal_projector(basis)
+        b64 = basis.double()
+        eye = torch.eye(basis.shape[1], dtype=torch.float64, device=basis.device)
+        if basis.shape[1] < C and torch.allclose(b64.T @ b64, eye, atol=1e-4):
+            complement = complement_basis(basis)
+        else:
+            warn_input("positional_basis does not have orthonormal columns (as the SVD's U does): it is used "
+                       "as the published code uses it, through P = I - B B^T")
+            values, vectors = torch.linalg.eigh(projector.double())
+            keep = values.abs() > 1e-6 * max(1.0, float(values.abs().max()))
+            complement = (vectors[:, keep] * values[keep].abs()).to(self.dtype).contiguous()
+        if complement.shape[1] == 0:
+            raise InputError("this positional_basis removes the whole embedding (P = I - B B^T is 0): no "
+                             "debiased feature would be left")
+        self.basis, self.projector, self.complement = basis, projector, complement
+        self.basis_version += 1
 
     # ---- backbone ----
     def _backbone_pass(self, images: torch.Tensor) -> torch.Tensor:
@@ -249,7 +266,9 @@ class Insid3Core(torch.nn.Module):
 
     def encode_reference_features(self, feats: torch.Tensor, masks: torch.Tensor) -> EncodedReference:
         """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size)."""
-        return pipeline.encode_reference(feats, masks, self.complement)
+        ref = pipeline.encode_reference(feats, masks, self.complement)
+        ref.basis_version = self.basis_version
+        return ref
 
     def debiased_coordinates(self, feats: torch.Tensor) -> torch.Tensor:
         """Debiased features (T, h*w, D) of normalised features (T, C, h, w), in complement coordinates."""
@@ -259,10 +278,15 @@ class Insid3Core(torch.nn.Module):
         """``ref`` if this model encoded it (image size, embedding size, rank), else InputError."""
         if not isinstance(ref, EncodedReference):
             raise InputError(f"ref must be what encode_reference() returns, got {type(ref).__name__}")
-        size = tuple(ref.masks.shape[-2:])
-        if size != (self.image_size, self.image_size):
-            raise InputError(f"this reference was encoded at image size {size[-1]}, but the model segments at "
-                             f"{self.image_size}: encode it with this model's encode_reference()")
+        # The patch grid is what must agree (the masks themselves may be of any size).
+        grid, side = tuple(ref.masks_down.shape[-2:]), self.image_size // PATCH_SIZE
+        if grid != (side, side):
+            raise InputError(f"this reference was encoded at image size {ref.masks.shape[-1]} ({grid[0]}x{grid[1]} "
+                             f"patches), but the model segments at {self.image_size} ({side}x{side}): encode it "
+                             "with this model's encode_reference()")
+        if ref.basis_version != self.basis_version:
+            raise InputError("this reference was encoded before the positional basis was replaced: its "
+                             "features are in the old basis's coordinates; encode it again")
         if ref.embed_dim != self.basis.shape[0] or ref.keys.shape[-1] != self.complement.shape[1]:
             raise InputError(f"this reference was encoded by a model with another embedding size or "
                              f"positional rank (features {ref.embed_dim}, keys {ref.keys.shape[-1]}; "

@@ -44,6 +44,8 @@ class EncodedReference:
     # tensor): the published code then matches nothing and returns an empty mask, and so do we
     # (the compiled ops reject non-finite input, so they are not called).
     finite: bool = True
+    # Which positional basis of its model the keys are in (``Insid3Core.set_basis`` counts them).
+    basis_version: int = 0
 
     @property
     def shots(self) -> int:

@@ -157,3 +157,15 @@ def test_the_core_checks_its_mask_count_and_out_sizes():
     with pytest.raises(InputError, match="one size"):
         core.segment(ref, images, [(50, 60)])
     assert [m.shape for m in core.segment(ref, images, [(50, 60), None])] == [(50, 60), (core.image_size,) * 2]
+
+
+def test_a_reference_with_masks_at_another_size_is_accepted_on_the_same_patch_grid():
+    """encode_reference takes masks of any size (downsampled to the grid as published): the
+    reference fits every model with that patch grid (it was refused by its masks' size)."""
+    model = _model()
+    core = model.core
+    images = torch.randn(1, 3, core.image_size, core.image_size)
+    masks = torch.zeros(1, 120, 150, dtype=torch.uint8)
+    masks[:, 30:90, 40:120] = 255
+    ref = core.encode_reference(images, masks)
+    assert len(model.segment_targets(ref, [images[0]])) == 1

@@ -552,10 +552,32 @@ def test_published_attributes_can_be_assigned(episode):
     q = torch.linalg.qr(torch.randn(32, 8, generator=torch.Generator().manual_seed(3))).Q
     model.positional_basis = q
     assert model.svd_components == 8 and torch.allclose(model.core.projector, torch.eye(32) - q @ q.T)
-    with pytest.raises(InputError, match="orthonormal"):
-        model.positional_basis = q * 2
     model.device = "cpu"
     assert model.device.type == "cpu"
+
+
+def test_any_assigned_positional_basis_debiases_as_published(model, episode):
+    """The published code debiases with P = I - B Bᵀ whatever B is; ours refused a basis without
+    orthonormal columns, and kept using references encoded with the old basis."""
+    from insid3_fast.testing import published
+
+    refs, masks, target, _ = episode
+    model = INSID3(SyntheticEncoder(32, seed=1), image_size=SIZE, svd_components=16, device="cpu")
+    core = model.core
+    image = normalised(refs[0], SIZE)
+    mask = published_mask(masks[0], SIZE)
+    old_ref = core.encode_reference(image, mask)
+    b = torch.randn(32, 6, generator=torch.Generator().manual_seed(4)) * 0.3  # not orthonormal
+    with pytest.warns(InputWarning, match="orthonormal"):
+        model.positional_basis = b
+    feats = core.features(torch.cat([image, normalised(target, SIZE)]))
+    ref = core.encode_reference(image, mask, features=feats[:1])
+    ours = core.segment_patches(ref, feats[1])
+    theirs = published.segment_patches(feats[:1], mask, feats[1], torch.eye(32) - b @ b.T, core.tau,
+                                       core.merge_threshold)
+    assert ours.any() and torch.equal(ours, theirs.reshape(ours.shape))
+    with pytest.raises(InputError, match="before the positional basis was replaced"):
+        core.segment_patches(core.check_reference(old_ref), feats[1])
 
 
 def test_image_size_not_a_multiple_of_16_runs_as_published(episode):
