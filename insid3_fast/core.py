@@ -112,7 +112,6 @@ class Insid3Core(torch.nn.Module):
                                  cache_key=cache_key, cache_dir=cache_dir)
         if basis.shape[1] >= basis.shape[0]:  # an encoder without ``embed_dim``
             basis = basis[:, :resolve_svd_components(rank, basis.shape[0])].contiguous()
-        self.basis_size = config.image_size  # the image size the basis was estimated at
         self.basis_version = 0  # counts the bases assigned since (set_basis); references record it
         self.register_buffer("basis", basis)
         self.register_buffer("projector", orthogonal_projector(basis))
@@ -173,16 +172,6 @@ class Insid3Core(torch.nn.Module):
             raise InputError(f"{', '.join(sorted(fixed))} cannot change after construction: build a new model")
         config = dataclasses.replace(self.config, **options)
         resolve_backend(config.backend, self.device)
-        self.config = config
-
-    def resize(self, image_size: int) -> None:
-        """Segment at another image size from now on, keeping the positional basis estimated at
-        the first size (what the published class does when its ``image_size`` is assigned; build
-        a new model to re-estimate the basis). References encoded before are refused after it."""
-        config = dataclasses.replace(self.config, image_size=image_size)
-        if config.image_size != self.basis_size:
-            warn_input(f"image_size set to {config.image_size}: the positional basis stays the one estimated at "
-                       f"{self.basis_size} px (as in the published code); build a new model to re-estimate it")
         self.config = config
 
     def replace_encoder(self, encoder: torch.nn.Module) -> None:

@@ -81,6 +81,7 @@ class INSID3(torch.nn.Module):
         self.core = Insid3Core(encoder, config, cache_dir=cache_dir,
                                cache_key=cache_key if cache_key is not None else getattr(encoder, "weights_fingerprint", None))
         self.register_load_state_dict_pre_hook(_published_state_dict)
+        self._mask_size: int | None = None  # an image_size assigned after construction (see the property)
         self.reset_state()
 
     @classmethod
@@ -112,12 +113,22 @@ class INSID3(torch.nn.Module):
 
     @property
     def image_size(self) -> int:
-        """Side of the square the images are resized to (assignable: see ``Insid3Core.resize``)."""
-        return self.core.image_size
+        """Side of the square the images are resized to.
+
+        Assignable, with the published class's effect: its images keep the transform built at
+        construction, only the reference masks that ``set_reference`` loads are resized to the
+        assigned size (and then downsampled to the patch grid); the getter returns it.
+        """
+        return self.core.image_size if self._mask_size is None else self._mask_size
 
     @image_size.setter
     def image_size(self, value: int) -> None:
-        self.core.resize(value)
+        value = check_int("image_size", value, minimum=1)
+        if value != self.core.image_size:
+            warn_input(f"image_size = {value} assigned after construction: as in the published code, only the "
+                       f"reference masks set_reference loads are read at {value} px; images stay at "
+                       f"{self.core.image_size} px (build a new model to change that)")
+        self._mask_size = None if value == self.core.image_size else value
 
     @property
     def resize_to_orig_size(self) -> bool:
@@ -230,24 +241,25 @@ class INSID3(torch.nn.Module):
         published code does); an ``InputWarning`` says so when its aspect ratio differs from
         its image's (a sign of a wrong mask).
         """
-        tensor, orig = load_image(image, self.image_size, exif_transpose=self.exif_transpose)
+        tensor, orig = load_image(image, self.core.image_size, exif_transpose=self.exif_transpose)
         # An empty mask is kept, as published (match() does not read it; segment() refuses it).
-        mask_tensor = None if mask is None else self._load_mask(image, orig, mask, empty="warn")
+        mask_tensor = None if mask is None else self._load_mask(image, orig, mask, empty="warn", size=self.image_size)
         with _STATE_LOCK:
             self._claim_state("set_reference")
             self._ref_masks.append(mask_tensor)
             self._ref_images.append(tensor)
             self._orig_ref_sizes.append(orig)
 
-    def _load_mask(self, image: ImageLike, orig: tuple[int, int], mask: MaskLike, empty: str = "raise") -> torch.Tensor:
+    def _load_mask(self, image: ImageLike, orig: tuple[int, int], mask: MaskLike, empty: str = "raise",
+                   size: int | None = None) -> torch.Tensor:
         # A tensor image already at the model size says nothing about the photo's size.
-        at_model_size = isinstance(image, torch.Tensor) and orig == (self.image_size, self.image_size)
-        return load_mask(mask, self.image_size, expected_hw=None if at_model_size else orig,
+        at_model_size = isinstance(image, torch.Tensor) and orig == (self.core.image_size,) * 2
+        return load_mask(mask, size or self.core.image_size, expected_hw=None if at_model_size else orig,
                          mismatch="warn", exif_transpose=self.exif_transpose, empty=empty)
 
     def set_target(self, image: ImageLike) -> None:
         """Set the image to segment (or to transfer keypoints to)."""
-        tensor, orig = load_image(image, self.image_size, exif_transpose=self.exif_transpose)
+        tensor, orig = load_image(image, self.core.image_size, exif_transpose=self.exif_transpose)
         with _STATE_LOCK:
             self._claim_state("set_target")
             self._tgt_image, self._orig_tgt_size = tensor, orig
@@ -349,7 +361,7 @@ class INSID3(torch.nn.Module):
             raise InputError(f"need one mask per reference image, got {len(images)} images and {len(masks)} masks")
         tensors, mask_tensors = [], []
         for image, mask in zip(images, masks):
-            tensor, orig = load_image(image, self.image_size, exif_transpose=self.exif_transpose)
+            tensor, orig = load_image(image, self.core.image_size, exif_transpose=self.exif_transpose)
             tensors.append(tensor.to(self.device))
             mask_tensors.append(self._load_mask(image, orig, mask).to(self.device))
         return self.core.encode_reference(torch.cat(tensors), torch.cat(mask_tensors))
@@ -384,7 +396,7 @@ class INSID3(torch.nn.Module):
         pin = self.device.type == "cuda"
 
         def load(chunk: list[ImageLike]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-            loaded = [load_image(t, self.image_size, exif_transpose=self.exif_transpose) for t in chunk]
+            loaded = [load_image(t, self.core.image_size, exif_transpose=self.exif_transpose) for t in chunk]
             tensors = [t for t, _ in loaded]
             if any(t.device.type != "cpu" for t in tensors):  # tensor inputs already on a device
                 images = torch.cat([t.to(self.device) for t in tensors])

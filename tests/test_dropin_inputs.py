@@ -534,14 +534,19 @@ def test_published_attributes_can_be_assigned(episode):
     model.resize_to_orig_size = True
     model.mask_refiner = "bilinear"
     assert torch.equal(segment(), first)
-    with pytest.warns(InputWarning, match="image_size set to 128: the positional basis stays the one estimated at 256"):
-        model.image_size = 128
-    basis = model.positional_basis.clone()
-    assert segment().shape == first.shape and model.image_size == 128
-    assert torch.equal(model.positional_basis, basis)  # kept, as published
+    with pytest.warns(InputWarning, match="only the reference masks set_reference loads are read at 160"):
+        model.image_size = 160
+    assert model.image_size == 160 and model.core.image_size == SIZE
+    model.resize_to_orig_size = False
+    # The published effect: images at the construction size, the mask loaded at 160 px (nearest)
+    # and downsampled to the patch grid from there.
+    expected = model.predict_mask(normalised(refs[0], SIZE), load_mask(masks[0], 160), normalised(target, SIZE))
+    assert torch.equal(segment(), expected) and expected.shape == (SIZE, SIZE)
+    model.resize_to_orig_size = True
     with warnings.catch_warnings():
         warnings.simplefilter("error", InputWarning)
-        model.image_size = SIZE  # back at the basis's own size: nothing to warn about
+        model.image_size = SIZE  # back at the construction size: nothing to warn about
+    assert torch.equal(segment(), first)
     with pytest.warns(InputWarning, match="encoder was replaced"):
         model.encoder = SyntheticEncoder(32, seed=2)
     assert model.core.encoder is model.encoder and "encoder" not in model._modules
