@@ -442,14 +442,34 @@ class INSID3(torch.nn.Module):
 
 
 def _published_state_dict(module: torch.nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """Read the published class's state dict (``encoder.*`` keys, no buffers: its positional
-    basis is an attribute computed at construction) as ours (``core.encoder.*`` and the basis,
-    projector and complement, kept as they are, as the published model keeps its basis)."""
+    """Read the published class's state dict as ours.
+
+    Its keys: ``encoder.*`` (the encoder's own names: Meta's, for the hub model it is built on)
+    and, with the CRF, ``_crf.*``; its positional basis is an attribute computed at
+    construction, not a buffer. They become ``core.encoder.*`` (Meta's names loaded into our
+    timm backbone through the checkpoint loader's conversion) and our basis, projector and
+    complement are kept, as the published model keeps its basis; ``_crf.*`` is dropped with a
+    warning (our CRF has no learnt parameters to load).
+    """
     old = prefix + "encoder."
     if not any(k.startswith(old) for k in state_dict) or any(k.startswith(prefix + "core.") for k in state_dict):
         return
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "core." + key[len(prefix):]] = state_dict.pop(key)
+    crf = [k for k in state_dict if k.startswith(prefix + "_crf.")]
+    if crf:
+        warn_input(f"the published CRF's {len(crf)} tensors (_crf.*) are not loaded: this package's CRF is built "
+                   "from mask_refiner='crf' and has nothing to load")
+        for key in crf:
+            del state_dict[key]
+    encoder_state = {key[len(old):]: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(old)]}
+    encoder = module.core.encoder
+    if "cls_token" in encoder_state:  # Meta's names (ours are model.*): our backbone converts them
+        from .backbone import DinoV3Backbone, load_meta_state
+
+        if isinstance(encoder, DinoV3Backbone):
+            load_meta_state(encoder, encoder_state)  # converted, checked and loaded here
+            encoder_state = encoder.state_dict()
+    for key, value in encoder_state.items():
+        state_dict[prefix + "core.encoder." + key] = value
     for name, buffer in module.core.named_buffers(recurse=False):
         state_dict.setdefault(prefix + "core." + name, buffer)
 

@@ -655,3 +655,22 @@ def test_a_failed_segment_ends_the_threads_sequence(model, episode):
     thread.join()
     model.set_target(target)  # from this thread: no StateError, the references are still there
     assert model.segment().shape == np.asarray(target).shape[:2]
+
+
+def test_a_published_state_dict_with_meta_names_and_a_crf_loads(tmp_path):
+    """A published model holds Meta's hub encoder: its state dict has Meta's key names (ours are
+    timm's) and, with the CRF, ``_crf.*`` modules. Both loaded into a model built on our loader."""
+    from checkpoints import write_meta_checkpoint
+    from insid3_fast.backbone import load_dinov3
+
+    source = write_meta_checkpoint(tmp_path / "a.pth", seed=1)
+    other = write_meta_checkpoint(tmp_path / "b.pth", seed=2)
+    meta = torch.load(source, weights_only=True)
+    published = {"encoder." + k: v for k, v in meta.items()}
+    published["_crf.spatial_weight.weight"] = torch.zeros(1, 1, 3, 3)
+    model = INSID3(load_dinov3(other), image_size=64, svd_components=8, device="cpu")
+    with pytest.warns(InputWarning, match="_crf"):
+        model.load_state_dict(published)
+    expected = load_dinov3(source)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.encoder.get_intermediate_layers(x)[0], expected.get_intermediate_layers(x)[0])

@@ -19,7 +19,7 @@ from ..inputs import PATCH_SIZE
 from .arch import infer_model_size
 from .fingerprint import weights_fingerprint
 from .keys import hf_to_meta_state_dict
-from .load import load_dinov3
+from .load import load_dinov3, load_meta_state
 from .model import DinoV3Backbone, build_dinov3, pinned_rope_class
 from .sizes import META_CHECKPOINT_NAMES, MODEL_SIZES, dinov3_rope_periods
 
@@ -33,6 +33,7 @@ __all__ = [
     "hf_to_meta_state_dict",
     "infer_model_size",
     "load_dinov3",
+    "load_meta_state",
     "weights_fingerprint",
 ]
 
