@@ -293,8 +293,11 @@ class Insid3Core(torch.nn.Module):
 
     def finalize(self, patch_mask: torch.Tensor, image: torch.Tensor | None,
                  out_size: tuple[int, int] | None) -> torch.Tensor:
-        """Upsample a patch mask to the image size, refine (CRF), resize to ``out_size`` (step 8)."""
-        mask = upsample_mask(patch_mask, self.image_size, self.image_size)
+        """Upsample a patch mask to the image's size (the model's without one), refine (CRF),
+        resize to ``out_size`` (step 8). A tensor given at another size than the model's (the
+        published ``predict_mask`` takes any) keeps its own size, as published."""
+        height, width = tuple(image.shape[-2:]) if image is not None else (self.image_size, self.image_size)
+        mask = upsample_mask(patch_mask, height, width)
         if self.config.mask_refiner == "crf":
             if image is None:
                 raise InputError("CRF refinement needs the target image")

@@ -674,3 +674,19 @@ def test_a_published_state_dict_with_meta_names_and_a_crf_loads(tmp_path):
     expected = load_dinov3(source)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.encoder.get_intermediate_layers(x)[0], expected.get_intermediate_layers(x)[0])
+
+
+def test_predict_mask_on_tensors_of_another_size_keeps_their_size(model, episode):
+    """The published predict_mask upsamples the mask to the target tensor's own size (then to
+    the original size with resize_to_orig_size); ours upsampled to the model's image size."""
+    refs, masks, target, _ = episode
+    big = 2 * SIZE
+    image, tgt = normalised(refs[0], big), normalised(target, big)
+    model.reset_state()
+    keep = model.resize_to_orig_size
+    model.resize_to_orig_size = False
+    try:
+        got = model.predict_mask(image, published_mask(masks[0], big), tgt)
+    finally:
+        model.resize_to_orig_size = keep
+    assert got.shape == (big, big)
