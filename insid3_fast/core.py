@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import ops, pipeline
 from .config import BACKENDS, Insid3Config
-from .debias import complement_basis, debias, orthogonal_projector, positional_basis
+from .debias import complement_basis, debias, has_orthonormal_columns, orthogonal_projector, positional_basis
 from .errors import BackendError, InputError
 from .inputs import PATCH_SIZE, resolve_svd_components, to_device, warn_input, warn_non_finite
 from .keypoints import transfer_keypoints
@@ -188,11 +188,9 @@ class Insid3Core(torch.nn.Module):
         """Remove another (C, r) positional basis from now on: the published class's
         ``positional_basis`` assigned. References encoded before are refused afterwards.
 
-        The published code debiases with P = I - B Bᵀ whatever B is. For orthonormal columns
-        (the SVD's) that is the projection this package's complement coordinates reproduce; for
-        any other B (with an ``InputWarning``) the coordinates are Qᵀx with Q Qᵀ = P² (Q from the
-        eigenvectors of P scaled by |eigenvalue|), which give the published ``normalize(P x)``
-        inner products as well.
+        The published code debiases with P = I - B Bᵀ whatever B is; ``complement_basis`` gives
+        coordinates with its inner products for any B (one without orthonormal columns, with an
+        ``InputWarning``).
         """
         C = self.basis.shape[0]
         if not isinstance(basis, torch.Tensor) or basis.ndim != 2 or basis.shape[0] != C:
@@ -201,17 +199,10 @@ class Insid3Core(torch.nn.Module):
         basis = basis.detach().to(self.device, self.dtype).contiguous()
         if not bool(torch.isfinite(basis).all()):
             raise InputError("positional_basis holds NaN or inf")
-        projector = orthogonal_projector(basis)
-        b64 = basis.double()
-        eye = torch.eye(basis.shape[1], dtype=torch.float64, device=basis.device)
-        if basis.shape[1] < C and torch.allclose(b64.T @ b64, eye, atol=1e-4):
-            complement = complement_basis(basis)
-        else:
+        if not has_orthonormal_columns(basis):
             warn_input("positional_basis does not have orthonormal columns (as the SVD's U does): it is used "
                        "as the published code uses it, through P = I - B B^T")
-            values, vectors = torch.linalg.eigh(projector.double())
-            keep = values.abs() > 1e-6 * max(1.0, float(values.abs().max()))
-            complement = (vectors[:, keep] * values[keep].abs()).to(self.dtype).contiguous()
+        projector, complement = orthogonal_projector(basis), complement_basis(basis)
         if complement.shape[1] == 0:
             raise InputError("this positional_basis removes the whole embedding (P = I - B B^T is 0): no "
                              "debiased feature would be left")

@@ -98,8 +98,7 @@ def _read_cache(path: Path, cache_id: str, components: int, channels: int | None
         return None, "non-finite values"
     if _checksum(cache_id, basis) != entry["sha256"]:
         return None, "checksum mismatch"
-    gram = basis.double().T @ basis.double()
-    if float((gram - torch.eye(components, dtype=torch.float64)).abs().max()) > ORTHONORMAL_TOL:
+    if not has_orthonormal_columns(basis):
         return None, "columns not orthonormal"
     return basis.contiguous(), ""
 
@@ -160,13 +159,28 @@ def debias(features: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
     return F.normalize(X, p=2, dim=1)
 
 
-def complement_basis(basis: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis Q (C, C - r) of the complement of span(B).
+def has_orthonormal_columns(basis: torch.Tensor) -> bool:
+    """Whether every entry of BᵀB - I is within ORTHONORMAL_TOL (float32 SVD output: ~1e-6)."""
+    if basis.shape[1] == 0:  # no columns: nothing to check
+        return True
+    gram = basis.double().T @ basis.double()
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return float((gram - eye).abs().max()) <= ORTHONORMAL_TOL
 
-    For unit-norm x, ``normalize(Qᵀ x)`` are the coordinates of the debiased feature
-    ``normalize(P x)`` in that basis: every inner product between debiased features is the
-    same, computed in C - r instead of C dimensions.
+
+def complement_basis(basis: torch.Tensor) -> torch.Tensor:
+    """Q (C, D) with normalize(Qᵀ x) the debiased feature ``normalize(P x)``, P = I - B Bᵀ, in
+    D coordinates: every inner product between debiased features is the same.
+
+    For orthonormal columns (the SVD's) Q is an orthonormal basis of the complement of span(B),
+    D = C - r. For any other B (a basis assigned by hand: the published code uses P whatever B
+    is), Q holds the eigenvectors of P scaled by |eigenvalue| (Q Qᵀ = P², so |Qᵀx| = |P x| and
+    the inner products agree), D the number of non-zero eigenvalues.
     """
     C, r = basis.shape
-    U = torch.linalg.svd(basis.double(), full_matrices=True)[0]
-    return U[:, r:].to(basis.dtype).contiguous()
+    if r < C and has_orthonormal_columns(basis):
+        U = torch.linalg.svd(basis.double(), full_matrices=True)[0]
+        return U[:, r:].to(basis.dtype).contiguous()
+    values, vectors = torch.linalg.eigh(orthogonal_projector(basis.double()))
+    keep = values.abs() > 1e-6 * max(1.0, float(values.abs().max()))
+    return (vectors[:, keep] * values[keep].abs()).to(basis.dtype).contiguous()
