@@ -25,10 +25,14 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from backends import peak_bytes  # noqa: E402
 from cuda_emu import build, syncs  # noqa: E402
 from insid3_fast import INSID3, ops  # noqa: E402
+from insid3_fast.config import MATMUL_PRECISIONS  # noqa: E402
 from insid3_fast.inputs import load_image  # noqa: E402
 from insid3_fast.synthetic import SyntheticEncoder, make_episode  # noqa: E402
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# The profiler scope of one split-bf16 GEMM (csrc/cuda/bf16x6.cuh): one bf16 tensor-core GEMM on a
+# GPU; in the emulation float32 copies of its operands and a CPU GEMM inside the scope.
+BF16X6_GEMM = "insid3_fast::bf16x6_gemm"
 # ATen ops that launch no kernel on a GPU: views, metadata, allocation without initialisation.
 NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view",
              "aten::reshape", "aten::as_strided", "aten::t", "aten::transpose", "aten::permute",
@@ -51,31 +55,37 @@ def _profile(fn, by_op: dict[str, int] | None = None) -> tuple[int, int, dict[st
     with syncs.recording(record_shapes=True, with_flops=True) as (events, copies):
         fn()
     n_syncs, flops = len(copies), {}
+    in_split = lambda e: syncs.has_ancestor(e, lambda name: name == BF16X6_GEMM)  # noqa: E731
     for evt in events:
         n_syncs += syncs.is_sync(evt)
         if evt.name in GEMMS and evt.flops:
-            dtype = str(evt.input_dtypes[0]) if evt.input_dtypes else "?"
+            # bf16 operands on a GPU (the emulation multiplies float32 copies of them)
+            dtype = "bf16x6" if in_split(evt) else (str(evt.input_dtypes[0]) if evt.input_dtypes else "?")
             flops[dtype] = flops.get(dtype, 0) + int(evt.flops)
 
     def launches_of(evt) -> int:
+        if evt.name == BF16X6_GEMM:  # one GEMM on the device, whatever the emulation does inside
+            if by_op is not None:
+                by_op[evt.name] = by_op.get(evt.name, 0) + 1
+            return 1
         # An op launches what its ATen sub-ops launch; one that calls none launches one kernel
         # unless it is a view, metadata or a bare allocation.
-        below = sum(launches_of(c) for c in evt.cpu_children if c.name.startswith("aten::"))
+        below = sum(launches_of(c) for c in evt.cpu_children if c.name.startswith("aten::") or c.name == BF16X6_GEMM)
         if below or evt.name in NO_KERNEL or evt.name in syncs.SYNCING:
             return below
         if by_op is not None:
             by_op[evt.name] = by_op.get(evt.name, 0) + 1
         return 1
 
-    launches = sum(launches_of(e) for e in events
-                   if e.name.startswith("aten::") and not syncs.has_ancestor(e, lambda name: name.startswith("aten::")))
+    counted = lambda name: name.startswith("aten::") or name == BF16X6_GEMM  # noqa: E731
+    launches = sum(launches_of(e) for e in events if counted(e.name) and not syncs.has_ancestor(e, counted))
     return n_syncs, launches, flops
 
 
-def measure(size: int, shots: int, connectivity: int | None = None) -> dict:
+def measure(size: int, shots: int, connectivity: int | None = None, matmul_precision: str = "fp32") -> dict:
     library = build.load()
     model = INSID3(SyntheticEncoder(embed_dim=1024), backend="native", image_size=size, svd_components=500,
-                   connectivity=connectivity)
+                   connectivity=connectivity, matmul_precision=matmul_precision)
     core = model.core
     refs, masks, target, _ = make_episode(seed=11, shots=shots)
     ref = model.encode_reference(refs, masks)
@@ -95,7 +105,8 @@ def measure(size: int, shots: int, connectivity: int | None = None) -> dict:
         peak = peak_bytes(lambda: core.segment_patches(ref, feats))
     n = h * w
     return {
-        "size": size, "shots": shots, "connectivity": connectivity, "N": n, "C": C,
+        "size": size, "shots": shots, "connectivity": connectivity, "matmul_precision": matmul_precision,
+        "N": n, "C": C,
         "launches": launches + aten_launches, "launches_ours": launches, "launches_aten": aten_launches,
         "launches_captured": captured_ours + captured_aten, "launches_captured_ours": captured_ours,
         "launches_captured_aten": captured_aten,
@@ -104,7 +115,9 @@ def measure(size: int, shots: int, connectivity: int | None = None) -> dict:
         "gemm_flops": flops,
         "aten_launches_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
         "note": "launches: our kernels (counted by the emulation) plus ATen kernel ops (profiler leaves that "
-                "are not views or bare allocations); GEMM FLOPs by input dtype from the profiler",
+                "are not views or bare allocations; a split-bf16 GEMM is one); GEMM FLOPs by input dtype from the "
+                "profiler (bf16x6: the split-bf16 GEMMs, bf16 operands on the tensor cores of a GPU; their inner "
+                "size is 6x the float32 product's)",
     }
 
 
@@ -113,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--connectivity", type=int, choices=(4, 8), default=None)
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="fp32",
+                   help="the model option matmul_precision (bf16x6: the split-bf16 products)")
     p.add_argument("--json", default=None, help="write the counters here")
     args = p.parse_args(argv)
-    out = measure(args.size, args.shots, args.connectivity)
+    out = measure(args.size, args.shots, args.connectivity, args.matmul_precision)
     for k, v in out.items():
         print(f"{k:>22}: {v}")
     if args.json:

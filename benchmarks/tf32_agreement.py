@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from insid3_fast import INSID3, ops, pipeline, torch_kernels  # noqa: E402
 from insid3_fast.synthetic import SyntheticEncoder, make_episode, mask_iou, segment_episode  # noqa: E402
 
-MODES = ("fp32", "fp32-split", "tf32", "3xtf32")
+MODES = ("fp32", "fp32-split", "tf32", "3xtf32", "bf16x6")
 
 
 def round_tf32(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "fp32-split":  # another float32 summation order (a split-K GEMM)
         k = a.shape[1] // 2
         return a[:, :k] @ b[:k] + a[:, k:] @ b[k:]
+    if mode == "bf16x6":  # the package's split-bf16 product (matmul_precision="bf16x6")
+        return torch_kernels.bf16x6_mm(a, b)
     a_hi, b_hi = round_tf32(a), round_tf32(b)
     if mode == "tf32":
         return a_hi @ b_hi
@@ -76,12 +78,13 @@ def gemm_modes(gram: str, projection: str, partitions: list, harness: list | Non
     saved = pipeline.debiased_coordinates, pipeline.cluster_and_vote
     native = gram == "fp32" and projection == "fp32"
 
-    def debiased_coordinates(feats: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+    def debiased_coordinates(feats: torch.Tensor, complement: torch.Tensor, **_: object) -> torch.Tensor:
         T, C, h, w = feats.shape
         rows = feats.reshape(T, C, h * w).transpose(1, 2)
         return F.normalize(torch.stack([matmul(r, complement, projection) for r in rows]), p=2, dim=2)
 
-    def cluster_and_vote(feats, h, w, threshold, queries, ref, active, connectivity=None, kernels="native"):
+    def cluster_and_vote(feats, h, w, threshold, queries, ref, active, connectivity=None, kernels="native",
+                         bf16x6=False):
         assert connectivity is None, "the published clustering only"
         if native:
             labels, votes = saved[1](feats, h, w, threshold, queries, ref, active, None, kernels)
@@ -107,17 +110,21 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--modes", nargs="+", choices=MODES[1:], default=list(MODES[1:]),
+                   help="the modes to compare with fp32 (default: all)")
+    p.add_argument("--encoders", nargs="+", choices=("synthetic", "vit-s"), default=["synthetic", "vit-s"])
     args = p.parse_args()
 
     from checkpoints import random_timm_model
     from insid3_fast.backbone import DinoV3Backbone
 
     encoders = {
-        "synthetic C=1024": (SyntheticEncoder(1024, hidden=256), 500),
-        "random DINOv3 ViT-S/16": (DinoV3Backbone(random_timm_model("small"), "small"), 192),
+        "synthetic C=1024": (lambda: SyntheticEncoder(1024, hidden=256), 500, "synthetic"),
+        "random DINOv3 ViT-S/16": (lambda: DinoV3Backbone(random_timm_model("small"), "small"), 192, "vit-s"),
     }
+    encoders = {name: (make(), rank) for name, (make, rank, key) in encoders.items() if key in args.encoders}
     # Each GEMM alone in another mode, then both in the same mode.
-    combos = [(m, "fp32") for m in MODES[1:]] + [("fp32", m) for m in MODES[1:]] + [(m, m) for m in MODES[1:]]
+    combos = [(m, "fp32") for m in args.modes] + [("fp32", m) for m in args.modes] + [(m, m) for m in args.modes]
     for name, (encoder, rank) in encoders.items():
         start = time.time()
         model = INSID3(encoder, image_size=args.size, svd_components=rank, device="cpu")
@@ -142,6 +149,11 @@ def main() -> None:
             iou = np.mean([mask_iou(m, e[3]) for m, e in zip(got, episodes)])
             print(f"{gram:10s} {projection:10s} {n_parts:>11d} / {args.episodes:<4d} {n_masks:>6d} / {args.episodes:<4d} "
                   f"{100 * pixels:>14.3f}% {iou:>6.3f}")
+            if gram == projection == "bf16x6":  # the package's option gives what the harness emulated
+                split = INSID3(encoder, image_size=args.size, svd_components=rank, device="cpu",
+                               matmul_precision="bf16x6")
+                same = sum(np.array_equal(segment_episode(split, *e[:3]), m) for e, m in zip(episodes, got))
+                print(f"  check: matmul_precision='bf16x6' (native ops) gives these masks in {same} / {len(got)}")
         print(f"({time.time() - start:.0f} s on 2 CPU cores)\n")
 
 

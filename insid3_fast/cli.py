@@ -39,7 +39,7 @@ def _device(name: str):
 
 # The model options every subcommand that builds a model takes (definitions: insid3_fast.config).
 MODEL_OPTIONS = ("weights", "model_size", "image_size", "device", "backend", "svd_components", "exif_transpose",
-                 "tau", "merge_threshold", "precision")
+                 "tau", "merge_threshold", "precision", "matmul_precision")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser, *extra: str) -> None:

@@ -23,6 +23,7 @@ from .inputs import check_image_size, check_int, check_thresholds, warn_input
 
 BACKENDS = ("auto", "native", "reference")
 PRECISIONS = ("fp32", "bf16")
+MATMUL_PRECISIONS = ("fp32", "bf16x6")
 REFINERS = ("bilinear", "crf")
 CONNECTIVITIES = (4, 8)
 DEVICES = ("auto", "cpu", "cuda")
@@ -85,6 +86,11 @@ class Insid3Config:
                          choices=NOISE_KINDS, cli=False)
     precision: str = _option("fp32", "backbone precision (bf16: autocast, for GPUs; fp32 is the parity mode)",
                              choices=PRECISIONS)
+    matmul_precision: str = _option(
+        "fp32", "float32 products after the backbone (the clustering's Gram matrix, the debiasing projection): "
+                "fp32 (the parity mode), or bf16x6 (each float32 split into three bf16 values, six bf16 "
+                "products: tensor cores on a GPU, about float32's error, masks not guaranteed identical)",
+        choices=MATMUL_PRECISIONS)
     compile: bool | str = _option(False, "torch.compile the backbone pass and the post-backbone steps (True, "
                                          "or a mode such as 'reduce-overhead')", cli=False)
     exif_transpose: bool = _option(False, "apply the EXIF orientation of the images (the published code "
@@ -105,6 +111,7 @@ class Insid3Config:
             set_("mask_refiner", "bilinear")
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         _check_choice("noise", self.noise, NOISE_KINDS)
         if self.connectivity not in (None, *CONNECTIVITIES) or isinstance(self.connectivity, bool):
             raise InputError(f"connectivity must be None, 4 or 8, got {self.connectivity!r}")

@@ -136,6 +136,11 @@ class Insid3Core(torch.nn.Module):
     backend = kernels
 
     @property
+    def bf16x6(self) -> bool:
+        """Whether the float32 products after the backbone are split-bf16 ones (``matmul_precision``)."""
+        return self.config.matmul_precision == "bf16x6"
+
+    @property
     def image_size(self) -> int:
         """Side of the square the images are resized to."""
         return self.config.image_size
@@ -246,13 +251,13 @@ class Insid3Core(torch.nn.Module):
 
     def encode_reference_features(self, feats: torch.Tensor, masks: torch.Tensor) -> EncodedReference:
         """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size)."""
-        ref = pipeline.encode_reference(feats, masks, self.complement)
+        ref = pipeline.encode_reference(feats, masks, self.complement, bf16x6=self.bf16x6, kernels=self.kernels)
         ref.basis_version = self.basis_version
         return ref
 
     def debiased_coordinates(self, feats: torch.Tensor) -> torch.Tensor:
         """Debiased features (T, h*w, D) of normalised features (T, C, h, w), in complement coordinates."""
-        return pipeline.debiased_coordinates(feats, self.complement)
+        return pipeline.debiased_coordinates(feats, self.complement, bf16x6=self.bf16x6, kernels=self.kernels)
 
     def check_reference(self, ref: object) -> EncodedReference:
         """``ref`` if this model encoded it (image size, embedding size, rank), else InputError."""
@@ -280,7 +285,7 @@ class Insid3Core(torch.nn.Module):
         """The (h, w) bool patch mask of one target given its normalised features (C, h, w)."""
         c = self.config
         return self._segment_patches(ref, tgt_feat, self.complement, tau=c.tau, merge_threshold=c.merge_threshold,
-                                     connectivity=c.connectivity, kernels=self.kernels)
+                                     connectivity=c.connectivity, kernels=self.kernels, bf16x6=self.bf16x6)
 
     def finalize(self, patch_mask: torch.Tensor, image: torch.Tensor | None,
                  out_size: tuple[int, int] | None) -> torch.Tensor:

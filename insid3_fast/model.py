@@ -45,7 +45,7 @@ class INSID3(torch.nn.Module):
         encoder: any module with Meta's ``get_intermediate_layers`` (ours from ``load_dinov3``,
             the published hub models, a test double).
         image_size, svd_components, tau, merge_threshold, mask_refiner, resize_to_orig_size,
-        device, backend, connectivity, noise, precision, compile, exif_transpose: the options of
+        device, backend, connectivity, noise, precision, matmul_precision, compile, exif_transpose: the options of
             ``insid3_fast.config.Insid3Config`` (names, defaults, allowed values and meaning
             there; the first eight in the published order). ``device`` None: CUDA when available.
         cache_key: identifies the weights for the positional-basis disk cache; default: the
@@ -70,14 +70,14 @@ class INSID3(torch.nn.Module):
                  resize_to_orig_size: bool = _MODEL.resize_to_orig_size, device: torch.device | str | None = None, *,
                  backend: str = _MODEL.backend, connectivity: int | None = _MODEL.connectivity,
                  noise: str = _MODEL.noise, cache_key: str | None = None, cache_dir: str | None = None,
-                 precision: str = _MODEL.precision, compile: bool | str = _MODEL.compile,
-                 exif_transpose: bool = _MODEL.exif_transpose) -> None:
+                 precision: str = _MODEL.precision, matmul_precision: str = _MODEL.matmul_precision,
+                 compile: bool | str = _MODEL.compile, exif_transpose: bool = _MODEL.exif_transpose) -> None:
         super().__init__()
         config = Insid3Config(image_size=image_size, svd_components=svd_components, tau=tau,
                               merge_threshold=merge_threshold, mask_refiner=mask_refiner,
                               resize_to_orig_size=resize_to_orig_size, device=device, backend=backend,
-                              connectivity=connectivity, noise=noise, precision=precision, compile=compile,
-                              exif_transpose=exif_transpose)
+                              connectivity=connectivity, noise=noise, precision=precision,
+                              matmul_precision=matmul_precision, compile=compile, exif_transpose=exif_transpose)
         self.core = Insid3Core(encoder, config, cache_dir=cache_dir,
                                cache_key=cache_key if cache_key is not None else getattr(encoder, "weights_fingerprint", None))
         self.register_load_state_dict_pre_hook(_published_state_dict)
@@ -506,7 +506,8 @@ def build_insid3(model_size: str | None = _LOAD.model_size, weights: str | os.Pa
                  device: torch.device | str | None = None, *, backend: str = _MODEL.backend,
                  connectivity: int | None = _MODEL.connectivity, dtype: torch.dtype | None = None,
                  cache_dir: str | None = None, precision: str = _MODEL.precision, compile: bool | str = _MODEL.compile,
-                 exif_transpose: bool = _MODEL.exif_transpose, noise: str = _MODEL.noise) -> INSID3:
+                 exif_transpose: bool = _MODEL.exif_transpose, noise: str = _MODEL.noise,
+                 matmul_precision: str = _MODEL.matmul_precision) -> INSID3:
     """Load DINOv3 weights and build an ``INSID3`` (the published ``build_insid3``, plus ``weights``).
 
     ``model_size`` None: read from the weights (``large`` when looking for them in pretrain/);
@@ -519,8 +520,8 @@ def build_insid3(model_size: str | None = _LOAD.model_size, weights: str | os.Pa
     config = Insid3Config(image_size=image_size, svd_components=svd_components, tau=tau,
                           merge_threshold=merge_threshold, mask_refiner=mask_refiner,
                           resize_to_orig_size=resize_to_orig_size, device=device, backend=backend,
-                          connectivity=connectivity, noise=noise, precision=precision, compile=compile,
-                          exif_transpose=exif_transpose)
+                          connectivity=connectivity, noise=noise, precision=precision,
+                          matmul_precision=matmul_precision, compile=compile, exif_transpose=exif_transpose)
     path = find_weights(load.model_size or "large", load.weights)
     device = resolve_device(config.device)
     encoder = load_dinov3(path, model_size=load.model_size, device=device, dtype=dtype)

@@ -152,7 +152,7 @@ def _threshold(t: object, op: str) -> float:
 
 
 _OPS = ("nn_vote", "average_linkage_precomputed", "average_linkage", "cluster_and_vote", "grid_average_linkage",
-        "aggregate_clusters")
+        "aggregate_clusters", "bf16x6_mm")
 
 
 def _call(op: str, *args: object):
@@ -269,12 +269,15 @@ def average_linkage_precomputed(dist: torch.Tensor, threshold: float, *, kernels
     return _run(op, kernels, dist.device, dist, float(threshold))
 
 
-def average_linkage(features: torch.Tensor, threshold: float, *, kernels: str = "native") -> torch.Tensor:
+def average_linkage(features: torch.Tensor, threshold: float, *, kernels: str = "native",
+                    bf16x6: bool = False) -> torch.Tensor:
     """Exact average-linkage clustering of L2-normalised features (N, C), cosine distance.
 
     Same partition as scikit-learn's ``AgglomerativeClustering(metric='precomputed',
     linkage='average', distance_threshold=threshold)`` on ``1 - clamp(X Xᵀ, -1, 1)``.
-    Returns (N,) int64 labels numbered by first appearance.
+    Returns (N,) int64 labels numbered by first appearance. ``bf16x6``: the Gram matrix ``X Xᵀ``
+    as the split-bf16 product of :func:`bf16x6_mm` (tensor cores on a GPU; the same operands
+    on the CPU), the rest unchanged.
 
     Raises:
         InputError: ``features`` not a real (N, C) tensor, NaN or inf in it, ``max|features|``
@@ -283,7 +286,7 @@ def average_linkage(features: torch.Tensor, threshold: float, *, kernels: str = 
     """
     threshold = _threshold(threshold, "average_linkage")
     features = _linkage_features(features)
-    return _run("average_linkage", kernels, features.device, features, float(threshold))
+    return _run("average_linkage", kernels, features.device, features, float(threshold), bool(bf16x6))
 
 
 def _linkage_features(features: torch.Tensor, op: str = "average_linkage") -> torch.Tensor:
@@ -299,8 +302,8 @@ def _linkage_features(features: torch.Tensor, op: str = "average_linkage") -> to
 
 def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Tensor, keys: torch.Tensor,
                      key_mask: torch.Tensor, active: torch.Tensor | None = None, *, kernels: str = "native",
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``average_linkage(features, threshold)`` and ``nn_vote(queries, keys, key_mask, active)`` at once.
+                     bf16x6: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``average_linkage(features, threshold, bf16x6=bf16x6)`` and ``nn_vote(queries, keys, key_mask, active)`` at once.
 
     Returns (labels, votes, argmax), equal to the two ops' results. On the CPU the sequential
     NN-chain of the clustering runs on one core while the other cores vote, so the pair costs
@@ -315,7 +318,40 @@ def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Te
     features = _linkage_features(features, op)
     queries, keys, key_mask, active = _vote_inputs(queries, keys, key_mask, active, op)
     _same_device(op, features=features, queries=queries)
-    return _run(op, kernels, features.device, features, float(threshold), queries, keys, key_mask, active)
+    return _run(op, kernels, features.device, features, float(threshold), queries, keys, key_mask, active,
+                bool(bf16x6))
+
+
+def bf16x6_mm(a: torch.Tensor, b: torch.Tensor, *, kernels: str = "native") -> torch.Tensor:
+    """``a @ b`` of float32 matrices as the split-bf16 product (``csrc/common/bf16x6.h``).
+
+    Each float32 value is split into three bf16 values (``x = p0 + p1 + p2``, exact up to about
+    2^-25 relative) and the six products ``p_i(a) p_j(b)`` with ``i + j <= 2`` are one GEMM of
+    inner size 6K: on a GPU in bf16 on the tensor cores with float32 accumulation, on the CPU in
+    float32 on the same (bf16-exact) operands. The error is about a float32 GEMM's, not a bf16
+    one's; the results equal a float32 product's only up to rounding. The CPU kernel and the
+    emulated CUDA kernel give the same bits. No host read: a row of ``a`` or a column of ``b``
+    holding NaN or inf gives a NaN row or column.
+
+    Args:
+        a: (M, K) and b: (K, P), floating point (taken as float32), any strides, one device.
+
+    Example:
+        >>> y = bf16x6_mm(torch.randn(4, 8), torch.randn(8, 3))  # ~ a @ b, within float32 rounding
+
+    Raises:
+        InputError: not matrices, inner sizes that differ, sizes whose products overflow int64.
+    """
+    op = "bf16x6_mm"
+    a, b = _tensor(a, op, "a"), _tensor(b, op, "b")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise InputError(f"{op} expects a (M, K) and b (K, P); got {tuple(a.shape)} and {tuple(b.shape)}")
+    _same_device(op, a=a, b=b)
+    (M, K), P = a.shape, b.shape[1]
+    _checked_mul(_checked_mul(max(M, P), K, op, "the operands' size max(M, P) * K"), 6 * 4, op,
+                 "the operands' size in bytes")
+    _checked_mul(M, P, op, "the output size M * P")
+    return _run(op, kernels, a.device, a.float(), b.float())
 
 
 def grid_average_linkage(features: torch.Tensor, h: int, w: int, connectivity: int,
@@ -435,11 +471,15 @@ def register_fakes(library: str) -> None:
         return dist.new_empty((dist.shape[0],), dtype=torch.int64)
 
     @torch.library.register_fake(f"{library}::average_linkage")
-    def _al_fake(features, threshold):
+    def _al_fake(features, threshold, bf16x6=False):
         return features.new_empty((features.shape[0],), dtype=torch.int64)
 
+    @torch.library.register_fake(f"{library}::bf16x6_mm")
+    def _bf16x6_mm_fake(a, b):
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+
     @torch.library.register_fake(f"{library}::cluster_and_vote")
-    def _cav_fake(features, threshold, queries, keys, key_mask, active):
+    def _cav_fake(features, threshold, queries, keys, key_mask, active, bf16x6=False):
         return (features.new_empty((features.shape[0],), dtype=torch.int64),
                 *_nn_vote_fake(queries, keys, key_mask, active))
 

@@ -54,13 +54,19 @@ class EncodedReference:
 
 
 # ---- step 3: debiasing -------------------------------------------------------------------------
-def debiased_coordinates(feats: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+def debiased_coordinates(feats: torch.Tensor, complement: torch.Tensor, *, bf16x6: bool = False,
+                         kernels: str = "native") -> torch.Tensor:
     """Debiased features (T, h*w, D) of normalised features (T, C, h, w): ``normalize(Qᵀ x)``.
 
     ``complement`` is Q (C, D), an orthonormal basis of the complement of the positional subspace.
+    ``bf16x6``: the projection as the split-bf16 product (``ops.bf16x6_mm``, one per image).
     """
     T, C, h, w = feats.shape
-    y = torch.matmul(feats.reshape(T, C, h * w).transpose(1, 2), complement)
+    x = feats.reshape(T, C, h * w).transpose(1, 2)
+    if bf16x6:
+        y = torch.stack([ops.bf16x6_mm(x[t], complement, kernels=kernels) for t in range(T)])
+    else:
+        y = torch.matmul(x, complement)
     return F.normalize(y, p=2, dim=2)
 
 
@@ -83,7 +89,8 @@ def downsample_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return down
 
 
-def encode_reference(feats: torch.Tensor, masks: torch.Tensor, complement: torch.Tensor) -> EncodedReference:
+def encode_reference(feats: torch.Tensor, masks: torch.Tensor, complement: torch.Tensor, *, bf16x6: bool = False,
+                     kernels: str = "native") -> EncodedReference:
     """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size).
 
     The masks' values are downsampled as they are (``downsample_mask``: bool, soft or 0-255
@@ -92,7 +99,7 @@ def encode_reference(feats: torch.Tensor, masks: torch.Tensor, complement: torch
     feature (every mask has a foreground cell after ``downsample_mask``).
     """
     S, C, h, w = feats.shape
-    keys = debiased_coordinates(feats, complement)
+    keys = debiased_coordinates(feats, complement, bf16x6=bf16x6, kernels=kernels)
     masks_down = torch.stack([downsample_mask(masks[s], h, w) for s in range(S)])
     shot_protos = [keys[s][masks_down[s].reshape(-1)].mean(dim=0) for s in range(S)]
     prototype = F.normalize(torch.stack(shot_protos).mean(dim=0), p=2, dim=0)
@@ -113,16 +120,18 @@ def forward_match(queries: torch.Tensor, prototype: torch.Tensor) -> tuple[torch
 # ---- steps 5 and 6: votes and clusters ---------------------------------------------------------
 def cluster_and_vote(feats: torch.Tensor, h: int, w: int, threshold: float, queries: torch.Tensor,
                      ref: EncodedReference, active: torch.Tensor, connectivity: int | None = None,
-                     kernels: str = "native") -> tuple[torch.Tensor, torch.Tensor]:
+                     kernels: str = "native", bf16x6: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster labels (N,) of the target features (N, C) and reverse-NN votes (N,) of ``active`` patches.
 
     One op for the published clustering, so that on the CPU the sequential NN-chain runs
     beside the voting GEMMs; two (voting, grid-constrained linkage) with ``connectivity``.
+    ``bf16x6``: the clustering's Gram matrix as the split-bf16 product (the grid clustering has
+    no Gram matrix: its float64 dots are unchanged).
     """
     key_mask = ref.masks_down.reshape(ref.shots, h * w)
     if connectivity is None:
         labels, votes, _ = ops.cluster_and_vote(feats, threshold, queries, ref.keys, key_mask, active,
-                                                kernels=kernels)
+                                                kernels=kernels, bf16x6=bf16x6)
     else:
         votes, _ = ops.nn_vote(queries, ref.keys, key_mask, active, kernels=kernels)
         labels = ops.grid_average_linkage(feats, h, w, connectivity, threshold, kernels=kernels)
@@ -158,21 +167,22 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
 # ---- the sequence ------------------------------------------------------------------------------
 def segment_patches(ref: EncodedReference, tgt_feat: torch.Tensor, complement: torch.Tensor, *,
                     tau: float, merge_threshold: float, connectivity: int | None = None,
-                    kernels: str = "native") -> torch.Tensor:
+                    kernels: str = "native", bf16x6: bool = False) -> torch.Tensor:
     """The (h, w) bool patch mask of one target, given its normalised features (C, h, w).
 
     Steps 5-7: forward match, reverse-NN votes and clustering, candidates, seed and aggregation.
+    ``bf16x6``: the projection and the Gram matrix as split-bf16 products (``matmul_precision``).
     """
     C, h, w = tgt_feat.shape
     if not ref.finite:  # the published result: NaN similarities match nothing
         return torch.zeros(h, w, dtype=torch.bool, device=tgt_feat.device)
-    queries = debiased_coordinates(tgt_feat[None], complement)[0]
+    queries = debiased_coordinates(tgt_feat[None], complement, bf16x6=bf16x6, kernels=kernels)[0]
     sim, fwd = forward_match(queries, ref.prototype)
     feats = tgt_feat.reshape(C, h * w).T  # (N, C) view; the CPU ops read it without a copy
     if tgt_feat.device.type != "cpu" or ops.emulating_gpu():
         # GPU kernels read rows: one copy, shared by the clustering and the aggregation.
         feats = feats.contiguous()
-    labels, votes = cluster_and_vote(feats, h, w, 1.0 - tau, queries, ref, fwd, connectivity, kernels)
+    labels, votes = cluster_and_vote(feats, h, w, 1.0 - tau, queries, ref, fwd, connectivity, kernels, bf16x6)
     candidates = fwd & majority(votes, ref.shots)
     return aggregate_clusters(labels, candidates, queries, feats, sim, ref.prototype, merge_threshold,
                               kernels).reshape(h, w)

@@ -65,17 +65,53 @@ def average_linkage_precomputed(dist: torch.Tensor, threshold: float) -> torch.T
     return torch.from_numpy(first_appearance(labels)).to(dist.device)
 
 
-def average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Average linkage of normalised features on ``1 - clamp(X Xᵀ, -1, 1)`` (the published distances)."""
-    dist = 1.0 - (features @ features.T).clamp(-1, 1)
+def average_linkage(features: torch.Tensor, threshold: float, bf16x6: bool = False) -> torch.Tensor:
+    """Average linkage of normalised features on ``1 - clamp(X Xᵀ, -1, 1)`` (the published distances).
+
+    ``bf16x6``: the Gram matrix as the split-bf16 product (:func:`bf16x6_mm`)."""
+    gram = bf16x6_mm(features, features.T) if bf16x6 else features @ features.T
+    dist = 1.0 - gram.clamp(-1, 1)
     return average_linkage_precomputed(dist, threshold)
 
 
 def cluster_and_vote(features: torch.Tensor, threshold: float, queries: torch.Tensor, keys: torch.Tensor,
-                     key_mask: torch.Tensor, active: torch.Tensor,
+                     key_mask: torch.Tensor, active: torch.Tensor, bf16x6: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``average_linkage`` and ``nn_vote``, one after the other."""
-    return (average_linkage(features, threshold), *nn_vote(queries, keys, key_mask, active))
+    return (average_linkage(features, threshold, bf16x6), *nn_vote(queries, keys, key_mask, active))
+
+
+# ---- the split-bf16 product (csrc/common/bf16x6.h, restated) ----------------------------------
+#: Which part of a (left) and of b (right) each of the six inner blocks of the product holds:
+#: the products p2 p0, p0 p2, p1 p0, p1 p1, p0 p1, p0 p0.
+BF16X6_LEFT = (2, 0, 1, 1, 0, 0)
+BF16X6_RIGHT = (0, 2, 0, 1, 1, 0)
+
+
+def round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to bf16 (8 significant bits, to nearest even), as float32; NaN and
+    inf give NaN, values beyond bf16's range inf (integer operations, as the kernels)."""
+    bits = x.contiguous().view(torch.int32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & ~0xFFFF
+    nonfinite = (bits & 0x7F800000) == 0x7F800000
+    return torch.where(nonfinite, torch.nan, rounded.view(torch.float32))
+
+
+def bf16x6_parts(x: torch.Tensor) -> list[torch.Tensor]:
+    """The parts p0, p1, p2 of float32 x: ``p_k = round_bf16(x - p0 - ... - p_{k-1})``."""
+    parts, rest = [], x.float()
+    for _ in range(3):
+        parts.append(round_bf16(rest))
+        rest = rest - parts[-1]
+    return parts
+
+
+def bf16x6_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as the split-bf16 product: one float32 GEMM of inner size 6K on the operands."""
+    pa, pb = bf16x6_parts(a), bf16x6_parts(b)
+    left = torch.cat([pa[k] for k in BF16X6_LEFT], dim=1)
+    right = torch.cat([pb[k] for k in BF16X6_RIGHT], dim=0)
+    return left @ right
 
 
 def grid_neighbours(h: int, w: int, connectivity: int) -> list[list[int]]:

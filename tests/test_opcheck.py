@@ -28,6 +28,9 @@ def _cases() -> dict:
         "average_linkage_precomputed": (dist, 0.6),
         "cluster_and_vote": (x, 0.6, q, k, km, act),
         "grid_average_linkage": (x, 6, 4, 4, 0.6),
+        "average_linkage:bf16x6": (x, 0.6, True),
+        "cluster_and_vote:bf16x6": (x, 0.6, q, k, km, act, True),
+        "bf16x6_mm": (q, x.T),
     }
 
 
@@ -41,8 +44,9 @@ def library(request) -> tuple[str, object]:
     return backend.library, backend.dev
 
 
-@pytest.mark.parametrize("op", sorted(_cases()))
-def test_opcheck(library, op):
+@pytest.mark.parametrize("case", sorted(_cases()))
+def test_opcheck(library, case):
     name, dev = library
-    args = tuple(dev(a) if isinstance(a, torch.Tensor) else a for a in _cases()[op])
+    args = tuple(dev(a) if isinstance(a, torch.Tensor) else a for a in _cases()[case])
+    op = case.split(":")[0]  # "op:variant": the same op with other arguments
     torch.library.opcheck(getattr(getattr(torch.ops, name), op).default, args)

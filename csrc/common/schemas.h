@@ -24,19 +24,25 @@ inline void define_ops(torch::Library& m) {
   // that every merge with linkage distance < threshold is made. Labels (N,) int64,
   // numbered by first appearance.
   m.def("average_linkage_precomputed(Tensor dist, float threshold) -> Tensor");
-  // Same on L2-normalised features (N, C): dist = 1 - clamp(X X^T, -1, 1) in float32.
-  m.def("average_linkage(Tensor features, float threshold) -> Tensor");
+  // Same on L2-normalised features (N, C): dist = 1 - clamp(X X^T, -1, 1) in float32; with
+  // bf16x6 the Gram matrix X X^T is the split-bf16 product of common/bf16x6.h.
+  m.def("average_linkage(Tensor features, float threshold, bool bf16x6=False) -> Tensor");
   // average_linkage(features, threshold) and nn_vote(queries, keys, key_mask, active) in one
   // call: (labels, votes, argmax), equal to the two ops'. The CPU kernel overlaps the sequential
   // clustering with the voting; elsewhere the composite below runs the two ops in a row.
   m.def("cluster_and_vote(Tensor features, float threshold, Tensor queries, Tensor keys, "
-        "Tensor key_mask, Tensor active) -> (Tensor labels, Tensor votes, Tensor argmax)");
+        "Tensor key_mask, Tensor active, bool bf16x6=False) -> (Tensor labels, Tensor votes, Tensor argmax)");
   // Connectivity-constrained average linkage on an h x w grid (4 or 8 neighbours),
   // reciprocal-nearest-neighbour rounds on the true average distance.
   m.def("grid_average_linkage(Tensor features, int h, int w, int connectivity, float threshold) -> Tensor");
   // Seed selection and aggregation (SPEC step 7): labels (N,) int64 in [0, N), candidates (N,)
   // bool, feats_deb (N, D), feats (N, C), sim (N,), prototype (D,) float32 -> the (N,) bool
   // patch mask. A CUDA kernel only: on the CPU the wrapper runs ATen's ops (the reference).
+  // a @ b for float32 a (M, K), b (K, P) as the split-bf16 product of common/bf16x6.h: (M, P)
+  // float32, equal on every backend up to the GEMM's summation order (bit for bit between the
+  // CPU kernel and the emulated CUDA one). A row of a or column of b with a non-finite entry
+  // gives NaN.
+  m.def("bf16x6_mm(Tensor a, Tensor b) -> Tensor");
   m.def("aggregate_clusters(Tensor labels, Tensor candidates, Tensor feats_deb, Tensor feats, Tensor sim, "
         "Tensor prototype, float merge_threshold) -> Tensor");
 }
@@ -47,15 +53,15 @@ inline void define_ops(torch::Library& m) {
 template <const char* Ns>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_composite(
     const at::Tensor& features, double threshold, const at::Tensor& queries, const at::Tensor& keys,
-    const at::Tensor& key_mask, const at::Tensor& active) {
+    const at::Tensor& key_mask, const at::Tensor& active, bool bf16x6) {
   static const auto linkage = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow((std::string(Ns) + "::average_linkage").c_str(), "")
-                                  .typed<at::Tensor(const at::Tensor&, double)>();
+                                  .typed<at::Tensor(const at::Tensor&, double, bool)>();
   static const auto vote = c10::Dispatcher::singleton()
                                .findSchemaOrThrow((std::string(Ns) + "::nn_vote").c_str(), "")
                                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                          const at::Tensor&, const at::Tensor&)>();
-  at::Tensor labels = linkage.call(features, threshold);
+  at::Tensor labels = linkage.call(features, threshold, bf16x6);
   auto [votes, argmax] = vote.call(queries, keys, key_mask, active);
   return {labels, votes, argmax};
 }

@@ -40,12 +40,12 @@ at::Tensor average_linkage_precomputed_impl(const at::Tensor& dist, double thres
 
 // Input rule: features finite with C * max|features|^2 < 2^100 (linkage_features); threshold
 // not NaN.
-at::Tensor average_linkage_impl(const at::Tensor& features, double threshold) {
+at::Tensor average_linkage_impl(const at::Tensor& features, double threshold, bool bf16x6) {
   insid3_cpu::check_threshold(threshold, "average_linkage");
   const at::Tensor X = insid3_cpu::linkage_features(features, "average_linkage");
   const insid3_cpu::MaybeReleaseGIL no_gil;
   const int64_t n = X.size(0);
-  insid3_cpu::HugeBuffer D = insid3_cpu::cosine_distances_condensed(X, "average_linkage");
+  insid3_cpu::HugeBuffer D = insid3_cpu::cosine_distances_condensed(X, "average_linkage", bf16x6);
   return insid3_cpu::cut_labels(insid3_cpu::nn_chain_average(D.data(), n), n, threshold, features.options());
 }
 
@@ -54,8 +54,8 @@ at::Tensor average_linkage_precomputed_cpu(const at::Tensor& dist, double thresh
                                  [&] { return average_linkage_precomputed_impl(dist, threshold); });
 }
 
-at::Tensor average_linkage_cpu(const at::Tensor& features, double threshold) {
-  return insid3_cpu::guard_alloc("average_linkage", [&] { return average_linkage_impl(features, threshold); });
+at::Tensor average_linkage_cpu(const at::Tensor& features, double threshold, bool bf16x6) {
+  return insid3_cpu::guard_alloc("average_linkage", [&] { return average_linkage_impl(features, threshold, bf16x6); });
 }
 
 }  // namespace

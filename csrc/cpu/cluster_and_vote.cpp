@@ -29,13 +29,13 @@ constexpr int64_t kRange = 128;
 // Input rule: average_linkage's on features and threshold, nn_vote's on the rest.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_impl(
     const at::Tensor& features, double threshold, const at::Tensor& queries, const at::Tensor& keys,
-    const at::Tensor& key_mask, const at::Tensor& active) {
+    const at::Tensor& key_mask, const at::Tensor& active, bool bf16x6) {
   insid3_cpu::check_threshold(threshold, "cluster_and_vote");
   const at::Tensor X = insid3_cpu::linkage_features(features, "cluster_and_vote");
   insid3_cpu::NnVoteJob job(queries, keys, key_mask, active, "cluster_and_vote");
   const insid3_cpu::MaybeReleaseGIL no_gil;
   const int64_t n = X.size(0), A = job.active_count();
-  insid3_cpu::HugeBuffer D = insid3_cpu::cosine_distances_condensed(X, "cluster_and_vote");
+  insid3_cpu::HugeBuffer D = insid3_cpu::cosine_distances_condensed(X, "cluster_and_vote", bf16x6);
 
   std::vector<insid3_cpu::Merge> merges;
   // The overlap relies on ATen and the BLAS running sequentially inside an OpenMP region.
@@ -65,9 +65,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_impl(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_and_vote_cpu(
     const at::Tensor& features, double threshold, const at::Tensor& queries, const at::Tensor& keys,
-    const at::Tensor& key_mask, const at::Tensor& active) {
-  return insid3_cpu::guard_alloc(
-      "cluster_and_vote", [&] { return cluster_and_vote_impl(features, threshold, queries, keys, key_mask, active); });
+    const at::Tensor& key_mask, const at::Tensor& active, bool bf16x6) {
+  return insid3_cpu::guard_alloc("cluster_and_vote", [&] {
+    return cluster_and_vote_impl(features, threshold, queries, keys, key_mask, active, bf16x6);
+  });
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/bf16x6.h"
 #include "cpu/checks.h"
 #include "cpu/huge_buffer.h"
 #include "cpu/nn_chain.h"
@@ -47,16 +48,26 @@ inline void require_finite(bool finite, const char* op) {
 // double. Rows come in blocks; each block is at::mm of rows [i0, i1) against rows [i0, n):
 // the GEMM torch runs for X @ X.T restricted to those rows and columns (bitwise equal to the
 // full product with MKL, checked in the tests), about half of the full product's work.
-inline HugeBuffer cosine_distances_condensed(const at::Tensor& X, const char* op) {
+// bf16x6: X X^T as the split-bf16 product (common/bf16x6.h), the same blocks of the two views
+// of the shared Gram buffer as the CUDA kernel multiplies.
+inline HugeBuffer cosine_distances_condensed(const at::Tensor& X, const char* op, bool bf16x6 = false) {
   constexpr int64_t kRowBlock = 512;
-  const int64_t n = X.size(0);
+  const int64_t n = X.size(0), C = X.size(1);
   const int64_t pairs = condensed_size(n, op);
   const std::vector<int64_t> off = condensed_row_offsets(n);
+  at::Tensor left = X, right = X;
+  if (bf16x6) {
+    checked_mul(checked_mul(n, C, op, "the features' size N * C"), 4 * insid3::kBf16x6GramBlocks, op,
+                "the size in bytes of the bf16x6 operand, 28 N C");
+    const at::Tensor S = bf16x6_operand(X, insid3::kBf16x6Gram, insid3::kBf16x6GramBlocks, false);
+    left = S.narrow(1, insid3::kBf16x6GramLeft * C, insid3::kBf16x6Blocks * C);
+    right = S.narrow(1, insid3::kBf16x6GramRight * C, insid3::kBf16x6Blocks * C);
+  }
   HugeBuffer D(pairs);
   bool finite = true;
   for (int64_t i0 = 0; i0 + 1 < n; i0 += kRowBlock) {
     const int64_t B = std::min(kRowBlock, n - i0);
-    const at::Tensor G = at::mm(X.narrow(0, i0, B), X.narrow(0, i0, n - i0).t()).contiguous();
+    const at::Tensor G = at::mm(left.narrow(0, i0, B), right.narrow(0, i0, n - i0).t()).contiguous();
     const float* g = G.data_ptr<float>();
     const int64_t ld = n - i0;
     // Arithmetic only: nothing in the region allocates or throws.

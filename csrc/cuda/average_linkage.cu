@@ -48,6 +48,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
+#include "cuda/bf16x6.cuh"
 #include "cuda/cuda_utils.cuh"
 
 namespace insid3_cuda {
@@ -387,14 +388,17 @@ at::Tensor average_linkage_precomputed_cuda(const at::Tensor& dist, double thres
   return cluster_dense(D, threshold, false);
 }
 
-at::Tensor average_linkage_cuda(const at::Tensor& features, double threshold) {
+at::Tensor average_linkage_cuda(const at::Tensor& features, double threshold, bool bf16x6) {
   constexpr const char* op = "average_linkage";
   check_cuda_tensor(features, op, "features", at::kFloat, 2);
   TORCH_CHECK(features.size(0) < (int64_t(1) << 31), op, ": N must be < 2^31");
   insid3::check_threshold(threshold, op);
   c10::cuda::CUDAGuard guard(features.device());
-  const int64_t N = features.size(0);
+  const int64_t N = features.size(0), C = features.size(1);
   dense_bytes(N, op);
+  if (bf16x6)
+    insid3::checked_mul(insid3::checked_mul(N, C, op, "the features' size N * C"), 2 * insid3::kBf16x6GramBlocks, op,
+                        "the size in bytes of the bf16x6 operand, 14 N C");
   const auto X = features.contiguous();
   check_dot_inputs(X, "features", X, "features", X.size(1), op);
   if (N == 0) return at::empty({0}, features.options().dtype(at::kLong));
@@ -403,6 +407,14 @@ at::Tensor average_linkage_cuda(const at::Tensor& features, double threshold) {
   const int64_t rows = INSID3_TUNABLE("average_linkage.gram_rows", kGramRows);
   // D's storage read as (N, 2N) floats: the Gram row blocks go into the first half of their rows.
   auto G = D.view(at::kFloat);
+  // bf16x6: the shared Gram buffer S (N, 7C) of common/bf16x6.h, its left and right operands
+  // two views of it (one kernel, no other copy).
+  at::Tensor S, left, right;
+  if (bf16x6) {
+    S = bf16x6_operand(X, insid3::kBf16x6Gram, insid3::kBf16x6GramBlocks, false);
+    left = S.narrow(1, insid3::kBf16x6GramLeft * C, insid3::kBf16x6Blocks * C);
+    right = S.narrow(1, insid3::kBf16x6GramRight * C, insid3::kBf16x6Blocks * C);
+  }
   {
     at::NoTF32Guard no_tf32;  // float32 distances, as on the CPU (no TF32 rounding)
     for (int64_t i0 = 0; i0 < N; i0 += rows) {  // trip count from shapes only
@@ -410,7 +422,10 @@ at::Tensor average_linkage_cuda(const at::Tensor& features, double threshold) {
       // Rows [i0, i0 + B) against rows [i0, N): the CPU kernel's GEMM blocks; the output view
       // (row stride 2N) is one cuBLAS leading dimension, written in place.
       auto out = G.narrow(0, i0, B).narrow(1, i0, N - i0);
-      at::mm_out(out, X.narrow(0, i0, B), X.narrow(0, i0, N - i0).t());
+      if (bf16x6)
+        bf16x6_gemm(out, left.narrow(0, i0, B), right.narrow(0, i0, N - i0).t());
+      else
+        at::mm_out(out, X.narrow(0, i0, B), X.narrow(0, i0, N - i0).t());
     }
   }
   // Chunks of blockDim.x * kWidenPerThread columns; the emulation's tests shrink the block so

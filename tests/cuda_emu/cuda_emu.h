@@ -104,6 +104,20 @@ bool capturing();
 int64_t tunable(const char* name, int64_t value);
 void set_tunable(const char* name, int64_t value);
 
+// While one lives on this thread, tensors allocated here are the emulation's own scratch (e.g.
+// float32 copies of bf16 operands for the CPU GEMM), not tensors the device would hold: the
+// peak meter of emu_peak_begin does not see them. Create and drop them inside the scope.
+class EmulationScratch {
+ public:
+  EmulationScratch();
+  ~EmulationScratch();
+  EmulationScratch(const EmulationScratch&) = delete;
+  EmulationScratch& operator=(const EmulationScratch&) = delete;
+
+ private:
+  bool hidden_ = false;
+};
+
 template <class Kernel>
 struct Launcher {
   const char* kernel;

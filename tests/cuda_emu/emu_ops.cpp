@@ -39,8 +39,24 @@ int64_t emu_peak_end() {
   return meter->peak;
 }
 
+// Hides the meter (pushes an empty PROFILER_STATE) only when the meter is what is installed: a
+// profiler's own state is left alone.
+bool hide_meter() {
+  if (dynamic_cast<PeakMeter*>(c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE)) == nullptr)
+    return false;
+  c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, nullptr);
+  return true;
+}
+
 void emu_set_tunable(c10::string_view name, int64_t value) { cuda_emu::set_tunable(std::string(name).c_str(), value); }
 }  // namespace
+
+namespace cuda_emu {
+EmulationScratch::EmulationScratch() : hidden_(hide_meter()) {}
+EmulationScratch::~EmulationScratch() {
+  if (hidden_) c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
+}
+}  // namespace cuda_emu
 
 TORCH_LIBRARY(insid3_fast_emu, m) {
   insid3::define_ops(m);
