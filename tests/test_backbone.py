@@ -22,8 +22,10 @@ from insid3_fast.backbone import (
     dinov3_rope_periods,
     infer_model_size,
     load_dinov3,
+    load_meta_state,
     weights_fingerprint,
 )
+from insid3_fast import INSID3
 from insid3_fast.errors import InputError, WeightsError
 
 # Meta's released checkpoints store these periods (head dim 64, base 100, bf16-rounded).
@@ -453,3 +455,38 @@ def test_weights_fingerprint_sees_tail_changes(tmp_path):
     path.write_bytes(bytes(data))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: only content differs
     assert weights_fingerprint(path) != before
+
+
+def test_loaded_backbone_fingerprint_follows_its_weights(tiny, tmp_path):
+    size, meta, path = tiny
+    backbone = load_dinov3(path)
+    key = backbone.weights_fingerprint
+    assert key == f"{weights_fingerprint(path)}|torch.float32"
+    assert load_dinov3(path).weights_fingerprint == key  # stable: the same file, the same key
+    other = load_dinov3(write_meta_checkpoint(tmp_path / "other.pth", model_size=size, seed=11, **TINY_KWARGS))
+    backbone.load_state_dict(other.state_dict())  # other weights, loaded in place
+    assert backbone.weights_fingerprint is None
+    backbone.weights_fingerprint = "marked"
+    assert backbone.weights_fingerprint == "marked|torch.float32"
+    with torch.no_grad():
+        next(backbone.parameters()).mul_(2)  # modified in place
+    assert backbone.weights_fingerprint is None
+    fresh = load_dinov3(path)
+    fresh.model.patch_embed.proj.weight = torch.nn.Parameter(fresh.model.patch_embed.proj.weight.clone())
+    assert fresh.weights_fingerprint is None  # a parameter replaced
+    assert load_dinov3(path, dtype=torch.bfloat16).weights_fingerprint == f"{weights_fingerprint(path)}|torch.bfloat16"
+
+
+def test_weights_loaded_in_place_never_get_the_cached_basis_of_the_file(tiny, tmp_path):
+    """The positional-basis disk cache keys on the backbone's fingerprint: after other weights are
+    loaded into it, a model built on it estimates their basis instead of reading the file's."""
+    size, meta, path = tiny
+    cache = tmp_path / "cache"
+    options = dict(image_size=64, svd_components=8, device="cpu", cache_dir=str(cache))
+    backbone = load_dinov3(path)
+    INSID3(backbone, **options)  # writes the file's basis into the cache
+    assert any(cache.rglob("*")), "the first model should have written the cache"
+    other_path = write_meta_checkpoint(tmp_path / "other.pth", model_size=size, seed=11, **TINY_KWARGS)
+    load_meta_state(backbone, torch.load(other_path, weights_only=True))
+    expected = INSID3(load_dinov3(other_path), **{**options, "cache_dir": str(tmp_path / "none")}).core.basis
+    assert torch.equal(INSID3(backbone, **options).core.basis, expected)

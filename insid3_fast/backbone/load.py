@@ -65,8 +65,8 @@ def load_dinov3(
     _load_checked(model, state, arch)
     backbone = DinoV3Backbone(model, arch.model_size)
     backbone.eval().requires_grad_(False)
-    # Keys the positional-basis disk cache of INSID3 built on this encoder (weights and dtype).
-    backbone.weights_fingerprint = f"{weights_fingerprint(weights)}|{dtype}"
     if device is not None or dtype is not None:
         backbone.to(device=device, dtype=dtype)
+    # Keys the positional-basis disk cache of INSID3 built on this encoder, until its weights change.
+    backbone.weights_fingerprint = weights_fingerprint(weights)
     return backbone

@@ -102,6 +102,34 @@ class DinoV3Backbone(nn.Module):
         self.n_blocks = len(model.blocks)
         self.num_heads = int(model.blocks[0].attn.num_heads)
         self.n_storage_tokens = int(model.num_prefix_tokens) - 1
+        self._weights_mark: tuple[str, tuple[tuple[Tensor, int], ...]] | None = None
+
+    def _weight_tensors(self) -> tuple[Tensor, ...]:
+        return (*self.parameters(), *self.buffers())
+
+    @property
+    def weights_fingerprint(self) -> str | None:
+        """The positional-basis cache key of the weights file this backbone was loaded from
+        (``load_dinov3``) and its parameters' dtype; None when it was not loaded from a file, or
+        when any parameter or buffer changed since (loaded or modified in place, replaced): a
+        key kept past such a change would serve the positional basis of other weights.
+
+        Changes are seen through the tensors' identities and version counters; an assignment
+        to a tensor's ``.data`` is not seen.
+        """
+        mark = self._weights_mark
+        if mark is None:
+            return None
+        key, marked = mark
+        current = self._weight_tensors()
+        if len(current) != len(marked) or any(t is not c or t._version != v for (t, v), c in zip(marked, current)):
+            return None
+        return f"{key}|{current[0].dtype if current else None}"
+
+    @weights_fingerprint.setter
+    def weights_fingerprint(self, key: str | None) -> None:
+        """Mark the current weights as those of ``key`` (a ``weights_fingerprint`` of their file)."""
+        self._weights_mark = None if key is None else (key, tuple((t, t._version) for t in self._weight_tensors()))
 
     def get_intermediate_layers(
         self,
