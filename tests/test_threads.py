@@ -145,3 +145,30 @@ def test_reset_state_from_another_thread_discards_the_sequence():
     run_threads([model.reset_state])
     run_threads([lambda: model.set_target(target)])  # no longer pending: allowed
     model.reset_state()
+
+
+def test_emulated_voting_from_threads_keeps_the_bf16_reduction_setting():
+    """The bf16 voting GEMM disallows cuBLAS's reduced-precision (bf16) split-K reduction, a
+    process-wide flag, while it is enqueued: concurrent calls must leave the caller's setting as
+    they found it (per-call save/restore lost it in 6 of 40 rounds of 4 threads), and every
+    call's votes are the CPU op's. Also: the emulation runs blocks for several host threads at
+    once (it aborted with "cannot map a fiber stack" before its workers unmapped their stacks)."""
+    from backends import Backend
+
+    emu = Backend("emu")
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_bf16_reduced_precision_reduction
+    g = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(1, 64, 16, generator=g), dim=1)
+    km, act = torch.rand(1, 64, generator=g) > 0.5, torch.ones(64, dtype=torch.bool)
+    want = torch.ops.insid3_fast.nn_vote(q, k, km, act)
+    try:
+        for setting in (True, False, True):
+            matmul.allow_bf16_reduced_precision_reduction = setting
+            for _ in range(15):
+                for got in run_threads([lambda: emu.raw.nn_vote(q, k, km, act)] * 4):
+                    assert all(torch.equal(a, b) for a, b in zip(got, want))
+                assert matmul.allow_bf16_reduced_precision_reduction is setting
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = saved

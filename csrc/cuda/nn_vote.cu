@@ -21,6 +21,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 
 #include "cuda/cuda_utils.cuh"
@@ -153,14 +154,38 @@ bool nn_vote_uses_bf16() {
 }
 
 // cuBLAS may reduce a bf16 GEMM in reduced precision (split-K partial sums in bf16), which
-// bf16_dot_error_bound does not cover: disallowed for the duration of our GEMM.
-struct NoReducedBf16Reduction {
-  at::CuBLASReductionOption saved = at::globalContext().allowBF16ReductionCuBLAS();
-  NoReducedBf16Reduction() { at::globalContext().setAllowBF16ReductionCuBLAS(false, false); }
+// bf16_dot_error_bound does not cover: disallowed while any of our GEMMs is being enqueued (the
+// kernel is chosen then). The flag is process-wide, so the guards of concurrent calls share one
+// count: the first in saves the caller's setting, the last out restores it. (Per-call saves
+// would race: a call that saved another's "disallowed" could restore it for good, and one that
+// restores early could let cuBLAS reduce in bf16 in the middle of another thread's GEMM.)
+// Other threads' bf16 GEMMs enqueued in the window are reduced in float32: slower, never less exact.
+class NoReducedBf16Reduction {
+ public:
+  NoReducedBf16Reduction() {
+    const std::lock_guard<std::mutex> lock(mutex());
+    if (depth()++ == 0) {
+      saved() = at::globalContext().allowBF16ReductionCuBLAS();
+      at::globalContext().setAllowBF16ReductionCuBLAS(false, false);
+    }
+  }
   ~NoReducedBf16Reduction() {
-    using O = at::CuBLASReductionOption;
-    at::globalContext().setAllowBF16ReductionCuBLAS(saved == O::AllowReducedPrecisionWithSplitK,
-                                                     saved != O::DisallowReducedPrecisionDisallowSplitK);
+    const std::lock_guard<std::mutex> lock(mutex());
+    if (--depth() == 0) {
+      using O = at::CuBLASReductionOption;
+      at::globalContext().setAllowBF16ReductionCuBLAS(saved() == O::AllowReducedPrecisionWithSplitK,
+                                                     saved() != O::DisallowReducedPrecisionDisallowSplitK);
+    }
+  }
+  NoReducedBf16Reduction(const NoReducedBf16Reduction&) = delete;
+  NoReducedBf16Reduction& operator=(const NoReducedBf16Reduction&) = delete;
+
+ private:
+  static std::mutex& mutex() { static std::mutex m; return m; }
+  static int& depth() { static int d = 0; return d; }
+  static at::CuBLASReductionOption& saved() {
+    static at::CuBLASReductionOption s = at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
+    return s;
   }
 };
 

@@ -303,6 +303,13 @@ struct Worker {
   const std::function<void()>* body = nullptr;
   std::exception_ptr thrown;
 
+  // The stacks go with the thread: an OpenMP team per calling host thread would otherwise
+  // leave its workers' stacks mapped after they exit, until mmap fails.
+  ~Worker() {
+    const long page = sysconf(_SC_PAGESIZE);
+    for (char* s : free_stacks) munmap(s - page, kStackBytes + page);
+  }
+
   char* take_stack() {
     if (!free_stacks.empty()) {
       char* s = free_stacks.back();
@@ -398,7 +405,12 @@ void run_grid(const Launch& L, const std::function<void()>& body) {
 #pragma omp parallel for schedule(dynamic, 4) num_threads(workers())
   for (int64_t b = 0; b < static_cast<int64_t>(blocks); ++b) {
     if (failed.load(std::memory_order_relaxed)) continue;
-    std::string err = run_block(L, block_of(L, b), body);
+    std::string err;
+    try {  // nothing may leave an OpenMP region (std::terminate)
+      err = run_block(L, block_of(L, b), body);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
     if (!err.empty()) {
       std::lock_guard<std::mutex> g(mu);
       if (!failed.exchange(true)) first = err;
