@@ -41,8 +41,19 @@ def run_threads(fns):
     return results
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param("emulated", marks=BACKENDS[1].marks)])
 def test_stateless_calls_from_threads_give_the_single_threaded_masks(backend):
+    """"emulated": the native GPU code path, its kernels (csrc/cuda) run by the CUDA emulation."""
+    if backend == "emulated":
+        from backends import emulation
+
+        with ops.use_library(emulation()):  # process-wide: the threads below use it too
+            _stateless_calls_from_threads("native")
+    else:
+        _stateless_calls_from_threads(backend)
+
+
+def _stateless_calls_from_threads(backend: str) -> None:
     model = INSID3(SyntheticEncoder(32, seed=4), image_size=256, svd_components=16, device="cpu", backend=backend)
     # Each thread: its own reference (episodes of different concepts) and its own targets.
     jobs = []
