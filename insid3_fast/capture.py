@@ -44,11 +44,18 @@ class GraphRunner(Protocol):
         """Re-execute what was recorded."""
 
 
+# One capture at a time in the process (torch's inductor serialises its captures the same way).
+_CAPTURE_LOCK = threading.Lock()
+
+
 class CudaGraphRunner:
     """A ``torch.cuda.CUDAGraph``: ``warmup`` eager runs on a side stream, then one capture.
 
     The warm-up runs let lazy initialisation (cuBLAS handles, the caching allocator's first
-    blocks, autotuning) happen outside the graph, as ``torch.cuda.graphs`` recommends.
+    blocks, autotuning) happen outside the graph, as ``torch.cuda.graphs`` recommends. The
+    capture is thread-local (``capture_error_mode="thread_local"``): other threads may go on with
+    eager work meanwhile (their host reads and allocations would invalidate a global capture and
+    fail themselves); captures of several threads are serialised.
     """
 
     def __init__(self, device: torch.device, warmup: int = 2) -> None:
@@ -61,7 +68,7 @@ class CudaGraphRunner:
         """Warm up, then record ``fn`` into a new graph; its output is the static output."""
         # On the model's device, whichever is current: torch.cuda.graph's default capture
         # stream lives on the device that was current when the process first captured.
-        with torch.cuda.device(self.device):
+        with _CAPTURE_LOCK, torch.cuda.device(self.device):
             current = torch.cuda.current_stream(self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
@@ -70,7 +77,8 @@ class CudaGraphRunner:
                     fn()
             current.wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device),
+                                  capture_error_mode="thread_local"):
                 out = fn()
         return out
 
@@ -101,8 +109,9 @@ class CapturedTarget:
     served one at a time. A target whose features are not finite (NaN or inf pixels) gets an
     empty mask, decided on the device (eagerly the ops raise instead, on every backend). The
     graph holds the reference and the model's thresholds, buffers and weights as they were at
-    capture: after ``reconfigure`` or moving or casting the model a call is refused; capture
-    again. Weights loaded in place (``load_state_dict``) are read by the next replay.
+    capture: after ``reconfigure``, moving or casting the model, or replacing its positional basis
+    (``set_basis``, or ``load_state_dict`` with another basis) a call is refused; capture again.
+    Encoder weights loaded in place (``load_state_dict``) are read by the next replay.
     """
 
     def __init__(self, core: "Insid3Core", ref: "EncodedReference", batch: int = 1,
@@ -184,6 +193,9 @@ class CapturedTarget:
         if self.core.config is not self.config:
             raise InputError("the model was reconfigured after this call was captured (its thresholds are "
                              "recorded in the graph): capture it again")
+        if self.core.basis_version != self.ref.basis_version:
+            raise InputError("the model's positional basis was replaced after this call was captured (set_basis, "
+                             "or load_state_dict with another basis): encode the reference again and capture again")
         if self._storage_of() != self._storage:
             raise InputError("the model was moved, cast or reloaded after this call was captured (the graph "
                              "reads the old weights' memory): capture it again")

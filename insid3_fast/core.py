@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -71,6 +72,34 @@ def check_image_batch(name: str, images: object) -> int:
     return int(images.shape[0])
 
 
+# Guards each core's (complement, basis_version) pair: readers take both under it, set_basis and a
+# load_state_dict that changes the basis update both under it (a few attribute operations).
+_BASIS_LOCK = threading.Lock()
+
+
+def check_basis_version(ref: EncodedReference, version: int) -> None:
+    """InputError unless ``ref`` was encoded with the basis of this version (see ``set_basis``)."""
+    if ref.basis_version != version:
+        raise InputError("this reference was encoded before the positional basis was replaced (set_basis, or "
+                         "load_state_dict with another basis): its features are in the old basis's "
+                         "coordinates; encode it again")
+
+
+def _note_basis_before_load(core: "Insid3Core", *args: object) -> None:
+    """load_state_dict pre-hook: the basis as it was (compared after the load)."""
+    core.__dict__["_basis_before_load"] = core.basis.detach().clone()
+
+
+def _count_loaded_basis(core: "Insid3Core", incompatible_keys: object) -> None:
+    """load_state_dict post-hook: other basis values loaded make a new basis version (references
+    encoded before are refused, as after set_basis)."""
+    before = core.__dict__.pop("_basis_before_load", None)
+    if before is None or (before.shape == core.basis.shape and torch.equal(before, core.basis.detach())):
+        return
+    with _BASIS_LOCK:
+        core.basis_version += 1
+
+
 class Insid3Core(torch.nn.Module):
     """INSID3 without state: the backbone, the debiasing buffers and the configuration.
 
@@ -116,6 +145,9 @@ class Insid3Core(torch.nn.Module):
         self.register_buffer("basis", basis)
         self.register_buffer("projector", orthogonal_projector(basis))
         self.register_buffer("complement", complement_basis(basis))
+        # A basis loaded with load_state_dict (other values into the same buffers) is a new basis too.
+        self.register_load_state_dict_pre_hook(_note_basis_before_load)
+        self.register_load_state_dict_post_hook(_count_loaded_basis)
 
     # ---- what the buffers and the config say ----
     @property
@@ -211,8 +243,15 @@ class Insid3Core(torch.nn.Module):
         if complement.shape[1] == 0:
             raise InputError("this positional_basis removes the whole embedding (P = I - B B^T is 0): no "
                              "debiased feature would be left")
-        self.basis, self.projector, self.complement = basis, projector, complement
-        self.basis_version += 1
+        with _BASIS_LOCK:
+            self.basis, self.projector, self.complement = basis, projector, complement
+            self.basis_version += 1
+
+    def _coordinates(self) -> tuple[torch.Tensor, int]:
+        """The complement and the version of the basis it belongs to, read together (another
+        thread's ``set_basis`` replaces both at once)."""
+        with _BASIS_LOCK:
+            return self.complement, self.basis_version
 
     # ---- backbone ----
     def _backbone_pass(self, images: torch.Tensor) -> torch.Tensor:
@@ -251,13 +290,14 @@ class Insid3Core(torch.nn.Module):
 
     def encode_reference_features(self, feats: torch.Tensor, masks: torch.Tensor) -> EncodedReference:
         """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size)."""
-        ref = pipeline.encode_reference(feats, masks, self.complement, bf16x6=self.bf16x6, kernels=self.kernels)
-        ref.basis_version = self.basis_version
+        complement, version = self._coordinates()
+        ref = pipeline.encode_reference(feats, masks, complement, bf16x6=self.bf16x6, kernels=self.kernels)
+        ref.basis_version = version
         return ref
 
     def debiased_coordinates(self, feats: torch.Tensor) -> torch.Tensor:
         """Debiased features (T, h*w, D) of normalised features (T, C, h, w), in complement coordinates."""
-        return pipeline.debiased_coordinates(feats, self.complement, bf16x6=self.bf16x6, kernels=self.kernels)
+        return pipeline.debiased_coordinates(feats, self._coordinates()[0], bf16x6=self.bf16x6, kernels=self.kernels)
 
     def check_reference(self, ref: object) -> EncodedReference:
         """``ref`` if this model encoded it (image size, embedding size, rank), else InputError."""
@@ -269,9 +309,7 @@ class Insid3Core(torch.nn.Module):
             raise InputError(f"this reference was encoded at image size {ref.masks.shape[-1]} ({grid[0]}x{grid[1]} "
                              f"patches), but the model segments at {self.image_size} ({side}x{side}): encode it "
                              "with this model's encode_reference()")
-        if ref.basis_version != self.basis_version:
-            raise InputError("this reference was encoded before the positional basis was replaced: its "
-                             "features are in the old basis's coordinates; encode it again")
+        check_basis_version(ref, self.basis_version)
         if ref.embed_dim != self.basis.shape[0] or ref.keys.shape[-1] != self.complement.shape[1]:
             raise InputError(f"this reference was encoded by a model with another embedding size or "
                              f"positional rank (features {ref.embed_dim}, keys {ref.keys.shape[-1]}; "
@@ -284,7 +322,9 @@ class Insid3Core(torch.nn.Module):
     def segment_patches(self, ref: EncodedReference, tgt_feat: torch.Tensor) -> torch.Tensor:
         """The (h, w) bool patch mask of one target given its normalised features (C, h, w)."""
         c = self.config
-        return self._segment_patches(ref, tgt_feat, self.complement, tau=c.tau, merge_threshold=c.merge_threshold,
+        complement, version = self._coordinates()
+        check_basis_version(ref, version)  # per target: a stream outlives a set_basis of another thread
+        return self._segment_patches(ref, tgt_feat, complement, tau=c.tau, merge_threshold=c.merge_threshold,
                                      connectivity=c.connectivity, kernels=self.kernels, bf16x6=self.bf16x6)
 
     def finalize(self, patch_mask: torch.Tensor, image: torch.Tensor | None,

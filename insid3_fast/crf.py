@@ -113,7 +113,7 @@ def _crf_foreground(image: torch.Tensor, core: torch.Tensor, band: torch.Tensor,
         spatial, bilateral, logit_fg = spatial[support], bilateral[support], logit_fg[support]
     if backend == "torch":
         cached = None if support is not None else _spatial_lattice(
-            *band.shape, params.gamma, str(band.device))
+            *band.shape, params.gamma, str(band.device), _stream_id(band.device))
         fg = _solve_torch(spatial, bilateral, logit_fg, params, cached)
     else:
         fg = _solve_pydensecrf(spatial, bilateral, logit_fg, params).to(band.device)
@@ -339,9 +339,16 @@ def _lookup(sorted_keys: torch.Tensor, queries: torch.Tensor, missing: int) -> t
     return torch.where(found, pos, torch.full_like(pos, missing))
 
 
+def _stream_id(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` (0 elsewhere)."""
+    return torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+
+
 @functools.lru_cache(maxsize=4)
-def _spatial_lattice(h: int, w: int, gamma: float, device: str) -> PermutohedralLattice:
-    """The spatial kernel's lattice depends only on the size: built once per size and device."""
+def _spatial_lattice(h: int, w: int, gamma: float, device: str, stream: int) -> PermutohedralLattice:
+    """The spatial kernel's lattice depends only on the size: built once per size and device,
+    and on CUDA per stream (each thread's stream reads only what it wrote, and an evicted entry
+    is freed on the stream that used it, as the caching allocator assumes)."""
     spatial, _ = _features(torch.zeros(3, h, w, device=device), CrfParams(gamma=gamma))
     return PermutohedralLattice(spatial)
 

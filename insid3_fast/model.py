@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import os
 import threading
@@ -416,14 +417,20 @@ class INSID3(torch.nn.Module):
             if chunk:
                 yield chunk
 
+        def on_device(chunk: list[ImageLike]) -> bool:
+            return any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in chunk)
+
         with ThreadPoolExecutor(max_workers=1) as pool:
+            # Each entry gives its batch when called. Device tensors are resized here, on the
+            # caller's thread and so on its CUDA stream, the one that wrote them: a loader thread
+            # would read them on its own stream, unordered with the writes.
             pending = []
             for chunk in chunks():
-                pending.append(pool.submit(load, chunk))
+                pending.append(functools.partial(load, chunk) if on_device(chunk) else pool.submit(load, chunk).result)
                 if len(pending) > prefetch:
-                    yield from self._segment_batch(ref, *pending.pop(0).result())
-            for future in pending:
-                yield from self._segment_batch(ref, *future.result())
+                    yield from self._segment_batch(ref, *pending.pop(0)())
+            for batch in pending:
+                yield from self._segment_batch(ref, *batch())
 
     def capture(self, ref: EncodedReference, batch_size: int = 1) -> CapturedTarget:
         """A call that segments ``batch_size`` targets against ``ref`` by one CUDA-graph replay.

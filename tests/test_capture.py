@@ -204,3 +204,57 @@ def test_captured_call_serves_threads_one_at_a_time():
     assert wrong == [0, 0]
     with pytest.raises(InputError, match="batch_size must be"):
         model.capture(ref, batch_size=0)
+
+
+def test_cuda_graph_runner_captures_thread_locally_one_at_a_time(monkeypatch):
+    """CudaGraphRunner's use of torch.cuda, with torch.cuda stood in for (no GPU here): a capture
+    in "global" mode fails on any other thread's host read or allocation (and fails that thread
+    too), so it captures thread-locally; and two threads' captures never overlap."""
+    import contextlib
+    import threading
+    import time
+
+    from insid3_fast.capture import CudaGraphRunner
+
+    seen, active, overlaps = [], [0], [0]
+    lock = threading.Lock()
+
+    class FakeStream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def fake_graph(graph, stream=None, capture_error_mode="global", **kwargs):
+        seen.append(capture_error_mode)
+        with lock:
+            active[0] += 1
+            overlaps[0] += active[0] > 1
+        try:
+            yield
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+
+    def capture():
+        def fn():
+            time.sleep(0.02)
+            return torch.zeros(1)
+
+        CudaGraphRunner(torch.device("cuda"), warmup=1).capture(fn)
+
+    threads = [threading.Thread(target=capture) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == ["thread_local"] * 4 and overlaps[0] == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from insid3_fast import INSID3, ops
-from insid3_fast.errors import StateError
+from insid3_fast.errors import InputError, StateError
 from insid3_fast.synthetic import SyntheticEncoder, make_episode
 
 BACKENDS = ["reference", pytest.param("native", marks=pytest.mark.skipif(not ops.native_available(),
@@ -159,11 +159,12 @@ def test_reset_state_from_another_thread_discards_the_sequence():
 
 
 def test_emulated_voting_from_threads_keeps_the_bf16_reduction_setting():
-    """The bf16 voting GEMM disallows cuBLAS's reduced-precision (bf16) split-K reduction, a
-    process-wide flag, while it is enqueued: concurrent calls must leave the caller's setting as
-    they found it (per-call save/restore lost it in 6 of 40 rounds of 4 threads), and every
-    call's votes are the CPU op's. Also: the emulation runs blocks for several host threads at
-    once (it aborted with "cannot map a fiber stack" before its workers unmapped their stacks)."""
+    """The bf16 voting GEMM must not reduce in bf16, which cuBLAS decides from a process-wide
+    flag: the GEMM writes float32 scores (no bf16 partial sums whatever the flag says) instead of
+    disallowing the flag for its duration, whose per-call save/restore lost the caller's setting
+    in 6 of 40 rounds of 4 threads. Every call's votes are the CPU op's. Also: the emulation runs
+    blocks for several host threads at once (it aborted with "cannot map a fiber stack" before
+    its workers unmapped their stacks)."""
     from backends import Backend
 
     emu = Backend("emu")
@@ -183,3 +184,95 @@ def test_emulated_voting_from_threads_keeps_the_bf16_reduction_setting():
                 assert matmul.allow_bf16_reduced_precision_reduction is setting
     finally:
         matmul.allow_bf16_reduced_precision_reduction = saved
+
+
+# ---- a positional basis replaced while other calls run (set_basis, load_state_dict) ----------
+
+
+def _basis_model(seed: int = 4) -> INSID3:
+    return INSID3(SyntheticEncoder(32, seed=seed), image_size=128, svd_components=16, device="cpu")
+
+
+def _other_basis(seed: int = 5) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(32, 16, generator=torch.Generator().manual_seed(seed))).Q
+
+
+def test_a_reference_encoded_across_a_set_basis_is_refused(monkeypatch):
+    """Another thread's set_basis lands while encode_reference computes (simulated by doing it
+    inside the pipeline call): the reference holds old-basis keys, so it must carry the old
+    version (it was tagged with the new one and accepted for good)."""
+    from insid3_fast import pipeline
+
+    model = _basis_model()
+    refs, masks, target, _ = make_episode(7, 1)
+    encode = pipeline.encode_reference
+
+    def racing(*args, **kwargs):
+        out = encode(*args, **kwargs)
+        model.positional_basis = _other_basis()
+        return out
+
+    monkeypatch.setattr(pipeline, "encode_reference", racing)
+    ref = model.encode_reference(refs, masks)
+    monkeypatch.setattr(pipeline, "encode_reference", encode)
+    with pytest.raises(InputError, match="before the positional basis was replaced"):
+        model.segment_targets(ref, [target])
+    model.segment_targets(model.encode_reference(refs, masks), [target])  # a fresh one is accepted
+
+
+def test_a_stream_refuses_the_targets_after_a_set_basis():
+    """stream() checked the reference once: targets after a set_basis of another thread were
+    segmented with the new basis against the old keys, silently."""
+    model = _basis_model()
+    refs, masks, target, _ = make_episode(7, 1)
+    targets = [make_episode(20 + k, 1)[2] for k in range(3)]
+    stream = model.stream(model.encode_reference(refs, masks), targets, batch_size=1, prefetch=0)
+    next(stream)
+    model.positional_basis = _other_basis()
+    with pytest.raises(InputError, match="before the positional basis was replaced"):
+        next(stream)
+
+
+def test_load_state_dict_with_another_basis_refuses_old_references():
+    """Loading another model's state (its basis into the same buffers) left references encoded
+    before accepted, their keys in the old coordinates; loading the same basis keeps them."""
+    from test_capture import ReplayRunner
+
+    model, other = _basis_model(4), _basis_model(9)
+    refs, masks, target, _ = make_episode(7, 1)
+    ref = model.encode_reference(refs, masks)
+    model.load_state_dict(model.state_dict())  # the same basis: nothing to refuse
+    expected = model.segment_targets(ref, [target])[0]
+    captured = model.core.capture(ref, runner=ReplayRunner())
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(model.core.basis, other.core.basis)
+    with pytest.raises(InputError, match="before the positional basis was replaced"):
+        model.segment_targets(ref, [target])
+    with pytest.raises(InputError, match="positional basis was replaced after this call was captured"):
+        captured(torch.zeros(1, 3, 128, 128))
+    model.load_state_dict(_basis_model(4).state_dict())  # back to the first basis: a new version still
+    again = model.encode_reference(refs, masks)
+    assert torch.equal(model.segment_targets(again, [target])[0], expected)
+
+
+def test_stream_resizes_device_tensors_on_the_callers_thread(monkeypatch):
+    """stream() loads images in a background thread; device tensors must be read on the caller's
+    thread (its CUDA stream wrote them; a loader thread reads on its own stream, unordered with
+    those writes). A "meta" tensor stands in for a device tensor here."""
+    import insid3_fast.model as model_module
+
+    model = _basis_model()
+    refs, masks, target, _ = make_episode(7, 1)
+    ref = model.encode_reference(refs, masks)
+    real, threads = model_module.load_image, []
+
+    def recording(image, *args, **kwargs):
+        threads.append((isinstance(image, torch.Tensor) and image.is_meta, threading.current_thread()))
+        return real(torch.zeros(3, 64, 64) if isinstance(image, torch.Tensor) and image.is_meta else image,
+                    *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "load_image", recording)
+    targets = [target, torch.empty(3, 64, 64, device="meta"), target]
+    assert len(list(model.stream(ref, targets, batch_size=1, prefetch=2))) == 3
+    assert sorted(meta for meta, _ in threads) == [False, False, True]
+    assert all(meta == (t is threading.main_thread()) for meta, t in threads)
