@@ -30,9 +30,10 @@ from insid3_fast.inputs import load_image  # noqa: E402
 from insid3_fast.synthetic import SyntheticEncoder, make_episode  # noqa: E402
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
-# The profiler scope of one split-bf16 GEMM (csrc/cuda/bf16x6.cuh): one bf16 tensor-core GEMM on a
-# GPU; in the emulation float32 copies of its operands and a CPU GEMM inside the scope.
-BF16X6_GEMM = "insid3_fast::bf16x6_gemm"
+# The profiler scopes of our bf16 GEMMs (bf16_gemm in csrc/cuda/cuda_utils.cuh), each one bf16
+# tensor-core GEMM on a GPU (in the emulation float32 copies of its operands and a CPU GEMM inside
+# the scope), and the FLOP tag of each: the split-bf16 products (csrc/cuda/bf16x6.cuh) and the rest.
+BF16_GEMMS = {"insid3_fast::bf16x6_gemm": "bf16x6", "insid3_fast::bf16_gemm": "c10::BFloat16"}
 # ATen ops that launch no kernel on a GPU: views, metadata, allocation without initialisation.
 NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view",
              "aten::reshape", "aten::as_strided", "aten::t", "aten::transpose", "aten::permute",
@@ -55,29 +56,35 @@ def _profile(fn, by_op: dict[str, int] | None = None) -> tuple[int, int, dict[st
     with syncs.recording(record_shapes=True, with_flops=True) as (events, copies):
         fn()
     n_syncs, flops = len(copies), {}
-    in_split = lambda e: syncs.has_ancestor(e, lambda name: name == BF16X6_GEMM)  # noqa: E731
+
+    def tag_of(evt) -> str:
+        """The FLOP tag of a GEMM: its bf16 scope's, else its input dtype."""
+        for scope, tag in BF16_GEMMS.items():
+            if syncs.has_ancestor(evt, lambda name, scope=scope: name == scope):
+                return tag
+        return str(evt.input_dtypes[0]) if evt.input_dtypes else "?"
+
     for evt in events:
         n_syncs += syncs.is_sync(evt)
         if evt.name in GEMMS and evt.flops:
-            # bf16 operands on a GPU (the emulation multiplies float32 copies of them)
-            dtype = "bf16x6" if in_split(evt) else (str(evt.input_dtypes[0]) if evt.input_dtypes else "?")
-            flops[dtype] = flops.get(dtype, 0) + int(evt.flops)
+            tag = tag_of(evt)  # a bf16 scope: bf16 operands on a GPU (float32 copies in the emulation)
+            flops[tag] = flops.get(tag, 0) + int(evt.flops)
 
     def launches_of(evt) -> int:
-        if evt.name == BF16X6_GEMM:  # one GEMM on the device, whatever the emulation does inside
+        if evt.name in BF16_GEMMS:  # one GEMM on the device, whatever the emulation does inside
             if by_op is not None:
                 by_op[evt.name] = by_op.get(evt.name, 0) + 1
             return 1
         # An op launches what its ATen sub-ops launch; one that calls none launches one kernel
         # unless it is a view, metadata or a bare allocation.
-        below = sum(launches_of(c) for c in evt.cpu_children if c.name.startswith("aten::") or c.name == BF16X6_GEMM)
+        below = sum(launches_of(c) for c in evt.cpu_children if c.name.startswith("aten::") or c.name in BF16_GEMMS)
         if below or evt.name in NO_KERNEL or evt.name in syncs.SYNCING:
             return below
         if by_op is not None:
             by_op[evt.name] = by_op.get(evt.name, 0) + 1
         return 1
 
-    counted = lambda name: name.startswith("aten::") or name == BF16X6_GEMM  # noqa: E731
+    counted = lambda name: name.startswith("aten::") or name in BF16_GEMMS  # noqa: E731
     launches = sum(launches_of(e) for e in events if counted(e.name) and not syncs.has_ancestor(e, counted))
     return n_syncs, launches, flops
 

@@ -216,7 +216,9 @@ __global__ void __launch_bounds__(kMaskThreads) mask_kernel(AggState st, float t
   const bool ok = label_ok(l, st.N);
   const int64_t seed = st.status[1];
   double dot = 0.0;
-  if (ok) {
+  // Without any candidate the seed is a stand-in (0) whose prototype may be unwritten, and the
+  // mask is empty: no read (uniform over the grid, so every lane still runs the shuffles).
+  if (ok && st.status[2] != 0) {
     const float* a = st.protos + l * st.C;
     const float* b = st.protos + seed * st.C;
     for (int64_t c = lane; c < st.C; c += kWarp) dot += static_cast<double>(a[c]) * static_cast<double>(b[c]);
@@ -240,6 +242,8 @@ at::Tensor aggregate_clusters_cuda(const at::Tensor& labels, const at::Tensor& c
   check_cuda_tensor(feats, op, "feats", at::kFloat, 2);
   check_cuda_tensor(sim, op, "sim", at::kFloat, 1);
   check_cuda_tensor(prototype, op, "prototype", at::kFloat, 1);
+  check_same_device(op, {{"labels", &labels}, {"candidates", &candidates}, {"feats_deb", &feats_deb},
+                         {"feats", &feats}, {"sim", &sim}, {"prototype", &prototype}});
   const int64_t N = labels.size(0), D = feats_deb.size(1), C = feats.size(1);
   TORCH_CHECK(candidates.size(0) == N && feats_deb.size(0) == N && feats.size(0) == N && sim.size(0) == N, op,
               ": labels, candidates, feats_deb, feats and sim must have the same length N = ", N);

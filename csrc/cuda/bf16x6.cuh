@@ -2,7 +2,6 @@
 // writes the operand, one tensor-core GEMM multiplies two of them.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/record_function.h>
 
 #include "common/bf16x6.h"
 #include "cuda/cuda_utils.cuh"
@@ -56,20 +55,11 @@ inline at::Tensor bf16x6_operand(const at::Tensor& x, const int* parts, int bloc
 }
 
 // out (float32, written in place, any row stride) = a @ b for bf16x6 operands a (M, 6K) and
-// b (6K, P) (views of any BLAS-compatible strides).
-// One profiler scope per GEMM (benchmarks/gpu_counters.py counts it as one bf16 GEMM).
+// b (6K, P): one bf16 GEMM (bf16_gemm) under its own profiler scope. In the emulation the float32
+// GEMM of the CPU kernels, so the same bits as the CPU op whatever the operands' strides (the CPU
+// GEMM's result does not depend on them; checked in the tests).
 inline void bf16x6_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  RECORD_FUNCTION("insid3_fast::bf16x6_gemm", std::vector<c10::IValue>());
-#if defined(INSID3_CUDA_EMU)
-  // The CPU kernels' float32 GEMM of the same (bf16-exact) values: the same bits, whatever the
-  // operands' strides (the CPU GEMM's result does not depend on them; checked in the tests).
-  // The float32 copies are the emulation's, not the device's (not metered).
-  const cuda_emu::EmulationScratch scratch;
-  at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
-#else
-  // bf16 inputs on the tensor cores, float32 accumulation and output (aten::mm.dtype_out).
-  at::mm_out(out, a, b, at::kFloat);
-#endif
+  bf16_gemm(out, a, b, "insid3_fast::bf16x6_gemm");
 }
 
 }  // namespace insid3_cuda

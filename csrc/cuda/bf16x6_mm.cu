@@ -15,8 +15,7 @@ at::Tensor bf16x6_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
   constexpr const char* op = "bf16x6_mm";
   check_cuda_tensor(a, op, "a", at::kFloat, 2);
   check_cuda_tensor(b, op, "b", at::kFloat, 2);
-  TORCH_CHECK(a.device() == b.device(), op, ": a and b must be on the same device; got ", a.device(), " and ",
-              b.device());
+  check_same_device(op, {{"a", &a}, {"b", &b}});
   TORCH_CHECK(a.size(1) == b.size(0), op, ": a (M, K) and b (K, P) expected, got ", a.sizes(), " and ", b.sizes());
   const int64_t M = a.size(0), K = a.size(1), P = b.size(1);
   const int64_t blocks = insid3::kBf16x6Blocks;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cuda_runtime.h>
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <utility>
 
 #include "common/exact_dot.h"
@@ -251,6 +253,33 @@ __device__ __forceinline__ void block_best(double& v, int64_t& j) {
 // (last_block_done). Every round kernel of round r exits at once when counts[r] == 0, so rounds
 // after convergence cost only their launches.
 inline int64_t round_count_slots(int rounds) { return static_cast<int64_t>(rounds) + 3; }
+
+// Every named input on the first one's device (the op's kernels run there, on its stream);
+// e.g. check_same_device(op, {{"a", &a}, {"b", &b}}).
+inline void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  const auto& first = *args.begin();
+  for (const auto& arg : args) {
+    TORCH_CHECK(arg.second->device() == first.second->device(), op, ": all inputs must be on the same device; ",
+                first.first, " is on ", first.second->device(), ", ", arg.first, " on ", arg.second->device());
+  }
+}
+
+// out (float32, written in place, any row stride) = a @ b for bf16 a (M, K) and b (K, P) (views of
+// any BLAS-compatible strides): on the device the tensor cores, float32 accumulation and output
+// (aten::mm.dtype_out: no bf16 partial sums whatever cuBLAS's process-wide reduction flag says,
+// so no call has to change it). `scope` names the GEMM for the profiler (benchmarks/gpu_counters.py
+// counts each scope as one bf16 GEMM).
+inline void bf16_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const char* scope) {
+  RECORD_FUNCTION(scope, std::vector<c10::IValue>());
+#if defined(INSID3_CUDA_EMU)
+  // A float32 GEMM of the same (bf16-exact) values: exact products, float32 sums, as on the device
+  // (in another order there). The float32 copies are the emulation's, not the device's (not metered).
+  const cuda_emu::EmulationScratch scratch;
+  at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+#else
+  at::mm_out(out, a, b, at::kFloat);
+#endif
+}
 
 // Entry x of the counters' initial value (an op's own init kernel sets them: no extra launch).
 __device__ __forceinline__ void round_counts_init(int32_t* counts, int64_t x) { counts[x] = x == 0 ? 1 : 0; }

@@ -261,8 +261,8 @@ at::Tensor grid_average_linkage_cuda(const at::Tensor& features, int64_t h, int6
   insid3::check_threshold(threshold, op);
   const int64_t C = features.size(1);
   insid3::checked_mul(N, C, op, "the number of feature values h * w * C");
+  c10::cuda::CUDAGuard guard(features.device());  // before the check: its kernel runs on this device
   check_finite(features, op, "features");
-  c10::cuda::CUDAGuard guard(features.device());
   auto opts = features.options();
   if (N == 0) return at::empty({0}, opts.dtype(at::kLong));
   const int K = insid3::grid_edges_per_patch(static_cast<int>(connectivity));

@@ -2,8 +2,8 @@
 //
 // Exactness rule (common/exact_dot.h, the CPU kernel's): the argmax of the EXACT real dot
 // products of the float32 values, ties to the lowest index. A GEMM scores every key: by
-// default on bf16 copies of the inputs with float32 accumulation (the tensor cores; cuBLAS's
-// reduced-precision reduction disallowed), with INSID3_NN_VOTE=fp32 in plain float32. Only keys
+// default on bf16 copies of the inputs with float32 accumulation and output (the tensor cores,
+// bf16_gemm), with INSID3_NN_VOTE=fp32 in plain float32. Only keys
 // within the GEMM's rigorous error bound (bf16_dot_error_bound, fp32_dot_error_bound) of the
 // best score can be the exact argmax. Each
 // candidate is re-scored in double (insid3::dot_f32_as_f64); two candidates whose doubles are
@@ -21,8 +21,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <type_traits>
 
 #include "cuda/cuda_utils.cuh"
 
@@ -31,8 +29,10 @@ namespace {
 
 constexpr int kArgmaxThreads = 256;
 constexpr int kVoteThreads = 256;
-// Budget of the float32 score buffer (elements): 2^25 floats = 128 MiB per query tile.
-constexpr int64_t kScoreBudget = int64_t(1) << 25;
+// Budget of the float32 score buffer (elements): 3 * 2^23 floats = 96 MiB per query tile. At 1024 px
+// (N = 4096) one tile for 1 shot, four of 1024 queries for 5, and the voting's peak stays under
+// the clustering's (benchmarks/gpu_counters.py: 2^25 raised the 5-shot peak from 1.19 to 1.38 x 8 N^2).
+constexpr int64_t kScoreBudget = int64_t(3) << 23;
 
 // The exact order of candidates (v = double dot, j = key index) of one query: larger exact dot
 // first, ties to the lower index; (any, INT64_MAX) is "no candidate" and loses to everything.
@@ -56,17 +56,17 @@ struct ExactBetter {
   }
 };
 
-// One block per (query of the tile, shot). scores: (T, S*M) row-major, row t = query q0 + t;
-// Score is float (a float32 GEMM) or at::BFloat16 (a bf16 GEMM on the tensor cores).
-// gemm_rel: the GEMM's error bound beyond fp32_dot_error_bound, relative to |q| |k|; bf16: the
-// whole bound is insid3::bf16_dot_error_bound.
-template <typename Score>
+// One block per (query of the tile, shot). scores: (T, S*M) row-major float32, row t = query
+// q0 + t, from a float32 GEMM or (kBf16) a bf16 GEMM with float32 accumulation and output.
+// extra_rel: the float32 GEMM's error bound beyond fp32_dot_error_bound, relative to |q| |k|;
+// kBf16: the whole bound is insid3::bf16_dot_error_bound (which also covers rounding the score
+// to bf16: a margin here, the scores are float32).
+template <bool kBf16>
 __global__ void __launch_bounds__(kArgmaxThreads)
-nn_argmax_kernel(const Score* __restrict__ scores, const float* __restrict__ queries,
+nn_argmax_kernel(const float* __restrict__ scores, const float* __restrict__ queries,
                  const float* __restrict__ keys, const bool* __restrict__ active,
                  const double* __restrict__ qnorm, const double* __restrict__ knorm_max, float extra_rel,
                  int64_t q0, int64_t Q, int64_t S, int64_t M, int64_t C, int64_t* __restrict__ argmax) {
-  constexpr bool kBf16 = !std::is_same_v<Score, float>;
   const int64_t t = blockIdx.x;
   const int64_t s = blockIdx.y;
   const int64_t q = q0 + t;
@@ -74,11 +74,11 @@ nn_argmax_kernel(const Score* __restrict__ scores, const float* __restrict__ que
     if (threadIdx.x == 0) argmax[s * Q + q] = -1;
     return;
   }
-  const Score* row = scores + t * (S * M) + s * M;
+  const float* row = scores + t * (S * M) + s * M;
 
   // 1. The best GEMM score (finite inputs: no NaN).
   float m = -INFINITY;
-  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) m = fmaxf(m, static_cast<float>(row[j]));
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) m = fmaxf(m, row[j]);
   m = block_max(m);
 
   // 2. Candidates: every key whose float32 score may hide the exact best one. The cut is in
@@ -97,7 +97,7 @@ nn_argmax_kernel(const Score* __restrict__ scores, const float* __restrict__ que
   double bv = -INFINITY;
   int64_t bj = INT64_MAX;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
-    if (static_cast<double>(static_cast<float>(row[j])) >= cut) {
+    if (static_cast<double>(row[j]) >= cut) {
       const double v = insid3::dot_f32_as_f64(qv, better.keys + j * C, C);
       if (better(v, j, bv, bj)) { bv = v; bj = j; }
     }
@@ -153,42 +153,6 @@ bool nn_vote_uses_bf16() {
   return !(mode != nullptr && std::strcmp(mode, "fp32") == 0);
 }
 
-// cuBLAS may reduce a bf16 GEMM in reduced precision (split-K partial sums in bf16), which
-// bf16_dot_error_bound does not cover: disallowed while any of our GEMMs is being enqueued (the
-// kernel is chosen then). The flag is process-wide, so the guards of concurrent calls share one
-// count: the first in saves the caller's setting, the last out restores it. (Per-call saves
-// would race: a call that saved another's "disallowed" could restore it for good, and one that
-// restores early could let cuBLAS reduce in bf16 in the middle of another thread's GEMM.)
-// Other threads' bf16 GEMMs enqueued in the window are reduced in float32: slower, never less exact.
-class NoReducedBf16Reduction {
- public:
-  NoReducedBf16Reduction() {
-    const std::lock_guard<std::mutex> lock(mutex());
-    if (depth()++ == 0) {
-      saved() = at::globalContext().allowBF16ReductionCuBLAS();
-      at::globalContext().setAllowBF16ReductionCuBLAS(false, false);
-    }
-  }
-  ~NoReducedBf16Reduction() {
-    const std::lock_guard<std::mutex> lock(mutex());
-    if (--depth() == 0) {
-      using O = at::CuBLASReductionOption;
-      at::globalContext().setAllowBF16ReductionCuBLAS(saved() == O::AllowReducedPrecisionWithSplitK,
-                                                     saved() != O::DisallowReducedPrecisionDisallowSplitK);
-    }
-  }
-  NoReducedBf16Reduction(const NoReducedBf16Reduction&) = delete;
-  NoReducedBf16Reduction& operator=(const NoReducedBf16Reduction&) = delete;
-
- private:
-  static std::mutex& mutex() { static std::mutex m; return m; }
-  static int& depth() { static int d = 0; return d; }
-  static at::CuBLASReductionOption& saved() {
-    static at::CuBLASReductionOption s = at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
-    return s;
-  }
-};
-
 std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const at::Tensor& keys,
                                                 const at::Tensor& key_mask, const at::Tensor& active) {
   constexpr const char* op = "nn_vote";
@@ -196,10 +160,7 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
   check_cuda_tensor(keys, op, "keys", at::kFloat, 3);
   check_cuda_tensor(key_mask, op, "key_mask", at::kBool, 2);
   check_cuda_tensor(active, op, "active", at::kBool, 1);
-  const auto dev = queries.device();
-  TORCH_CHECK(keys.device() == dev && key_mask.device() == dev && active.device() == dev, op,
-              ": all inputs must be on the same device; got queries ", dev, ", keys ", keys.device(),
-              ", key_mask ", key_mask.device(), ", active ", active.device());
+  check_same_device(op, {{"queries", &queries}, {"keys", &keys}, {"key_mask", &key_mask}, {"active", &active}});
   const int64_t Q = queries.size(0), C = queries.size(1);
   const int64_t S = keys.size(0), M = keys.size(1);
   TORCH_CHECK(keys.size(2) == C, op, ": keys (S, M, C) must have C = ", C, ", got shape ", keys.sizes());
@@ -211,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
   insid3::checked_mul(S, Q, op, "the argmax size S * Q");
   insid3::checked_mul(S, M, op, "the number of keys S * M");
 
-  c10::cuda::CUDAGuard guard(dev);
+  c10::cuda::CUDAGuard guard(queries.device());
   const auto q = queries.contiguous();
   const auto k = keys.contiguous();
   const auto km = key_mask.contiguous();
@@ -242,30 +203,28 @@ std::tuple<at::Tensor, at::Tensor> nn_vote_cuda(const at::Tensor& queries, const
   const int64_t row = S * M;
   int64_t tile = INSID3_TUNABLE("nn_vote.score_budget", kScoreBudget) / row;
   tile = std::max<int64_t>(1, std::min<int64_t>(tile, Q));
+  tile = ceil_div(Q, ceil_div(Q, tile));  // as many tiles, of even sizes
   const bool bf16 = nn_vote_uses_bf16();
   // bf16 copies of the inputs for the tensor cores; the re-score reads the float32 values.
   const auto qg = bf16 ? q.to(at::kBFloat16) : q;
   const auto kg_t = bf16 ? k.view({S * M, C}).to(at::kBFloat16).t() : keys2d_t;
-  auto scores = at::empty({tile, row}, queries.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  auto scores = at::empty({tile, row}, queries.options());  // float32 either way
 
   for (int64_t q0 = 0; q0 < Q; q0 += tile) {  // trip count from shapes only
     const int64_t T = std::min(tile, Q - q0);
     auto sc = scores.narrow(0, 0, T);  // contiguous: the first T rows
     dim3 grid(static_cast<unsigned int>(T), static_cast<unsigned int>(S));
     if (bf16) {
-      {
-        NoReducedBf16Reduction full_accumulation;
-        at::mm_out(sc, qg.narrow(0, q0, T), kg_t);
-      }
-      INSID3_LAUNCH(nn_argmax_kernel<at::BFloat16>, grid, kArgmaxThreads, 0, stream)(
-          sc.data_ptr<at::BFloat16>(), q.data_ptr<float>(), k.data_ptr<float>(), act.data_ptr<bool>(),
+      bf16_gemm(sc, qg.narrow(0, q0, T), kg_t, "insid3_fast::bf16_gemm");
+      INSID3_LAUNCH(nn_argmax_kernel<true>, grid, kArgmaxThreads, 0, stream)(
+          sc.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), act.data_ptr<bool>(),
           qnorm.data_ptr<double>(), knorm.data_ptr<double>(), 0.0f, q0, Q, S, M, C, argmax.data_ptr<int64_t>());
     } else {
       {
         at::NoTF32Guard no_tf32;  // plain IEEE float32 GEMM, which the error bound assumes
         at::mm_out(sc, qg.narrow(0, q0, T), kg_t);
       }
-      INSID3_LAUNCH(nn_argmax_kernel<float>, grid, kArgmaxThreads, 0, stream)(
+      INSID3_LAUNCH(nn_argmax_kernel<false>, grid, kArgmaxThreads, 0, stream)(
           sc.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), act.data_ptr<bool>(),
           qnorm.data_ptr<double>(), knorm.data_ptr<double>(), extra_rel, q0, Q, S, M, C, argmax.data_ptr<int64_t>());
     }
