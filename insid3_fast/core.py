@@ -72,9 +72,11 @@ def check_image_batch(name: str, images: object) -> int:
     return int(images.shape[0])
 
 
-# Guards each core's (complement, basis_version) pair: readers take both under it, set_basis and a
-# load_state_dict that changes the basis update both under it (a few attribute operations).
-_BASIS_LOCK = threading.Lock()
+# Guards each core's (complement, basis_version) pair: readers take both under it, and set_basis
+# replaces both under it. (load_state_dict copies other values into the same buffers outside it,
+# after bumping the version: a load concurrent with segmentation is not supported.) Reentrant: an
+# nn.Module buffer hook that reads the model may run inside set_basis.
+_BASIS_LOCK = threading.RLock()
 
 
 def check_basis_version(ref: EncodedReference, version: int) -> None:
@@ -85,19 +87,24 @@ def check_basis_version(ref: EncodedReference, version: int) -> None:
                          "coordinates; encode it again")
 
 
-def _note_basis_before_load(core: "Insid3Core", *args: object) -> None:
-    """load_state_dict pre-hook: the basis as it was (compared after the load)."""
-    core.__dict__["_basis_before_load"] = core.basis.detach().clone()
+def _same_values(current: torch.Tensor, incoming: object) -> bool:
+    """Whether loading ``incoming`` into ``current`` leaves its values as they are."""
+    if not isinstance(incoming, torch.Tensor) or incoming.shape != current.shape:
+        return False
+    if incoming.is_meta or current.is_meta:
+        return False
+    return torch.equal(current.detach(), incoming.detach().to(current.device, current.dtype))
 
 
-def _count_loaded_basis(core: "Insid3Core", incompatible_keys: object) -> None:
-    """load_state_dict post-hook: other basis values loaded make a new basis version (references
-    encoded before are refused, as after set_basis)."""
-    before = core.__dict__.pop("_basis_before_load", None)
-    if before is None or (before.shape == core.basis.shape and torch.equal(before, core.basis.detach())):
-        return
-    with _BASIS_LOCK:
-        core.basis_version += 1
+def _count_loaded_basis(core: "Insid3Core", state_dict: dict, prefix: str, *args: object) -> None:
+    """load_state_dict pre-hook: other basis or complement values make a new basis version
+    (references encoded before are refused, as after set_basis); counted before the copy."""
+    for name in ("basis", "complement"):
+        key = prefix + name
+        if key in state_dict and not _same_values(getattr(core, name), state_dict[key]):
+            with _BASIS_LOCK:
+                core.basis_version += 1
+            return
 
 
 class Insid3Core(torch.nn.Module):
@@ -146,8 +153,7 @@ class Insid3Core(torch.nn.Module):
         self.register_buffer("projector", orthogonal_projector(basis))
         self.register_buffer("complement", complement_basis(basis))
         # A basis loaded with load_state_dict (other values into the same buffers) is a new basis too.
-        self.register_load_state_dict_pre_hook(_note_basis_before_load)
-        self.register_load_state_dict_post_hook(_count_loaded_basis)
+        self.register_load_state_dict_pre_hook(_count_loaded_basis)
 
     # ---- what the buffers and the config say ----
     @property

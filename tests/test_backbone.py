@@ -490,3 +490,33 @@ def test_weights_loaded_in_place_never_get_the_cached_basis_of_the_file(tiny, tm
     load_meta_state(backbone, torch.load(other_path, weights_only=True))
     expected = INSID3(load_dinov3(other_path), **{**options, "cache_dir": str(tmp_path / "none")}).core.basis
     assert torch.equal(INSID3(backbone, **options).core.basis, expected)
+
+
+def test_fingerprint_follows_casts_copies_and_inference_mode(tiny, tmp_path):
+    """A cast or move keeps the key (its dtype named); a copy has none and pickles; a replaced
+    tensor is not kept alive by the mark; loading inside torch.inference_mode works (its tensors
+    keep no version counter: reading one raised)."""
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    size, meta, path = tiny
+    key = weights_fingerprint(path)
+    backbone = load_dinov3(path)
+    backbone.to(torch.float64)
+    assert backbone.weights_fingerprint == f"{key}|torch.float64"
+    backbone.to(torch.float32)
+    assert backbone.weights_fingerprint == f"{key}|torch.float32"
+    assert copy.deepcopy(backbone).weights_fingerprint is None
+    assert pickle.loads(pickle.dumps(backbone)).weights_fingerprint is None
+    assert backbone.weights_fingerprint == f"{key}|torch.float32"  # the original keeps it
+    old = weakref.ref(backbone.model.patch_embed.proj.weight)
+    backbone.model.patch_embed.proj.weight = torch.nn.Parameter(torch.zeros_like(old()))
+    gc.collect()
+    assert old() is None and backbone.weights_fingerprint is None
+    with torch.inference_mode():
+        loaded = load_dinov3(path)
+        assert loaded.weights_fingerprint == f"{key}|torch.float32"
+        INSID3(loaded, image_size=64, svd_components=8, device="cpu", cache_dir=str(tmp_path / "cache"))
+    assert loaded.weights_fingerprint == f"{key}|torch.float32"

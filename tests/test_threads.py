@@ -276,3 +276,18 @@ def test_stream_resizes_device_tensors_on_the_callers_thread(monkeypatch):
     assert len(list(model.stream(ref, targets, batch_size=1, prefetch=2))) == 3
     assert sorted(meta for meta, _ in threads) == [False, False, True]
     assert all(meta == (t is threading.main_thread()) for meta, t in threads)
+
+
+def test_load_state_dict_counts_a_new_complement_and_takes_meta_and_assign():
+    """The version counts a changed complement even with the same basis (the references' keys are
+    complement coordinates), and loading meta tensors with assign=True neither raises in the hook
+    (torch.equal on meta tensors raised there) nor keeps the version."""
+    model = _basis_model()
+    state = model.state_dict()
+    version = model.core.basis_version
+    state["core.complement"] = -state["core.complement"]
+    model.load_state_dict(state)
+    assert model.core.basis_version == version + 1
+    meta = {k: v.to("meta") if k.startswith("core.") else v for k, v in _basis_model(9).state_dict().items()}
+    model.load_state_dict(meta, assign=True)
+    assert model.core.basis_version == version + 2

@@ -10,6 +10,7 @@ this was checked against.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -102,34 +103,65 @@ class DinoV3Backbone(nn.Module):
         self.n_blocks = len(model.blocks)
         self.num_heads = int(model.blocks[0].attn.num_heads)
         self.n_storage_tokens = int(model.num_prefix_tokens) - 1
-        self._weights_mark: tuple[str, tuple[tuple[Tensor, int], ...]] | None = None
+        # (file key, a weak reference and version per parameter and buffer) of the weights it
+        # was loaded with; see weights_fingerprint.
+        self._weights_mark: tuple[str, tuple[tuple[weakref.ref, int | None], ...]] | None = None
 
     def _weight_tensors(self) -> tuple[Tensor, ...]:
         return (*self.parameters(), *self.buffers())
 
-    @property
-    def weights_fingerprint(self) -> str | None:
-        """The positional-basis cache key of the weights file this backbone was loaded from
-        (``load_dinov3``) and its parameters' dtype; None when it was not loaded from a file, or
-        when any parameter or buffer changed since (loaded or modified in place, replaced): a
-        key kept past such a change would serve the positional basis of other weights.
-
-        Changes are seen through the tensors' identities and version counters; an assignment
-        to a tensor's ``.data`` is not seen.
-        """
+    def _marked_key(self) -> str | None:
+        """The file key of the mark while every tensor is the marked one, unchanged; else None."""
         mark = self._weights_mark
         if mark is None:
             return None
         key, marked = mark
         current = self._weight_tensors()
-        if len(current) != len(marked) or any(t is not c or t._version != v for (t, v), c in zip(marked, current)):
+        if len(current) != len(marked):
             return None
-        return f"{key}|{current[0].dtype if current else None}"
+        for (ref, version), t in zip(marked, current):
+            if ref() is not t or version != _version_of(t):
+                return None
+        return key
+
+    @property
+    def weights_fingerprint(self) -> str | None:
+        """The positional-basis cache key of the weights file this backbone was loaded from
+        (``load_dinov3``) and of its parameters' current dtype; None when it was not loaded from
+        a file, or once any parameter or buffer was loaded or modified in place or replaced (a
+        key kept past that would serve the positional basis of other weights).
+
+        Changes are seen through the tensors' identities and version counters (identities only
+        for inference-mode tensors, which have none); moving or casting the backbone keeps the
+        key (the dtype is part of it). Not seen: an assignment to a tensor's ``.data``. A copy
+        (deepcopy, pickle) has no key.
+        """
+        key = self._marked_key()
+        if key is None:
+            return None
+        first = next(self.parameters(), None)
+        return f"{key}|{first.dtype if first is not None else None}"
 
     @weights_fingerprint.setter
     def weights_fingerprint(self, key: str | None) -> None:
         """Mark the current weights as those of ``key`` (a ``weights_fingerprint`` of their file)."""
-        self._weights_mark = None if key is None else (key, tuple((t, t._version) for t in self._weight_tensors()))
+        # Weak references: a replaced tensor must not be kept alive by the mark.
+        self._weights_mark = None if key is None else (
+            key, tuple((weakref.ref(t), _version_of(t)) for t in self._weight_tensors()))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "DinoV3Backbone":
+        # .to() / .half() / .cuda() give buffers (and, with torch's overwrite-on-conversion flag,
+        # parameters) new tensors of the same weights: the mark follows them.
+        key = self._marked_key()
+        out = super()._apply(fn, recurse)
+        if key is not None:
+            self.weights_fingerprint = key
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_weights_mark"] = None  # weak references do not pickle, and a copy's tensors are others
+        return state
 
     def get_intermediate_layers(
         self,
@@ -165,6 +197,11 @@ class DinoV3Backbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The last block's normalised patch features, (B, C, H/16, W/16)."""
         return self.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+
+
+def _version_of(t: Tensor) -> int | None:
+    """A tensor's version counter; None for inference-mode tensors, which keep none."""
+    return None if t.is_inference() else t._version
 
 
 def _effective_k_biases(state: Mapping[str, Tensor]) -> dict[int, Tensor]:

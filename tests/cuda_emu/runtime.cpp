@@ -410,6 +410,8 @@ void run_grid(const Launch& L, const std::function<void()>& body) {
       err = run_block(L, block_of(L, b), body);
     } catch (const std::exception& e) {
       err = e.what();
+    } catch (...) {
+      err = "cuda_emu: a block threw a non-standard exception";
     }
     if (!err.empty()) {
       std::lock_guard<std::mutex> g(mu);
