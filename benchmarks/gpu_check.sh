@@ -123,8 +123,10 @@ PIP_ARGS=(--no-build-isolation -e .)
 [[ "${INSID3_PIP_DEPS:-0}" == "1" ]] || PIP_ARGS=(--no-deps "${PIP_ARGS[@]}")
 run_step build 100 "$PY" -m pip install -v "${PIP_ARGS[@]}"
 run_step cuda_ops_loaded 100 "$PY" -c "
-import torch
+import setuptools, torch
 from insid3_fast import ops
+# setuptools: pyproject's license table needs replacing by an SPDX string (setuptools >= 77) by 2027-02
+print('setuptools', setuptools.__version__)
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0))
 assert torch.cuda.is_available(), 'no CUDA device visible to torch'
 assert ops.load_error() is None, ops.load_error()
