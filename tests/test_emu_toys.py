@@ -39,6 +39,9 @@ DETECTED = [
                      r"\(0,0,0\) waits at a different __syncthreads"),
     ("bad_mask", r"toy_bad_mask.*thread \(16,0,0\): __shfl_down_sync at .*: its mask 0x0000ffff excludes the "
                  r"calling lane 16"),
+    ("two_shuffles", r"toy_two_shuffles.*: __shfl_xor_sync at .*toys\.cu:\d+ \(width 32\) meets lane \d+'s "
+                     r"__shfl_xor_sync at .*toys\.cu:\d+ \(width 32\): the lanes of one exchange must run the same "
+                     r"shuffle"),
     ("exited_lane", r"toy_exited_lane.*thread \(0,0,0\): __shfl_sync at .*: its mask 0xffffffff names lane 16, "
                     r"which has exited"),
     ("read_outside_mask", r"toy_read_outside_mask.*thread \(0,0,0\): __shfl_sync at .* reads lane 20, which is not "

@@ -23,6 +23,7 @@
 #if !defined(CUDA_EMU_OS_THREADS)
 #include <omp.h>
 #include <sys/mman.h>
+#include <cstring>
 #include <unistd.h>
 #endif
 
@@ -132,6 +133,13 @@ struct Block {
       if (o.mask != m)
         return fail(s, std::string(kind_name(s.kind)) + " at " + site(s) + " with mask " + hex(m) + " meets lane " +
                            std::to_string(k) + "'s shuffle at " + site(o) + " with mask " + hex(o.mask));
+      // The lanes of one exchange must execute the same intrinsic (CUDA programming guide): two
+      // shuffles at different places that a GPU may or may not pair are a bug here.
+      if (o.kind != s.kind || o.width != s.width || o.line != s.line || std::strcmp(o.file, s.file) != 0)
+        return fail(s, std::string(kind_name(s.kind)) + " at " + site(s) + " (width " + std::to_string(s.width) +
+                           ") meets lane " + std::to_string(k) + "'s " + kind_name(o.kind) + " at " + site(o) +
+                           " (width " + std::to_string(o.width) + "): the lanes of one exchange must run the same "
+                           "shuffle");
     }
     for (int k = 0; k < 32; ++k) {  // complete: exchange
       if (!(m >> k & 1u)) continue;

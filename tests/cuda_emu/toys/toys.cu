@@ -56,6 +56,19 @@ __global__ void toy_bad_mask(float* out, int) {
   out[threadIdx.x] = v;
 }
 
+// Two shuffles in one exchange: the lower half shuffles at one line, the upper half at another,
+// with the same full mask (a GPU is not bound to pair them).
+__global__ void toy_two_shuffles(float* out, int) {
+  const float x = out[threadIdx.x];
+  float v;
+  if (threadIdx.x < 16) {
+    v = __shfl_xor_sync(0xffffffffu, x, 16);
+  } else {
+    v = __shfl_xor_sync(0xffffffffu, x, 16);
+  }
+  out[threadIdx.x] = v;
+}
+
 // Exited lane: the upper half returns, the lower half shuffles with a full mask.
 __global__ void toy_exited_lane(float* out, int) {
   if (threadIdx.x >= 16) return;
@@ -88,6 +101,7 @@ void toy(const std::string& name, const at::Tensor& out) {
   else if (name == "divergent_barrier") INSID3_LAUNCH(toy_divergent_barrier, 2, 64, 0, s)(p, n);
   else if (name == "two_barriers") INSID3_LAUNCH(toy_two_barriers, 1, 64, 0, s)(p, n);
   else if (name == "bad_mask") INSID3_LAUNCH(toy_bad_mask, 1, 32, 0, s)(p, n);
+  else if (name == "two_shuffles") INSID3_LAUNCH(toy_two_shuffles, 1, 32, 0, s)(p, n);
   else if (name == "exited_lane") INSID3_LAUNCH(toy_exited_lane, 1, 32, 0, s)(p, n);
   else if (name == "read_outside_mask") INSID3_LAUNCH(toy_read_outside_mask, 1, 32, 0, s)(p, n);
   else if (name == "out_of_bounds") INSID3_LAUNCH(toy_out_of_bounds, 1, n, 0, s)(p, n);
