@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <map>
 #include <mutex>
@@ -23,7 +24,6 @@
 #if !defined(CUDA_EMU_OS_THREADS)
 #include <omp.h>
 #include <sys/mman.h>
-#include <cstring>
 #include <unistd.h>
 #endif
 
