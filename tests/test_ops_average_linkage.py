@@ -17,23 +17,7 @@ from sklearn.cluster import AgglomerativeClustering
 
 from insid3_fast import ops
 
-
-def same_partition(a, b) -> bool:
-    """True when label vectors a and b group the items identically (up to renaming)."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape:
-        return False
-    pairs = set(zip(a.tolist(), b.tolist()))
-    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
-
-
-def first_appearance(labels) -> bool:
-    seen: dict[int, int] = {}
-    for x in np.asarray(labels).tolist():
-        seen.setdefault(x, len(seen))
-        if seen[x] != x:
-            return False
-    return True
+from partitions import first_appearance, same_partition
 
 
 def sklearn_labels(dist: np.ndarray, t: float) -> np.ndarray:

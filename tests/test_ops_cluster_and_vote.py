@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ops_average_linkage import cosine_dist, same_partition, sklearn_labels
+from partitions import same_partition
+from test_ops_average_linkage import cosine_dist, sklearn_labels
 from test_ops_nn_vote import reference_nn_vote
 
 from insid3_fast import ops

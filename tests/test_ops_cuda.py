@@ -18,6 +18,7 @@ import torch
 from insid3_fast import ops
 
 from backends import Backend, has_cuda, tunable
+from partitions import first_appearance, same_partition, stable_cpu_partition
 
 
 @pytest.fixture(params=["cuda", "emu"])
@@ -42,26 +43,6 @@ def _gen(seed: int) -> torch.Generator:
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Labels numbered by first appearance are equal iff the partitions are."""
-    a, b = a.cpu().numpy(), b.cpu().numpy()
-    if a.shape != b.shape:
-        return False
-    pairs = set(zip(a.tolist(), b.tolist()))
-    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
-
-
-def _first_appearance(labels: torch.Tensor) -> bool:
-    seen, nxt = {}, 0
-    for v in labels.tolist():
-        if v not in seen:
-            if v != nxt:
-                return False
-            seen[v] = v
-            nxt += 1
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,13 +264,13 @@ def test_average_linkage_precomputed_matches_cpu_and_reference(backend, case):
     dist = _dist_of(x)
     lab_gpu = backend.average_linkage_precomputed(backend.dev(dist), case["thr"]).cpu()
     assert lab_gpu.dtype == torch.int64 and lab_gpu.shape == (case["n"],)
-    assert _first_appearance(lab_gpu)
+    assert first_appearance(lab_gpu)
     if _has_cpu_kernel("average_linkage_precomputed"):
         lab_cpu = ops.average_linkage_precomputed(dist, case["thr"])
         assert torch.equal(lab_gpu, lab_cpu)
     if case["n"] <= 300:
         ref = torch.from_numpy(_greedy_average_linkage(dist.numpy(), case["thr"]))
-        assert _same_partition(lab_gpu, ref)
+        assert same_partition(lab_gpu, ref)
 
 
 def test_average_linkage_precomputed_tie_heavy(backend):
@@ -304,7 +285,7 @@ def test_average_linkage_precomputed_tie_heavy(backend):
     lab = backend.average_linkage_precomputed(backend.dev(d), 0.25).cpu()
     lab_asym = backend.average_linkage_precomputed(backend.dev(d_asym), 0.25).cpu()
     assert torch.equal(lab, lab_asym)
-    assert _first_appearance(lab)
+    assert first_appearance(lab)
     # deterministic run to run (atomics only build an unordered pair list)
     assert torch.equal(lab, backend.average_linkage_precomputed(backend.dev(d), 0.25).cpu())
     # Not compared with the CPU kernel: with exact ties between *different* candidate merges
@@ -384,13 +365,15 @@ def test_average_linkage_rounds_equal_plain_rounds_on_ties(backend, rounds):
 def test_average_linkage_features_matches_cpu(backend, n, thr):
     x = _clustered_features(40 + n, n, 48)
     lab_gpu = backend.average_linkage(backend.dev(x), thr).cpu()
-    assert _first_appearance(lab_gpu)
-    if _has_cpu_kernel("average_linkage"):
-        assert _same_partition(lab_gpu, ops.average_linkage(x, thr))
-    # precomputed path on the same (GPU-computed) distances gives the same labels
+    assert first_appearance(lab_gpu)
+    _need_cpu("average_linkage")
+    # the CPU's partition, checked to hold for any GEMM's rounding (a GPU's Gram is cuBLAS's)
+    expect = stable_cpu_partition(x, thr)
+    assert same_partition(lab_gpu, expect)
+    # the precomputed path on distances from the device's own GEMM gives them too
     xg = backend.dev(x)
     dist = (1 - (xg @ xg.T).clamp(-1, 1)).float()
-    assert _same_partition(lab_gpu, backend.average_linkage_precomputed(dist, thr).cpu())
+    assert same_partition(expect, backend.average_linkage_precomputed(dist, thr).cpu())
 
 
 @pytest.mark.parametrize("rows,n,threads", [(1, 9, 256), (7, 150, 32), (64, 129, 256), (512, 513, 32),
@@ -404,8 +387,8 @@ def test_average_linkage_features_gram_strips(backend, rows, n, threads):
     x = _clustered_features(70 + n, n, 32)
     with tunable("average_linkage.gram_rows", rows), tunable("average_linkage.widen_threads", threads):
         lab = backend.average_linkage(backend.dev(x), 0.4).cpu()
-    assert _first_appearance(lab)
-    assert _same_partition(lab, ops.average_linkage(x, 0.4))
+    assert first_appearance(lab)
+    assert same_partition(lab, ops.average_linkage(x, 0.4))
 
 
 def test_average_linkage_everything_merges_and_nothing_merges(backend):
@@ -517,8 +500,27 @@ def test_cluster_and_vote_equals_the_two_ops_on_cuda(backend):
     assert torch.equal(votes, v) and torch.equal(argmax, a)
     if _has_cpu_kernel("cluster_and_vote"):
         cpu = ops.cluster_and_vote(x, 0.4, queries, keys, key_mask, active)
-        assert _same_partition(labels, cpu[0])
+        assert torch.equal(cpu[0], stable_cpu_partition(x, 0.4))  # no near-tie: any GEMM gives it
+        assert same_partition(labels, cpu[0])
         assert torch.equal(votes.cpu(), cpu[1]) and torch.equal(argmax.cpu(), cpu[2])
+
+
+def test_the_gpu_only_case_holds_no_near_tie():
+    """The cluster_and_vote case that only a GPU runs at full size (n = 500) compares its labels
+    with the CPU's: checked here that no GEMM's rounding could change that partition."""
+    _need_cpu("average_linkage")
+    stable_cpu_partition(_clustered_features(77, 500, 32), 0.4)
+
+
+def test_the_near_tie_check_can_fail():
+    """Two rows whose cosine distance is the threshold less 1e-7: a GEMM's rounding decides."""
+    _need_cpu("average_linkage")
+    thr = 0.4
+    angle = math.acos(1 - (thr - 1e-7))
+    x = torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)]])
+    with pytest.raises(AssertionError, match="near-tie"):
+        stable_cpu_partition(x, thr)
+    stable_cpu_partition(x, thr + 1e-3)  # far from the threshold: one cluster, whatever the rounding
 
 
 @pytest.mark.slow
@@ -606,12 +608,12 @@ def test_grid_average_linkage_matches_cpu_and_reference(backend, case, duplicate
     x = _grid_features(70 + h * w + conn, h, w, duplicates=duplicates)
     lab_gpu = backend.grid_average_linkage(backend.dev(x), h, w, conn, thr).cpu()
     assert lab_gpu.dtype == torch.int64 and lab_gpu.shape == (h * w,)
-    assert _first_appearance(lab_gpu)
+    assert first_appearance(lab_gpu)
     if _has_cpu_kernel("grid_average_linkage"):
         assert torch.equal(lab_gpu, ops.grid_average_linkage(x, h, w, conn, thr))
     if not duplicates:  # float64 numpy dot differs from the sequential fma only on exact ties
         ref = torch.from_numpy(_grid_reference(x.numpy(), h, w, conn, thr))
-        assert _same_partition(lab_gpu, ref)
+        assert same_partition(lab_gpu, ref)
 
 
 def test_grid_clusters_are_connected(backend):
