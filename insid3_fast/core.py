@@ -169,9 +169,12 @@ class Insid3Core(torch.nn.Module):
     @property
     def kernels(self) -> str:
         """``native`` or ``reference``: the kernels the ops run, for the current device."""
-        return resolve_backend(self.config.backend, self.device)
+        return self._kernels_of(self.config)
 
     backend = kernels
+
+    def _kernels_of(self, config: Insid3Config) -> str:
+        return resolve_backend(config.backend, self.device)
 
     @property
     def bf16x6(self) -> bool:
@@ -260,9 +263,9 @@ class Insid3Core(torch.nn.Module):
             return self.complement, self.basis_version
 
     # ---- backbone ----
-    def _backbone_pass(self, images: torch.Tensor) -> torch.Tensor:
+    def _backbone_pass(self, images: torch.Tensor, bf16: bool) -> torch.Tensor:
         images = images.to(self.dtype)
-        if self.config.precision == "bf16":
+        if bf16:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 fmap = self.encoder.get_intermediate_layers(images, n=1, reshape=True)[0]
         else:
@@ -270,9 +273,11 @@ class Insid3Core(torch.nn.Module):
         return F.normalize(fmap.to(self.dtype), p=2, dim=1)
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised features (B, C, h, w) of normalised images (B, 3, size, size), one batch."""
-        return self._backbone(to_device(images, self.device))
+    def features(self, images: torch.Tensor, config: Insid3Config | None = None) -> torch.Tensor:
+        """L2-normalised features (B, C, h, w) of normalised images (B, 3, size, size), one batch
+        (``config``: the options to run with, default the model's; see ``segment``)."""
+        config = self.config if config is None else config
+        return self._backbone(to_device(images, self.device), config.precision == "bf16")
 
     # ---- reference ----
     @torch.no_grad()
@@ -296,14 +301,18 @@ class Insid3Core(torch.nn.Module):
 
     def encode_reference_features(self, feats: torch.Tensor, masks: torch.Tensor) -> EncodedReference:
         """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size)."""
+        c = self.config  # read once: another thread's reconfigure() cannot mix two configurations
         complement, version = self._coordinates()
-        ref = pipeline.encode_reference(feats, masks, complement, bf16x6=self.bf16x6, kernels=self.kernels)
+        ref = pipeline.encode_reference(feats, masks, complement, bf16x6=c.matmul_precision == "bf16x6",
+                                        kernels=self._kernels_of(c))
         ref.basis_version = version
         return ref
 
     def debiased_coordinates(self, feats: torch.Tensor) -> torch.Tensor:
         """Debiased features (T, h*w, D) of normalised features (T, C, h, w), in complement coordinates."""
-        return pipeline.debiased_coordinates(feats, self._coordinates()[0], bf16x6=self.bf16x6, kernels=self.kernels)
+        c = self.config
+        return pipeline.debiased_coordinates(feats, self._coordinates()[0], bf16x6=c.matmul_precision == "bf16x6",
+                                             kernels=self._kernels_of(c))
 
     def check_reference(self, ref: object) -> EncodedReference:
         """``ref`` if this model encoded it (image size, embedding size, rank), else InputError."""
@@ -325,22 +334,26 @@ class Insid3Core(torch.nn.Module):
 
     # ---- target ----
     @torch.no_grad()
-    def segment_patches(self, ref: EncodedReference, tgt_feat: torch.Tensor) -> torch.Tensor:
-        """The (h, w) bool patch mask of one target given its normalised features (C, h, w)."""
-        c = self.config
+    def segment_patches(self, ref: EncodedReference, tgt_feat: torch.Tensor,
+                        config: Insid3Config | None = None) -> torch.Tensor:
+        """The (h, w) bool patch mask of one target given its normalised features (C, h, w)
+        (``config``: the options to run with, default the model's; see ``segment``)."""
+        c = self.config if config is None else config
         complement, version = self._coordinates()
         check_basis_version(ref, version)  # per target: a stream outlives a set_basis of another thread
         return self._segment_patches(ref, tgt_feat, complement, tau=c.tau, merge_threshold=c.merge_threshold,
-                                     connectivity=c.connectivity, kernels=self.kernels, bf16x6=self.bf16x6)
+                                     connectivity=c.connectivity, kernels=self._kernels_of(c),
+                                     bf16x6=c.matmul_precision == "bf16x6")
 
     def finalize(self, patch_mask: torch.Tensor, image: torch.Tensor | None,
-                 out_size: tuple[int, int] | None) -> torch.Tensor:
+                 out_size: tuple[int, int] | None, config: Insid3Config | None = None) -> torch.Tensor:
         """Upsample a patch mask to the image's size (the model's without one), refine (CRF),
         resize to ``out_size`` (step 8). A tensor given at another size than the model's (the
         published ``predict_mask`` takes any) keeps its own size, as published."""
+        c = self.config if config is None else config
         height, width = tuple(image.shape[-2:]) if image is not None else (self.image_size, self.image_size)
         mask = upsample_mask(patch_mask, height, width)
-        if self.config.mask_refiner == "crf":
+        if c.mask_refiner == "crf":
             if image is None:
                 raise InputError("CRF refinement needs the target image")
             mask = refine_with_crf(image.to(mask.device), mask)
@@ -356,15 +369,18 @@ class Insid3Core(torch.nn.Module):
 
         ``out_sizes[b]`` is the size to resize each mask to (None: size x size). With
         ``features`` (B, C, h, w) given, ``images`` may be None (no backbone pass; no CRF).
+        The whole batch runs with the options of the call's start: a ``reconfigure`` from another
+        thread meanwhile applies from the next call, never to half of a target.
         """
-        feats = self.features(images) if features is None else features.to(self.device, self.dtype)
+        c = self.config
+        feats = self.features(images, c) if features is None else features.to(self.device, self.dtype)
         if out_sizes is None:
             out_sizes = [None] * feats.shape[0]
         elif len(out_sizes) != feats.shape[0]:
             raise InputError(f"out_sizes must hold one size (or None) per target: {len(out_sizes)} for "
                              f"{feats.shape[0]} targets")
-        return [self.finalize(self.segment_patches(ref, feats[b]),
-                              images[b:b + 1] if images is not None else None, out_sizes[b])
+        return [self.finalize(self.segment_patches(ref, feats[b], c),
+                              images[b:b + 1] if images is not None else None, out_sizes[b], c)
                 for b in range(feats.shape[0])]
 
     def capture(self, ref: EncodedReference, batch: int = 1, runner: "GraphRunner | None" = None) -> "CapturedTarget":

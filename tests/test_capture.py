@@ -115,7 +115,7 @@ def test_non_finite_targets_are_emptied_after_the_steps_and_moved_models_refused
     model = _model()
     images, (refs, masks, _, _) = _images(61, 1)
     ref = model.encode_reference(refs, masks)
-    monkeypatch.setattr(model.core, "segment_patches", lambda r, f: torch.ones(f.shape[1:], dtype=torch.bool))
+    monkeypatch.setattr(model.core, "segment_patches", lambda r, f, config=None: torch.ones(f.shape[1:], dtype=torch.bool))
     captured = model.core.capture(ref, runner=ReplayRunner())
     assert captured(images[0]).all()
     bad = images[0].clone()

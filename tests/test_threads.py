@@ -291,3 +291,31 @@ def test_load_state_dict_counts_a_new_complement_and_takes_meta_and_assign():
     meta = {k: v.to("meta") if k.startswith("core.") else v for k, v in _basis_model(9).state_dict().items()}
     model.load_state_dict(meta, assign=True)
     assert model.core.basis_version == version + 2
+
+
+def test_a_reconfigure_during_a_batch_applies_from_the_next_call():
+    """Another thread's reconfigure() landing while a batch is segmented (simulated inside the
+    first target's clustering) changed the thresholds of the targets after it, and the refiner
+    of the target itself: one call mixed two configurations. The call keeps the options it
+    started with; the next call has the new ones."""
+    model = INSID3(SyntheticEncoder(32, seed=4), image_size=256, svd_components=16, device="cpu",
+                   backend="reference")
+    refs, masks, _, _ = make_episode(7, 1)
+    targets = [make_episode(20 + k, 1)[2] for k in range(2)]
+    ref = model.encode_reference(refs, masks)
+    expect = model.segment_targets(ref, targets)
+    assert all(m.any() for m in expect)
+    inner = model.core._segment_patches
+
+    def racing(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        # +inf merge threshold: empty masks; the CRF: other boundaries
+        model.core.reconfigure(merge_threshold=float("inf"), mask_refiner="crf")
+        return out
+
+    model.core._segment_patches = racing
+    got = model.segment_targets(ref, targets)
+    model.core._segment_patches = inner
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    assert model.merge_threshold == float("inf") and model.mask_refiner == "crf"
+    assert not any(m.any() for m in model.segment_targets(ref, targets))
