@@ -32,6 +32,30 @@ def test_emu_toy_correct_kernel_runs_clean():
     assert out[0].item() == sum(range(256))
 
 
+def test_emu_toy_launch_within_its_bounds_runs():
+    out = torch.arange(100, dtype=torch.float32)
+    torch.ops.insid3_fast_emu.toy("within_bounds", out)
+    assert torch.equal(out, torch.cat([torch.arange(64.0) * 2, torch.arange(64.0, 100.0)]))
+
+
+def test_kernel_scan_reads_names_bounds_and_templates():
+    """The reader of __launch_bounds__ (kernel_scan.py) on the forms the sources use."""
+    from cuda_emu.kernel_scan import Kernel, kernels_of
+
+    text = """
+    // __global__ void commented_out(int) {}
+    template <bool kBf16>
+    __global__ void __launch_bounds__(kArgmaxThreads)
+        nn_argmax_kernel(const float* s) {}
+    __global__ void __launch_bounds__(std::max(64, 32), 2) two_args(int) { if (x) { y(); } }
+    __global__ void plain(int n) {}
+    """
+    assert kernels_of(text) == [Kernel("nn_argmax_kernel", "kArgmaxThreads", True),
+                                Kernel("two_args", "std::max(64, 32)", False), Kernel("plain", None, False)]
+    with pytest.raises(ValueError, match="must return void"):
+        kernels_of("__global__ int f() {}")
+
+
 DETECTED = [
     ("divergent_barrier", r"toy_divergent_barrier.*block \(0,0,0\), thread \(0,0,0\): __syncthreads at .*toys\.cu:\d+ "
                           r"is reached by only part of the block \(32 of 64 threads\): thread \(32,0,0\) exited"),
@@ -49,6 +73,10 @@ DETECTED = [
     ("block_too_large", r"launch of kernel 'toy_block_sum' at .*toys\.cu:\d+: block \(1025,1,1\) exceeds"),
     ("grid_y_too_large", r"launch of kernel 'toy_block_sum' .*grid \(1,65536,1\): y and z are at most 65535"),
     ("dynamic_smem_too_large", r"launch of kernel 'toy_block_sum' .*dynamic shared memory of 50176 bytes exceeds 48 KiB"),
+    ("over_bounds", r"launch of kernel 'toy_bounded<2>' at .*toys\.cu:\d+: a block of 128 threads exceeds its "
+                    r"__launch_bounds__\(64\)"),
+    ("unbounded_over_256", r"launch of kernel 'toy_block_sum' .*: a block of 512 threads, but the kernel declares no "
+                           r"__launch_bounds__: above 256 threads"),
 ]
 
 

@@ -13,7 +13,8 @@
 //    hangs: a barrier reached by only part of a block or two different barriers, a shuffle whose
 //    mask excludes a calling lane or names a lane that does not call it, a shuffle reading a lane
 //    outside the mask or an exited one, launch configurations beyond the hardware (block > 1024
-//    threads or > (1024, 1024, 64), grid y/z > 65535, x > 2^31-1, dynamic shared memory > 48 KiB).
+//    threads or > (1024, 1024, 64), grid y/z > 65535, x > 2^31-1, dynamic shared memory > 48 KiB),
+//    and blocks over a kernel's __launch_bounds__ (register_kernel below).
 // Static __shared__ memory over 48 KiB is a compile error of the real toolchain (ptxas); the
 // tests prove that on a toy kernel with nvcc, since g++ cannot size a kernel's statics.
 // The host side of the launchers runs as it is: the shims in include/ make CUDAGuard and
@@ -61,7 +62,17 @@ struct Launch {
   const char* site;  // file:line of the launch
   dim3 grid, block;
   size_t dynamic_smem;
+  const void* fn;  // the kernel's address: its __launch_bounds__ (register_kernel)
 };
+
+// Every kernel of a translation unit, with the maximum block size of its __launch_bounds__ (0:
+// it declares none), registered at load by code that tests/cuda_emu/build.py generates from
+// the sources (the macro itself expands to nothing here). A launch of more threads than the
+// bound is refused, as a GPU refuses it; so is a launch of more than 256 threads of a kernel
+// without one (ptxas may give it up to 255 registers a thread, more than 65536 per block
+// allow, and then a GPU fails the launch: cudaErrorLaunchOutOfResources); and a launch of a
+// kernel nobody registered (the scan missed it).
+void register_kernel(const void* fn, const char* name, long max_threads);
 
 // The CUDA thread running on this OS thread, read inline by threadIdx & co. (initial-exec TLS:
 // one pointer, no __tls_get_addr call per access).
@@ -130,7 +141,7 @@ struct Launcher {
     Kernel* f = fn;
     // Every CUDA thread gets its own copy of the arguments, as a real launch does.
     auto body = [f, args...]() { f(args...); };
-    run(Launch{kernel, site, grid, block, smem}, body);
+    run(Launch{kernel, site, grid, block, smem, reinterpret_cast<const void*>(f)}, body);
   }
 };
 

@@ -17,6 +17,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include <c10/util/Exception.h>
@@ -210,6 +211,47 @@ struct Block {
   }
 };
 
+struct KernelBound {
+  std::string name;
+  long max_threads;  // 0: no __launch_bounds__
+};
+
+std::mutex& kernels_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::unordered_map<const void*, KernelBound>& kernels() {
+  static std::unordered_map<const void*, KernelBound> k;
+  return k;
+}
+
+// Kernels without __launch_bounds__ launch with at most this many threads: 256 x 255 registers
+// (the most ptxas gives a thread, allocated 256 a thread per warp) fit the 65536 of a block.
+constexpr long kUnboundedThreads = 256;
+
+void check_bounds(const Launch& L, uint64_t threads) {
+  KernelBound k;
+  {
+    std::lock_guard<std::mutex> lk(kernels_mutex());
+    auto it = kernels().find(L.fn);
+    TORCH_CHECK(it != kernels().end(), "cuda_emu: launch of kernel '", L.kernel, "' at ", L.site,
+                ": the kernel was not registered (tests/cuda_emu/build.py reads every __global__ function of "
+                "the sources and the csrc headers they include: a declaration it cannot read?)");
+    k = it->second;
+  }
+  if (k.max_threads > 0) {
+    TORCH_CHECK(threads <= uint64_t(k.max_threads), "cuda_emu: launch of kernel '", L.kernel, "' at ", L.site,
+                ": a block of ", threads, " threads exceeds its __launch_bounds__(", k.max_threads,
+                ") (a GPU refuses the launch)");
+  } else {
+    TORCH_CHECK(threads <= uint64_t(kUnboundedThreads), "cuda_emu: launch of kernel '", L.kernel, "' at ", L.site,
+                ": a block of ", threads, " threads, but the kernel declares no __launch_bounds__: above ",
+                kUnboundedThreads, " threads ptxas may give it more registers than a block has, and a GPU "
+                "then fails the launch (cudaErrorLaunchOutOfResources); declare __launch_bounds__(", threads, ")");
+  }
+}
+
 void check_config(const Launch& L) {
   auto bad = [&](const std::string& what) {
     TORCH_CHECK(false, "cuda_emu: launch of kernel '", L.kernel, "' at ", L.site, ": ", what,
@@ -226,6 +268,7 @@ void check_config(const Launch& L) {
   if (L.dynamic_smem > 48u * 1024u)
     bad("dynamic shared memory of " + std::to_string(L.dynamic_smem) +
         " bytes exceeds 48 KiB (needs cudaFuncSetAttribute opt-in)");
+  check_bounds(L, uint64_t(b.x) * b.y * b.z);
 }
 
 void init_slots(std::vector<Slot>& slots, const Launch& L, dim3 bidx) {
@@ -730,6 +773,11 @@ void run(const Launch& launch, const std::function<void()>& body) {
 }
 
 uint64_t launch_count() { return g_launches.load(); }
+
+void register_kernel(const void* fn, const char* name, long max_threads) {
+  std::lock_guard<std::mutex> lk(kernels_mutex());
+  kernels()[fn] = KernelBound{name, max_threads};
+}
 
 namespace {
 std::mutex g_tunables_mu;

@@ -91,6 +91,14 @@ __global__ void toy_spin(float* out, int) {
   }
 }
 
+// Correct, and bounded: __launch_bounds__ caps its blocks at kToyBound threads (a GPU refuses a
+// launch of more; the emulation reads the bound from this source, see tests/cuda_emu/kernel_scan.py).
+constexpr int kToyBound = 64;
+template <int kScale>
+__global__ void __launch_bounds__(kToyBound, 1) toy_bounded(float* out, int n) {
+  if (static_cast<int>(threadIdx.x) < n) out[threadIdx.x] *= static_cast<float>(kScale);
+}
+
 void toy(const std::string& name, const at::Tensor& out) {
   TORCH_CHECK(out.is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous(), "toy: out must be float32");
   float* p = out.data_ptr<float>();
@@ -109,6 +117,9 @@ void toy(const std::string& name, const at::Tensor& out) {
   else if (name == "block_too_large") INSID3_LAUNCH(toy_block_sum, 1, 1025, 0, s)(p, n);
   else if (name == "grid_y_too_large") INSID3_LAUNCH(toy_block_sum, dim3(1, 65536), 32, 0, s)(p, n);
   else if (name == "dynamic_smem_too_large") INSID3_LAUNCH(toy_block_sum, 1, 32, 49 * 1024, s)(p, n);
+  else if (name == "within_bounds") INSID3_LAUNCH(toy_bounded<2>, 1, kToyBound, 0, s)(p, n);
+  else if (name == "over_bounds") INSID3_LAUNCH(toy_bounded<2>, 1, 2 * kToyBound, 0, s)(p, n);
+  else if (name == "unbounded_over_256") INSID3_LAUNCH(toy_block_sum, 1, 512, 0, s)(p, n);
   else TORCH_CHECK(false, "toy: unknown kernel ", name);
 }
 
