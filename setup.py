@@ -108,4 +108,7 @@ def _extensions() -> tuple[list, dict]:
 # functions above without building anything.
 if __name__ == "__main__":
     ext_modules, cmdclass = _extensions()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    # The licence is set here (pyproject.toml lists it as dynamic): the TOML-table form is
+    # deprecated from setuptools 77 on (unsupported after 2027-02-18), and the SPDX string that
+    # replaces it is an error before 77; this keyword builds without a warning on both.
+    setup(ext_modules=ext_modules, cmdclass=cmdclass, license="Apache-2.0")

@@ -125,7 +125,7 @@ run_step build 100 "$PY" -m pip install -v "${PIP_ARGS[@]}"
 run_step cuda_ops_loaded 100 "$PY" -c "
 import setuptools, torch
 from insid3_fast import ops
-# setuptools: pyproject's license table needs replacing by an SPDX string (setuptools >= 77) by 2027-02
+# setuptools: the build runs with the image's own (--no-build-isolation); >= 64 builds
 print('setuptools', setuptools.__version__)
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0))
 assert torch.cuda.is_available(), 'no CUDA device visible to torch'
