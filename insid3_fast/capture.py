@@ -152,6 +152,9 @@ class CapturedTarget:
         self.runner = runner
         with torch.no_grad():
             self.masks = runner.capture(self._forward)
+        # ... and so do the tensors that modules cache outside their buffers, which the warm-up
+        # runs computed (the RoPE embeddings, insid3_fast.backbone.model.cached_rope_class).
+        self._alive += tuple(t for m in core.encoder.modules() for t in getattr(m, "cached_tensors", tuple)())
 
     def _storage_of(self) -> tuple:
         """Where the tensors the graph reads live: device, dtype and the first bytes of the

@@ -168,6 +168,62 @@ def test_pickled_backbone_keeps_its_pinned_periods(tiny):
     assert torch.equal(copy.model.rope.periods.float(), meta["rope_embed.periods"])
 
 
+def _grid_builds(monkeypatch) -> list:
+    """Records every coordinate grid timm's RoPE builds (on the CPU, then copied to the periods' device)."""
+    from timm.layers import pos_embed_sincos
+
+    calls = []
+    build = pos_embed_sincos._build_grid
+
+    def spy(*args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("feat_shape"))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(pos_embed_sincos, "_build_grid", spy)
+    return calls
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "random"])
+def test_rope_embedding_is_built_once_per_shape(tiny, monkeypatch, loaded):
+    """timm built the RoPE embedding from a CPU grid in every pass: on a GPU a pageable copy and
+    a host wait per pass, which also fails inside a CUDA-graph capture. A no-grad pass now
+    reuses it per grid shape, bit for bit timm's (the pass with gradients takes timm's path)."""
+    from insid3_fast.backbone import DinoV3Backbone
+
+    size, _, path = tiny
+    backbone = load_dinov3(path) if loaded else DinoV3Backbone(build_dinov3(size, **TINY_KWARGS).eval(), size)
+    calls = _grid_builds(monkeypatch)
+    x, y = _image(), _image(48, 64)
+    first = _features(backbone, x)
+    assert torch.equal(_features(backbone, x), first) and len(calls) == 1
+    _features(backbone, y)
+    _features(backbone, y)
+    assert len(calls) == 2 and len(backbone.model.rope.cached_tensors()) == 2
+    with torch.enable_grad():
+        timms = backbone.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+    assert len(calls) == 3 and torch.equal(timms.detach(), first)
+
+
+def test_rope_embedding_cache_follows_casts_and_copies(tiny, monkeypatch):
+    import copy
+    import pickle
+
+    _, _, path = tiny
+    backbone = load_dinov3(path)
+    x = _image()
+    _features(backbone, x)
+    rope = backbone.model.rope
+    assert len(rope.cached_tensors()) == 1
+    assert pickle.loads(pickle.dumps(backbone)).model.rope.cached_tensors() == ()
+    assert copy.deepcopy(backbone).model.rope.cached_tensors() == ()
+    backbone.to(torch.bfloat16)  # computed again where the (float32) periods are
+    assert rope.cached_tensors() == ()
+    assert torch.equal(_features(backbone, x), _features(load_dinov3(path, dtype=torch.bfloat16), x))
+    assert rope.cached_tensors()[0].dtype == rope.periods.dtype == torch.float32
+    rope._init_buffers()  # new periods: new embeddings
+    assert rope.cached_tensors() == ()
+
+
 def test_loaded_model_is_frozen_and_in_eval(tiny):
     backbone = load_dinov3(tiny[2])
     assert not backbone.training and not backbone.model.training

@@ -258,3 +258,56 @@ def test_cuda_graph_runner_captures_thread_locally_one_at_a_time(monkeypatch):
     for t in threads:
         t.join()
     assert seen == ["thread_local"] * 4 and overlaps[0] == 0
+
+
+class WarmingRunner(ReplayRunner):
+    """CudaGraphRunner's order on the host: ``warmup`` eager runs, then the recorded one, inside
+    which ``forbid`` (a context manager) stands for what a capture refuses."""
+
+    def __init__(self, forbid: Callable, warmup: int = 2) -> None:
+        super().__init__()
+        self.forbid, self.warmup = forbid, warmup
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        for _ in range(self.warmup):
+            fn()
+        with self.forbid():
+            return super().capture(fn)
+
+
+def test_a_dinov3_target_is_captured_without_a_host_grid(monkeypatch):
+    """timm's DINOv3 RoPE built its embedding from a CPU grid in every pass, a pageable copy to
+    the GPU that a CUDA-graph capture refuses: captured with a real (random, tiny) DINOv3, the
+    recorded pass builds none, and the call keeps the cached embedding the graph reads alive."""
+    import contextlib
+
+    from checkpoints import TINY_KWARGS
+    from timm.layers import pos_embed_sincos
+
+    from insid3_fast.backbone import DinoV3Backbone, build_dinov3
+
+    build = pos_embed_sincos._build_grid
+    capturing = []
+
+    def grid(*args, **kwargs):
+        assert not capturing, "a CPU coordinate grid was built inside the capture (a host-to-device copy)"
+        return build(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def forbid():
+        capturing.append(True)
+        try:
+            yield
+        finally:
+            capturing.pop()
+
+    monkeypatch.setattr(pos_embed_sincos, "_build_grid", grid)
+    torch.manual_seed(0)
+    encoder = DinoV3Backbone(build_dinov3("small", **TINY_KWARGS).eval(), "small")
+    model = INSID3(encoder, image_size=SIZE, svd_components=8, device="cpu")
+    images, (refs, masks, _, _) = _images(11, 2)
+    ref = model.encode_reference(refs, masks)
+    captured = model.core.capture(ref, runner=WarmingRunner(forbid))
+    assert any(t is e for t in captured._alive for e in encoder.model.rope.cached_tensors())
+    for image in images:
+        assert torch.equal(captured(image)[0], model.core.segment(ref, image)[0])

@@ -20,7 +20,7 @@ from .arch import infer_model_size
 from .fingerprint import weights_fingerprint
 from .keys import hf_to_meta_state_dict
 from .load import load_dinov3, load_meta_state
-from .model import DinoV3Backbone, build_dinov3, pinned_rope_class
+from .model import DinoV3Backbone, build_dinov3, cached_rope_class, pinned_rope_class
 from .sizes import META_CHECKPOINT_NAMES, MODEL_SIZES, dinov3_rope_periods
 
 __all__ = [
@@ -39,8 +39,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Lets pickle find the lazily built RoPE class of a pickled model (its __module__ is this
-    # package, see model.pinned_rope_class).
+    # Lets pickle find the lazily built RoPE classes of a pickled model (their __module__ is this
+    # package, see model.pinned_rope_class and model.cached_rope_class).
     if name == "_PinnedPeriodsRope":
         return pinned_rope_class()
+    if name == "_CachedEmbedRope":
+        return cached_rope_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,8 @@ from .messages import few, unknown_architecture_error
 from .sizes import MODEL_SIZES
 
 __all__ = [
-    "TIMM_REQUIREMENT", "DinoV3Backbone", "build_dinov3", "load_weights", "pin_rope_periods", "pinned_rope_class",
+    "TIMM_REQUIREMENT", "DinoV3Backbone", "build_dinov3", "cache_rope_embeddings", "cached_rope_class", "load_weights",
+    "pin_rope_periods", "pinned_rope_class",
 ]
 
 #: The timm releases the RoPE pinning was checked against; pyproject.toml requires the same
@@ -39,8 +40,67 @@ _PICKLE_MODULE = "insid3_fast.backbone"
 
 
 @functools.cache
+def cached_rope_class() -> type:
+    """timm's DINOv3 RoPE that computes its embedding once per grid shape, device and dtype
+    (one class, built on first use), in no-grad and inference passes.
+
+    timm rebuilds the embedding in every forward from a coordinate grid made on the CPU (for
+    its numerics), so each pass on a GPU copied that grid from pageable memory, which makes the
+    host wait for the stream and cannot be captured into a CUDA graph at all. The cached
+    embedding is the one timm computes, bit for bit. Passes with gradients, training-time
+    coordinate augmentation, an explicit ``dtype`` and torch.compile traces take timm's path.
+    """
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+    class _CachedEmbedRope(RotaryEmbeddingDinoV3):
+        """timm's DINOv3 RoPE with its per-shape embedding cached (see ``cached_rope_class``)."""
+
+        def get_embed(self, shape: Sequence[int] | None = None, *args: Any, **kwargs: Any) -> Tensor:
+            if (torch.compiler.is_compiling() or shape is None or args or kwargs.get("dtype") is not None
+                    or torch.is_grad_enabled() or (self.training and getattr(self, "aug_active", False))):
+                return super().get_embed(shape, *args, **kwargs)
+            cache = self.__dict__.setdefault("_embeds", {})
+            key = (tuple(int(s) for s in shape), self.periods.device, self.periods.dtype)
+            embed = cache.get(key)
+            if embed is None:
+                embed = cache[key] = super().get_embed(shape)
+            return embed
+
+        def cached_tensors(self) -> tuple[Tensor, ...]:
+            """The cached embeddings: a CUDA graph that read one must keep it alive."""
+            return tuple(self.__dict__.get("_embeds", {}).values())
+
+        def _init_buffers(self) -> None:
+            self.__dict__.pop("_embeds", None)  # new periods: new embeddings
+            super()._init_buffers()
+
+        def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+            self.__dict__.pop("_embeds", None)  # moved or cast: computed again where the periods are
+            return super()._apply(fn, recurse)
+
+        def __getstate__(self) -> dict[str, Any]:
+            state = super().__getstate__()
+            state.pop("_embeds", None)
+            return state
+
+    _CachedEmbedRope.__qualname__ = _CachedEmbedRope.__name__
+    _CachedEmbedRope.__module__ = _PICKLE_MODULE
+    return _CachedEmbedRope
+
+
+def cache_rope_embeddings(model: nn.Module) -> None:
+    """Give a timm DINOv3 ``model``'s RoPE the per-shape embedding cache of ``cached_rope_class``
+    (a pinned one has it already; another RoPE class is left as it is)."""
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+    rope = getattr(model, "rope", None)
+    if type(rope) is RotaryEmbeddingDinoV3:
+        rope.__class__ = cached_rope_class()
+
+
+@functools.cache
 def pinned_rope_class() -> type:
-    """timm's DINOv3 RoPE with fixed periods (one class, built on first use)."""
+    """timm's DINOv3 RoPE with fixed periods and a cached embedding (one class, built on first use)."""
     # Built lazily: importing timm costs seconds, and only loading a model needs it.
     import timm
     from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
@@ -53,7 +113,7 @@ def pinned_rope_class() -> type:
             f"checked against (pip install '{TIMM_REQUIREMENT}')."
         )
 
-    class _PinnedPeriodsRope(RotaryEmbeddingDinoV3):
+    class _PinnedPeriodsRope(cached_rope_class()):
         """timm's DINOv3 RoPE whose periods are fixed values instead of recomputed ones."""
 
         _pinned_periods: Tensor
@@ -96,6 +156,7 @@ class DinoV3Backbone(nn.Module):
 
     def __init__(self, model: nn.Module, model_size: str) -> None:
         super().__init__()
+        cache_rope_embeddings(model)
         self.model = model
         self.model_size = model_size
         self.patch_size = PATCH_SIZE
