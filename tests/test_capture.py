@@ -311,3 +311,53 @@ def test_a_dinov3_target_is_captured_without_a_host_grid(monkeypatch):
     assert any(t is e for t in captured._alive for e in encoder.model.rope.cached_tensors())
     for image in images:
         assert torch.equal(captured(image)[0], model.core.segment(ref, image)[0])
+
+
+def test_the_per_target_work_crosses_no_device(monkeypatch):
+    """The whole per-target work (a tiny DINOv3's pass, the post-backbone steps with the native
+    ops' fake kernels, the upsampling) on the meta device, a stand-in for a GPU: after the first
+    pass no op mixes host and device tensors. On a GPU each such op is a host-to-device copy (a
+    host wait, and an error inside a CUDA-graph capture), which the emulation, whose device is
+    the host, cannot see."""
+    import dataclasses
+
+    from checkpoints import TINY_KWARGS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from insid3_fast import ops, pipeline
+    from insid3_fast.backbone import DinoV3Backbone, build_dinov3
+
+    if ops.load_error() is not None:
+        pytest.skip("needs the native ops' fake kernels")
+
+    class Crossings(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            if len({t.device.type for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0}) > 1:
+                self.ops.append(str(func))
+            return out
+
+    torch.manual_seed(0)
+    encoder = DinoV3Backbone(build_dinov3("small", **TINY_KWARGS).eval(), "small")
+    model = INSID3(encoder, image_size=SIZE, svd_components=8, device="cpu")
+    _, (refs, masks, _, _) = _images(11, 1)
+    ref = model.encode_reference(refs, masks)
+    core = model.core.to("meta")
+    ref = dataclasses.replace(ref, **{f.name: getattr(ref, f.name).to("meta") for f in dataclasses.fields(ref)
+                                      if isinstance(getattr(ref, f.name), torch.Tensor)})
+    images = torch.empty(1, 3, SIZE, SIZE, device="meta")
+    core.features(images)  # the first pass computes the RoPE embedding
+    with torch.no_grad(), Crossings() as seen:
+        feats = core.features(images)
+        for connectivity in (None, 4):
+            for bf16x6 in (False, True):
+                patch = pipeline.segment_patches(ref, feats[0], core.complement, tau=0.6, merge_threshold=0.2,
+                                                 connectivity=connectivity, kernels="native", bf16x6=bf16x6)
+                mask = core.finalize(patch, None, None)
+    assert mask.device.type == "meta" and mask.shape == (SIZE, SIZE)
+    assert seen.ops == []
