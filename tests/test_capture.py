@@ -159,10 +159,21 @@ def test_capture_refuses_crf_cpu_models_and_foreign_references():
 @pytest.mark.skipif(not (torch.cuda.is_available() and __import__("insid3_fast").ops.native_available("cuda")),
                     reason="needs a CUDA device and insid3_fast._C built with CUDA kernels")
 @pytest.mark.parametrize("batch", [1, 3])
-def test_real_cuda_graph_replays_give_the_eager_masks(batch):
-    """On a GPU: the default runner records a real torch.cuda.CUDAGraph (a host sync inside
-    would fail the capture), and its replays give the eager CUDA path's masks."""
-    model = INSID3(SyntheticEncoder(64, seed=1), image_size=256, svd_components=32, device="cuda")
+@pytest.mark.parametrize("encoder", ["synthetic", "dinov3"])
+def test_real_cuda_graph_replays_give_the_eager_masks(batch, encoder):
+    """On a GPU: the default runner records a real torch.cuda.CUDAGraph (a host sync or a
+    host-to-device copy inside would fail the capture), and its replays give the eager CUDA
+    path's masks; with the synthetic encoder and with a tiny random DINOv3 (timm's model)."""
+    if encoder == "dinov3":
+        from checkpoints import TINY_KWARGS
+
+        from insid3_fast.backbone import DinoV3Backbone, build_dinov3
+
+        torch.manual_seed(0)
+        net = DinoV3Backbone(build_dinov3("small", **TINY_KWARGS).eval(), "small")
+    else:
+        net = SyntheticEncoder(64, seed=1)
+    model = INSID3(net, image_size=256, svd_components=32, device="cuda")
     images, (refs, masks, _, _) = _images(51, batch + 1, size=256)
     ref = model.encode_reference(refs, masks)
     captured = model.capture(ref, batch_size=batch)
