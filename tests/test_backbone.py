@@ -204,6 +204,30 @@ def test_rope_embedding_is_built_once_per_shape(tiny, monkeypatch, loaded):
     assert len(calls) == 3 and torch.equal(timms.detach(), first)
 
 
+def test_compiled_backbone_graphs_hold_no_rope_grid():
+    """Under torch.compile timm's host-side grid was traced into the backbone's graph, and
+    inductor makes no CUDA graph of a graph with host ops (compile="reduce-overhead"): the
+    cached lookup runs eagerly between the compiled graphs, whose features are the eager ones."""
+    from insid3_fast.backbone import DinoV3Backbone
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    backbone = DinoV3Backbone(build_dinov3("small", **TINY_KWARGS).eval(), "small")
+    compiled = torch.compile(backbone, backend=recording, dynamic=False)
+    x = _image(64, 64, batch=1)
+    with torch.no_grad():
+        out = compiled(x)
+        assert torch.equal(compiled(x), out) and torch.equal(backbone(x), out)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("linear" in t for t in targets)  # the blocks were compiled
+    assert not any("meshgrid" in t or "arange" in t for t in targets), targets
+
+
 def test_rope_embedding_cache_follows_casts_and_copies(tiny, monkeypatch):
     import copy
     import pickle

@@ -48,7 +48,8 @@ def cached_rope_class() -> type:
     its numerics), so each pass on a GPU copied that grid from pageable memory, which makes the
     host wait for the stream and cannot be captured into a CUDA graph at all. The cached
     embedding is the one timm computes, bit for bit. Passes with gradients, training-time
-    coordinate augmentation, an explicit ``dtype`` and torch.compile traces take timm's path.
+    coordinate augmentation and an explicit ``dtype`` take timm's path; under torch.compile the
+    lookup runs eagerly, between two compiled graphs that hold no host work.
     """
     from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 
@@ -56,14 +57,20 @@ def cached_rope_class() -> type:
         """timm's DINOv3 RoPE with its per-shape embedding cached (see ``cached_rope_class``)."""
 
         def get_embed(self, shape: Sequence[int] | None = None, *args: Any, **kwargs: Any) -> Tensor:
-            if (torch.compiler.is_compiling() or shape is None or args or kwargs.get("dtype") is not None
-                    or torch.is_grad_enabled() or (self.training and getattr(self, "aug_active", False))):
+            if (shape is None or args or kwargs.get("dtype") is not None or torch.is_grad_enabled()
+                    or (self.training and getattr(self, "aug_active", False))):
                 return super().get_embed(shape, *args, **kwargs)
+            return self._cached_embed(tuple(int(s) for s in shape))
+
+        # Eager under torch.compile too (a graph break): traced, timm's host-side grid would sit
+        # in the compiled graph, and inductor makes no CUDA graph of a graph with host ops.
+        @torch.compiler.disable
+        def _cached_embed(self, shape: tuple[int, ...]) -> Tensor:
             cache = self.__dict__.setdefault("_embeds", {})
-            key = (tuple(int(s) for s in shape), self.periods.device, self.periods.dtype)
+            key = (shape, self.periods.device, self.periods.dtype)
             embed = cache.get(key)
             if embed is None:
-                embed = cache[key] = super().get_embed(shape)
+                embed = cache[key] = super().get_embed(list(shape))
             return embed
 
         def cached_tensors(self) -> tuple[Tensor, ...]:
