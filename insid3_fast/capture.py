@@ -119,14 +119,17 @@ class CapturedTarget:
         self.core = core
         self.ref = core.check_reference(ref)
         self.batch = check_int("batch", batch, minimum=1)
-        if core.config.mask_refiner == "crf":
+        # The options the graph holds, read once: the checks below and the recorded work see the
+        # same ones (reconfigure() replaces core.config, and a call after that is refused).
+        self.config = config = core.config
+        if config.mask_refiner == "crf":
             raise InputError("a captured call cannot run the CRF (it runs on the host): use "
                              "mask_refiner='bilinear', or segment() for CRF masks")
-        if core.config.compile in ("reduce-overhead", "max-autotune"):
-            raise InputError(f"compile={core.config.compile!r} records CUDA graphs of its own, which cannot "
+        if config.compile in ("reduce-overhead", "max-autotune"):
+            raise InputError(f"compile={config.compile!r} records CUDA graphs of its own, which cannot "
                              "run inside the captured call's graph: build the model with compile=True "
                              "(or 'max-autotune-no-cudagraphs') to capture it")
-        if core.kernels != "native":
+        if core._kernels_of(config) != "native":
             raise InputError("a captured call needs the native kernels (the reference kernels run scikit-learn "
                              "on the host): core.reconfigure(backend='native'), or build the model with backend='native' "
                              "('auto' falls back to the reference kernels where the extension is not built)")
@@ -135,7 +138,6 @@ class CapturedTarget:
                 raise InputError(f"capture() records a CUDA graph and needs a CUDA model, this one is on "
                                  f"{core.device}: use segment() / stream() there")
             runner = CudaGraphRunner(core.device)
-        self.config = core.config  # the thresholds the graph holds (reconfigure() replaces it)
         # The graph holds raw pointers to the buffers and weights, not references: moving or
         # casting the model frees them, and a replay would read freed memory.
         params = list(core.encoder.parameters())

@@ -282,26 +282,29 @@ class Insid3Core(torch.nn.Module):
     # ---- reference ----
     @torch.no_grad()
     def encode_reference(self, images: torch.Tensor, masks: torch.Tensor,
-                         features: torch.Tensor | None = None) -> EncodedReference:
+                         features: torch.Tensor | None = None, config: Insid3Config | None = None) -> EncodedReference:
         """Encode S shots: images (S, 3, size, size) normalised, masks (S, H, W).
 
         Masks of any dtype: a pixel is foreground where the mask is > 0, and the values (soft or
         0-255 masks) weigh the bilinear downsampling to the patch grid, as in the published
         ``predict_mask`` (its ``set_reference`` makes masks bool first: so does ours).
-        ``features`` (S, C, h, w), when given, skips the backbone pass.
+        ``features`` (S, C, h, w), when given, skips the backbone pass. ``config``: the options to
+        run with (default: the model's, read once; see ``segment``).
         """
+        config = self.config if config is None else config
         if not isinstance(masks, torch.Tensor) or masks.ndim != 3 or masks.shape[0] != images.shape[0]:
             got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
             raise InputError(f"masks must be (S, H, W) with one mask per image (S = {images.shape[0]}), got {got}")
         masks = masks.to(self.device)
         if not bool((masks > 0).flatten(1).any(dim=1).all()):
             raise InputError("a reference mask is empty (no foreground pixel); every shot needs a mask")
-        feats = self.features(images) if features is None else features.to(self.device, self.dtype)
-        return self.encode_reference_features(feats, masks)
+        feats = self.features(images, config) if features is None else features.to(self.device, self.dtype)
+        return self.encode_reference_features(feats, masks, config)
 
-    def encode_reference_features(self, feats: torch.Tensor, masks: torch.Tensor) -> EncodedReference:
+    def encode_reference_features(self, feats: torch.Tensor, masks: torch.Tensor,
+                                  config: Insid3Config | None = None) -> EncodedReference:
         """Encode S shots from their normalised features (S, C, h, w) and masks (S, size, size)."""
-        c = self.config  # read once: another thread's reconfigure() cannot mix two configurations
+        c = self.config if config is None else config
         complement, version = self._coordinates()
         ref = pipeline.encode_reference(feats, masks, complement, bf16x6=c.matmul_precision == "bf16x6",
                                         kernels=self._kernels_of(c))
@@ -364,15 +367,16 @@ class Insid3Core(torch.nn.Module):
     @torch.no_grad()
     def segment(self, ref: EncodedReference, images: torch.Tensor | None,
                 out_sizes: Sequence[tuple[int, int] | None] | None = None,
-                features: torch.Tensor | None = None) -> list[torch.Tensor]:
+                features: torch.Tensor | None = None, config: Insid3Config | None = None) -> list[torch.Tensor]:
         """Segment B targets (B, 3, size, size) in one backbone pass; a bool mask per target.
 
         ``out_sizes[b]`` is the size to resize each mask to (None: size x size). With
         ``features`` (B, C, h, w) given, ``images`` may be None (no backbone pass; no CRF).
-        The whole batch runs with the options of the call's start: a ``reconfigure`` from another
-        thread meanwhile applies from the next call, never to half of a target.
+        The whole batch runs with one set of options, ``config`` or else the model's as the call
+        starts: a ``reconfigure`` from another thread meanwhile applies from the next call, never
+        to half of a target.
         """
-        c = self.config
+        c = self.config if config is None else config
         feats = self.features(images, c) if features is None else features.to(self.device, self.dtype)
         if out_sizes is None:
             out_sizes = [None] * feats.shape[0]
@@ -422,9 +426,10 @@ class Insid3Core(torch.nn.Module):
             ref_masks = ref_masks[:S]
         warn_non_finite(ref_images, "ref_images")
         warn_non_finite(tgt_image, "tgt_image")
-        feats = self.features(torch.cat([ref_images.to(self.device), tgt_image.to(self.device)]))
-        ref = self.encode_reference(ref_images, ref_masks, features=feats[:S])
-        return self.segment(ref, tgt_image, [out_size], features=feats[S:])[0]
+        c = self.config  # one set of options for the whole episode (see segment)
+        feats = self.features(torch.cat([ref_images.to(self.device), tgt_image.to(self.device)]), c)
+        ref = self.encode_reference(ref_images, ref_masks, features=feats[:S], config=c)
+        return self.segment(ref, tgt_image, [out_size], features=feats[S:], config=c)[0]
 
     # ---- keypoints ----
     @torch.no_grad()

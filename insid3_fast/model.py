@@ -252,11 +252,12 @@ class INSID3(torch.nn.Module):
             self._orig_ref_sizes.append(orig)
 
     def _load_mask(self, image: ImageLike, orig: tuple[int, int], mask: MaskLike, empty: str = "raise",
-                   size: int | None = None) -> torch.Tensor:
+                   size: int | None = None, exif_transpose: bool | None = None) -> torch.Tensor:
         # A tensor image already at the model size says nothing about the photo's size.
         at_model_size = isinstance(image, torch.Tensor) and orig == (self.core.image_size,) * 2
+        exif = self.exif_transpose if exif_transpose is None else exif_transpose
         return load_mask(mask, size or self.core.image_size, expected_hw=None if at_model_size else orig,
-                         mismatch="warn", exif_transpose=self.exif_transpose, empty=empty)
+                         mismatch="warn", exif_transpose=exif, empty=empty)
 
     def set_target(self, image: ImageLike) -> None:
         """Set the image to segment (or to transfer keypoints to)."""
@@ -360,12 +361,13 @@ class INSID3(torch.nn.Module):
         images, masks = _as_list(images), _as_list(masks)
         if len(images) != len(masks) or not images:
             raise InputError(f"need one mask per reference image, got {len(images)} images and {len(masks)} masks")
+        config = self.core.config  # the whole call runs with the options it started with
         tensors, mask_tensors = [], []
         for image, mask in zip(images, masks):
-            tensor, orig = load_image(image, self.core.image_size, exif_transpose=self.exif_transpose)
+            tensor, orig = load_image(image, self.core.image_size, exif_transpose=config.exif_transpose)
             tensors.append(tensor.to(self.device))
-            mask_tensors.append(self._load_mask(image, orig, mask).to(self.device))
-        return self.core.encode_reference(torch.cat(tensors), torch.cat(mask_tensors))
+            mask_tensors.append(self._load_mask(image, orig, mask, exif_transpose=config.exif_transpose).to(self.device))
+        return self.core.encode_reference(torch.cat(tensors), torch.cat(mask_tensors), config=config)
 
     def _check_reference(self, ref: object) -> EncodedReference:
         return self.core.check_reference(ref)
@@ -395,9 +397,12 @@ class INSID3(torch.nn.Module):
         from concurrent.futures import ThreadPoolExecutor
 
         pin = self.device.type == "cuda"
+        # The whole stream runs with the options of its start (another thread's reconfigure()
+        # applies to the next call): the loader thread reads ahead, so one snapshot serves both.
+        config = self.core.config
 
         def load(chunk: list[ImageLike]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-            loaded = [load_image(t, self.core.image_size, exif_transpose=self.exif_transpose) for t in chunk]
+            loaded = [load_image(t, self.core.image_size, exif_transpose=config.exif_transpose) for t in chunk]
             tensors = [t for t, _ in loaded]
             if any(t.device.type != "cpu" for t in tensors):  # tensor inputs already on a device
                 images = torch.cat([t.to(self.device) for t in tensors])
@@ -428,9 +433,9 @@ class INSID3(torch.nn.Module):
             for chunk in chunks():
                 pending.append(functools.partial(load, chunk) if on_device(chunk) else pool.submit(load, chunk).result)
                 if len(pending) > prefetch:
-                    yield from self._segment_batch(ref, *pending.pop(0)())
+                    yield from self._segment_batch(ref, *pending.pop(0)(), config)
             for batch in pending:
-                yield from self._segment_batch(ref, *batch())
+                yield from self._segment_batch(ref, *batch(), config)
 
     def capture(self, ref: EncodedReference, batch_size: int = 1) -> CapturedTarget:
         """A call that segments ``batch_size`` targets against ``ref`` by one CUDA-graph replay.
@@ -442,10 +447,10 @@ class INSID3(torch.nn.Module):
         """
         return self.core.capture(self._check_reference(ref), check_int("batch_size", batch_size, minimum=1))
 
-    def _segment_batch(self, ref: EncodedReference, images: torch.Tensor,
-                       sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        out = [s if self.resize_to_orig_size else None for s in sizes]
-        return self.core.segment(ref, to_device(images, self.device), out)
+    def _segment_batch(self, ref: EncodedReference, images: torch.Tensor, sizes: list[tuple[int, int]],
+                       config: Insid3Config) -> list[torch.Tensor]:
+        out = [s if config.resize_to_orig_size else None for s in sizes]
+        return self.core.segment(ref, to_device(images, self.device), out, config=config)
 
 
 def _published_state_dict(module: torch.nn.Module, state_dict: dict, prefix: str, *args: object) -> None:

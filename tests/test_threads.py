@@ -13,6 +13,7 @@ import torch
 
 from insid3_fast import INSID3, ops
 from insid3_fast.errors import InputError, StateError
+from insid3_fast.inputs import load_image
 from insid3_fast.synthetic import SyntheticEncoder, make_episode
 
 BACKENDS = ["reference", pytest.param("native", marks=pytest.mark.skipif(not ops.native_available(),
@@ -293,29 +294,57 @@ def test_load_state_dict_counts_a_new_complement_and_takes_meta_and_assign():
     assert model.core.basis_version == version + 2
 
 
-def test_a_reconfigure_during_a_batch_applies_from_the_next_call():
-    """Another thread's reconfigure() landing while a batch is segmented (simulated inside the
-    first target's clustering) changed the thresholds of the targets after it, and the refiner
-    of the target itself: one call mixed two configurations. The call keeps the options it
-    started with; the next call has the new ones."""
+def _racing(model, hook: str, **options):
+    """Wrap the core's ``hook`` (its backbone pass or its clustering) so that its first call ends
+    with ``reconfigure(**options)``, as another thread's would land mid-call."""
+    inner = getattr(model.core, hook)
+    fired = []
+
+    def racing(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        if not fired:
+            fired.append(True)
+            model.core.reconfigure(**options)
+        return out
+
+    setattr(model.core, hook, racing)
+    return lambda: setattr(model.core, hook, inner)
+
+
+@pytest.mark.parametrize("hook", ["_backbone", "_segment_patches"])
+def test_a_reconfigure_during_a_call_applies_from_the_next_call(hook):
+    """Another thread's reconfigure() landing mid-call (simulated inside the backbone pass or the
+    first target's clustering) changed the options of what came after it in the same call: the
+    later targets' thresholds, a target's refiner and output size, an episode's clustering. A
+    call keeps the options it started with; the next call has the new ones."""
     model = INSID3(SyntheticEncoder(32, seed=4), image_size=256, svd_components=16, device="cpu",
                    backend="reference")
     refs, masks, _, _ = make_episode(7, 1)
     targets = [make_episode(20 + k, 1)[2] for k in range(2)]
     ref = model.encode_reference(refs, masks)
     expect = model.segment_targets(ref, targets)
-    assert all(m.any() for m in expect)
-    inner = model.core._segment_patches
-
-    def racing(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        # +inf merge threshold: empty masks; the CRF: other boundaries
-        model.core.reconfigure(merge_threshold=float("inf"), mask_refiner="crf")
-        return out
-
-    model.core._segment_patches = racing
+    assert all(m.any() for m in expect) and expect[0].shape == (200, 260)
+    ref_images = torch.cat([load_image(r, 256)[0] for r in refs])
+    ref_masks = torch.stack([torch.from_numpy(m) for m in masks])
+    target = load_image(targets[0], 256)[0]
+    episode = model.predict_mask(ref_images, ref_masks, target)
+    assert episode.any()
+    # +inf merge threshold: empty masks; the CRF and no resizing: other masks, other sizes
+    change = dict(merge_threshold=float("inf"), mask_refiner="crf", resize_to_orig_size=False)
+    restore = _racing(model, hook, **change)
     got = model.segment_targets(ref, targets)
-    model.core._segment_patches = inner
+    restore()
     assert all(torch.equal(a, b) for a, b in zip(got, expect))
     assert model.merge_threshold == float("inf") and model.mask_refiner == "crf"
     assert not any(m.any() for m in model.segment_targets(ref, targets))
+    model.core.reconfigure(merge_threshold=0.2, mask_refiner="bilinear", resize_to_orig_size=True)
+    restore = _racing(model, hook, **change)
+    assert torch.equal(model.predict_mask(ref_images, ref_masks, target), episode)
+    restore()
+    if hook == "_backbone":  # a reference: its keys come from the options it started with
+        model.core.reconfigure(merge_threshold=0.2, mask_refiner="bilinear", resize_to_orig_size=True)
+        restore = _racing(model, hook, matmul_precision="bf16x6")
+        raced = model.encode_reference(refs, masks)
+        restore()
+        assert torch.equal(raced.keys, ref.keys)
+        assert not torch.equal(model.encode_reference(refs, masks).keys, ref.keys)
