@@ -33,8 +33,7 @@ def test_emu_toy_correct_kernel_runs_clean():
 
 
 def test_emu_toy_launch_within_its_bounds_runs():
-    out = torch.arange(100, dtype=torch.float32)
-    torch.ops.insid3_fast_emu.toy("within_bounds", out)
+    out = _toy("within_bounds", 100)
     assert torch.equal(out, torch.cat([torch.arange(64.0) * 2, torch.arange(64.0, 100.0)]))
 
 
