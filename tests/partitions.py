@@ -30,29 +30,43 @@ def first_appearance(labels) -> bool:
 
 
 def stable_cpu_partition(x: torch.Tensor, threshold: float, *, bf16x6: bool = False, eps: float = 1e-5,
-                         trials: int = 4, seed: int = 0) -> torch.Tensor:
-    """``ops.average_linkage(x, threshold)`` on the CPU, asserted to stay the partition when every
-    cosine distance moves by up to ``eps`` (``trials`` seeded symmetric perturbations).
+                         trials: int = 2, seed: int = 0) -> torch.Tensor:
+    """``ops.average_linkage(x, threshold)`` on the CPU, asserted to stay the partition when the
+    cosine distances move by up to ``eps``.
 
     A real GPU's Gram matrix comes from another GEMM (cuBLAS, or the tensor cores for bf16x6)
     than the CPU's (MKL), so its distances differ in the last bits: for unit rows by at most
-    about C * 2^-24 (3e-6 at C = 48), below ``eps``. The partition of a GPU kernel can then
-    equal the CPU's only where the data hold no near-tie (two merges, or a merge and the
-    threshold, closer than the rounding), and this is what the check establishes for a test's
-    data, on every machine, before the GPU's labels are compared with the returned ones.
+    about C * 2^-24 (3e-6 at C = 48), below ``eps``. A GPU kernel's partition can equal the
+    CPU's only where the data hold no near-tie, which this checks for a test's data, on every
+    machine, before the GPU's labels are compared with the returned ones. The moves tried:
+    every distance up by ``eps`` and down by ``eps`` (an average linkage moves with them: the
+    worst case against the threshold); one random shift in [-eps, eps] per pair of the
+    partition's clusters and per cluster (the linkages between whole clusters move apart, which
+    independent noise per entry would average away); and ``trials`` of independent noise per
+    entry (merge orders inside clusters). Near-ties between sub-clusters are only sampled.
     """
     labels = ops.average_linkage(x, threshold, bf16x6=bf16x6)
     x64 = x.double()
     dist = 1 - (x64 @ x64.T).clamp(-1, 1)
     n = x.shape[0]
     g = torch.Generator().manual_seed(seed)
+
+    def symmetric(m: torch.Tensor) -> torch.Tensor:
+        m = torch.triu(m, 1)
+        return m + m.T
+
+    k = int(labels.max()) + 1 if n else 0
+    moves = {"every distance + eps": torch.full((n, n), eps, dtype=torch.float64),
+             "every distance - eps": torch.full((n, n), -eps, dtype=torch.float64)}
     for trial in range(trials):
-        noise = (torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1) * eps
-        noise = torch.triu(noise, 1)
-        perturbed = (dist + noise + noise.T).clamp_min(0).float()
+        shift = torch.triu((torch.rand(k, k, generator=g, dtype=torch.float64) * 2 - 1) * eps)
+        shift = shift + torch.triu(shift, 1).T  # one value per pair of clusters, and per cluster
+        moves[f"a shift per pair of clusters ({trial})"] = shift[labels][:, labels]
+        moves[f"noise per entry ({trial})"] = (torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1) * eps
+    for name, move in moves.items():
+        perturbed = (dist + symmetric(move)).clamp_min(0).float()
         moved = ops.average_linkage_precomputed(perturbed, threshold)
         assert same_partition(moved, labels), (
-            f"the test's data hold a near-tie: distances moved by up to {eps:g} (trial {trial}) give "
-            f"another partition at threshold {threshold}, so no GPU GEMM could be held to the CPU's; "
-            "change the data's seed")
+            f"the test's data hold a near-tie: with {name} (eps = {eps:g}) the partition at threshold "
+            f"{threshold} changes, so no GPU GEMM could be held to the CPU's; change the data's seed")
     return labels
