@@ -247,6 +247,20 @@ def test_rope_embedding_cache_follows_casts_and_copies(tiny, monkeypatch):
     rope._init_buffers()  # new periods: new embeddings
     assert rope.cached_tensors() == ()
 
+    def timms(shape):
+        with torch.enable_grad():
+            return rope.get_embed(shape)
+
+    with torch.no_grad():
+        before = rope.get_embed((2, 3))
+        rope.periods.mul_(2)  # new values in place: the embedding of the new ones
+        assert torch.equal(rope.get_embed((2, 3)), timms((2, 3))) and not torch.equal(before, timms((2, 3)))
+        rope.periods = rope.periods / 2  # another tensor
+        assert torch.equal(rope.get_embed((2, 3)), before)
+        for h in range(1, 12):  # the least recently used shapes go
+            rope.get_embed((h, 3))
+    assert len(rope.cached_tensors()) == 8
+
 
 def test_loaded_model_is_frozen_and_in_eval(tiny):
     backbone = load_dinov3(tiny[2])

@@ -34,6 +34,9 @@ TIMM_REQUIREMENT = "timm>=1.0.25,<=1.0.31"
 # The private RotaryEmbeddingDinoV3 methods the pinning relies on.
 _TIMM_HOOKS = ("_compute_periods", "_init_buffers")
 
+# The grid shapes (image sizes) whose RoPE embeddings a backbone keeps (cached_rope_class).
+_ROPE_CACHED_SHAPES = 8
+
 # Where pickle finds the lazily built RoPE class: the package, whose __getattr__ builds it. It
 # is also where the class lived before the package was split, so older pickles still load.
 _PICKLE_MODULE = "insid3_fast.backbone"
@@ -49,7 +52,10 @@ def cached_rope_class() -> type:
     host wait for the stream and cannot be captured into a CUDA graph at all. The cached
     embedding is the one timm computes, bit for bit. Passes with gradients, training-time
     coordinate augmentation and an explicit ``dtype`` take timm's path; under torch.compile the
-    lookup runs eagerly, between two compiled graphs that hold no host work.
+    lookup runs eagerly, between two compiled graphs that hold no host work (so a compile with
+    ``fullgraph=True`` refuses it: compile without). The last ``_ROPE_CACHED_SHAPES`` grid
+    shapes are kept. The embedding is shared, not a copy: callers must not edit it in place
+    (timm's own code does not).
     """
     from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 
@@ -66,16 +72,27 @@ def cached_rope_class() -> type:
         # in the compiled graph, and inductor makes no CUDA graph of a graph with host ops.
         @torch.compiler.disable
         def _cached_embed(self, shape: tuple[int, ...]) -> Tensor:
-            cache = self.__dict__.setdefault("_embeds", {})
-            key = (shape, self.periods.device, self.periods.dtype)
-            embed = cache.get(key)
+            # The embeddings belong to one periods tensor as it is now: another one (assigned,
+            # or substituted by torch.func.functional_call), new values (an in-place edit), a
+            # move or a cast start a new cache.
+            periods = self.periods
+            stamp = (periods.device, periods.dtype, _version_of(periods))
+            state = self.__dict__.get("_embeds")
+            if state is None or state[0]() is not periods or state[1] != stamp:
+                state = self.__dict__["_embeds"] = (weakref.ref(periods), stamp, {})
+            embeds = state[2]
+            embed = embeds.pop(shape, None)
             if embed is None:
-                embed = cache[key] = super().get_embed(list(shape))
+                embed = super().get_embed(list(shape))
+                while len(embeds) >= _ROPE_CACHED_SHAPES:  # the least recently used goes
+                    embeds.pop(next(iter(embeds)))
+            embeds[shape] = embed
             return embed
 
         def cached_tensors(self) -> tuple[Tensor, ...]:
             """The cached embeddings: a CUDA graph that read one must keep it alive."""
-            return tuple(self.__dict__.get("_embeds", {}).values())
+            state = self.__dict__.get("_embeds")
+            return tuple(state[2].values()) if state is not None else ()
 
         def _init_buffers(self) -> None:
             self.__dict__.pop("_embeds", None)  # new periods: new embeddings
