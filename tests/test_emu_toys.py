@@ -51,8 +51,38 @@ def test_kernel_scan_reads_names_bounds_and_templates():
     """
     assert kernels_of(text) == [Kernel("nn_argmax_kernel", "kArgmaxThreads", True),
                                 Kernel("two_args", "std::max(64, 32)", False), Kernel("plain", None, False)]
-    with pytest.raises(ValueError, match="must return void"):
-        kernels_of("__global__ int f() {}")
+    # forms a review found misread: a bound before __global__ or after a qualifier, a ternary
+    # with a comparison, comment markers in strings, #if 0, a macro's body, a declaration
+    assert kernels_of("""
+    __launch_bounds__(128) __global__ void a(int) {}
+    __global__ static __launch_bounds__(kA > kB ? 128 : 256, 2) void b(int) {}
+    const char* s = "/* // */";
+    #if 0
+    __global__ void dead(int) {}
+    #endif
+    #define DEF(n) __global__ void n(float* p)
+    __global__ void c(int);
+    """) == [Kernel("a", "128", False), Kernel("b", "kA > kB ? 128 : 256", False), Kernel("c", None, False)]
+    with pytest.raises(ValueError, match="depends on its template parameters"):
+        kernels_of("template <int kT>\n__global__ void __launch_bounds__(kT) t(int) {}")
+
+
+def test_kernel_scan_registers_instantiations_and_namespaces(tmp_path):
+    from cuda_emu.kernel_scan import registration_code
+
+    src = tmp_path / "k.cu"
+    src.write_text("""
+    namespace outer { namespace inner {
+    template <typename T, int N>
+    __global__ void __launch_bounds__(128) two(T* p) {}
+    }}  // namespace outer::inner
+    namespace a::b { __global__ void plain(int) {} }
+    void host() { INSID3_LAUNCH(two<unsigned int, 4>, 1, 128, 0, s)(p); }
+    """)
+    code = registration_code(str(src), str(tmp_path))
+    assert "using namespace outer;\nusing namespace outer::inner;\nusing namespace a;\nusing namespace a::b;" in code
+    assert '(&two<unsigned int, 4>), "two<unsigned int, 4>", static_cast<long>(128));' in code
+    assert '(&plain), "plain", 0L);' in code
 
 
 DETECTED = [

@@ -776,7 +776,14 @@ uint64_t launch_count() { return g_launches.load(); }
 
 void register_kernel(const void* fn, const char* name, long max_threads) {
   std::lock_guard<std::mutex> lk(kernels_mutex());
-  kernels()[fn] = KernelBound{name, max_threads};
+  auto it = kernels().find(fn);
+  if (it == kernels().end()) {
+    kernels()[fn] = KernelBound{name, max_threads};
+  } else if (max_threads > 0 && (it->second.max_threads == 0 || max_threads < it->second.max_threads)) {
+    // Registered twice (a declaration and its definition, or two translation units): the
+    // tightest bound declared holds, whatever the order of the static initialisers.
+    it->second.max_threads = max_threads;
+  }
 }
 
 namespace {
