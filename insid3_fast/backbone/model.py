@@ -10,6 +10,7 @@ this was checked against.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +37,7 @@ _TIMM_HOOKS = ("_compute_periods", "_init_buffers")
 
 # The grid shapes (image sizes) whose RoPE embeddings a backbone keeps (cached_rope_class).
 _ROPE_CACHED_SHAPES = 8
+_ROPE_LOCK = threading.Lock()
 
 # Where pickle finds the lazily built RoPE class: the package, whose __getattr__ builds it. It
 # is also where the class lived before the package was split, so older pickles still load.
@@ -77,22 +79,24 @@ def cached_rope_class() -> type:
             # move or a cast start a new cache.
             periods = self.periods
             stamp = (periods.device, periods.dtype, _version_of(periods))
-            state = self.__dict__.get("_embeds")
-            if state is None or state[0]() is not periods or state[1] != stamp:
-                state = self.__dict__["_embeds"] = (weakref.ref(periods), stamp, {})
-            embeds = state[2]
-            embed = embeds.pop(shape, None)
-            if embed is None:
-                embed = super().get_embed(list(shape))
-                while len(embeds) >= _ROPE_CACHED_SHAPES:  # the least recently used goes
-                    embeds.pop(next(iter(embeds)))
-            embeds[shape] = embed
-            return embed
+            with _ROPE_LOCK:  # one model may serve several threads
+                state = self.__dict__.get("_embeds")
+                if state is None or state[0]() is not periods or state[1] != stamp:
+                    state = self.__dict__["_embeds"] = (weakref.ref(periods), stamp, {})
+                embeds = state[2]
+                embed = embeds.pop(shape, None)
+                if embed is None:
+                    embed = super().get_embed(list(shape))
+                    while len(embeds) >= _ROPE_CACHED_SHAPES:  # the least recently used goes
+                        embeds.pop(next(iter(embeds)))
+                embeds[shape] = embed
+                return embed
 
         def cached_tensors(self) -> tuple[Tensor, ...]:
             """The cached embeddings: a CUDA graph that read one must keep it alive."""
-            state = self.__dict__.get("_embeds")
-            return tuple(state[2].values()) if state is not None else ()
+            with _ROPE_LOCK:
+                state = self.__dict__.get("_embeds")
+                return tuple(state[2].values()) if state is not None else ()
 
         def _init_buffers(self) -> None:
             self.__dict__.pop("_embeds", None)  # new periods: new embeddings
