@@ -9,8 +9,9 @@
 #   4. compute-sanitizer memcheck / racecheck / synccheck on subsets of the CUDA op tests
 #   5. the rest of the test suite (not emulated, not slow)
 #   6. print a results table and write it to benchmarks/results/gpu_<card-name>.md
-# Every step runs even if an earlier one failed; each failure is reported loudly and the script
-# exits non-zero at the end. Logs: benchmarks/results/logs/<step>.log. Where $OUT is set (the
+# Every step runs even if an earlier one failed; each failure is reported loudly. Exit status: 0
+# only when every step ran and passed, 1 when one failed, 3 when none failed but some were skipped
+# (out of time, no compute-sanitizer): an incomplete check is not called a pass. Logs: benchmarks/results/logs/<step>.log. Where $OUT is set (the
 # device tool's output folder), the results folder is copied there after every step, so what
 # finished comes back even if the call is cut off.
 #
@@ -62,6 +63,7 @@ elif [[ -n "$CUDA_HOME" && -x "$CUDA_HOME/bin/compute-sanitizer" ]]; then SAN="$
 
 declare -a NAMES STATUS SECS NOTES
 FAILED=0
+SKIPPED=0
 
 save_results() { [[ -n "${OUT:-}" && -d "${OUT:-}" ]] && cp -r "$RESULTS/." "$OUT/" 2>/dev/null; return 0; }
 
@@ -108,7 +110,7 @@ run_step() {
 }
 
 skip_step() {
-  NAMES+=("$1"); STATUS+=("SKIP"); SECS+=("0"); NOTES+=("$2")
+  NAMES+=("$1"); STATUS+=("SKIP"); SECS+=("0"); NOTES+=("$2"); SKIPPED=$(( SKIPPED + 1 ))
   echo; echo "==== [$1] skipped: $2"
 }
 
@@ -210,5 +212,9 @@ echo "written to $OUT_MD"
 if [[ $FAILED -ne 0 ]]; then
   echo "!!!!!!!! AT LEAST ONE STEP FAILED (see the table above and $LOGS)" >&2
   exit 1
+fi
+if [[ $SKIPPED -ne 0 ]]; then
+  echo "!!!!!!!! INCOMPLETE: no step failed, but ${SKIPPED} step(s) did not run (SKIP in the table above)" >&2
+  exit 3
 fi
 echo "all steps passed"
