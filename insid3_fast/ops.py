@@ -239,7 +239,7 @@ def _vote_inputs(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tens
     if active.shape != queries.shape[:1]:
         raise InputError(f"active must be (Q,) = {tuple(queries.shape[:1])}, got {tuple(active.shape)}")
     _same_device(op, queries=queries, keys=keys, key_mask=key_mask, active=active)
-    (S, M, C), Q = keys.shape, queries.shape[0]
+    (S, M, _), Q = keys.shape, queries.shape[0]
     if M == 0 and S > 0:
         raise InputError(f"{op}: every shot needs at least one key (M = 0)")
     if S > _INT32_MAX:
