@@ -11,9 +11,11 @@
 #   6. print a results table and write it to benchmarks/results/gpu_<card-name>.md
 # Every step runs even if an earlier one failed; each failure is reported loudly. Exit status: 0
 # only when every step ran and passed, 1 when one failed, 3 when none failed but some were skipped
-# (out of time, no compute-sanitizer): an incomplete check is not called a pass. Logs: benchmarks/results/logs/<step>.log. Where $OUT is set (the
-# device tool's output folder), the results folder is copied there after every step, so what
-# finished comes back even if the call is cut off.
+# (out of time, no compute-sanitizer): an incomplete check is not called a pass.
+# Logs: benchmarks/results/logs/<step>.log. Where $OUT is set (the device tool's output folder),
+# this run's results go there after every step, so what finished comes back even if the call is
+# cut off: the table, the two bench JSONs and the logs as one archive (the tool brings back at
+# most 8 files of at most 16 MiB each, so each log goes in as its last 4 MiB at most).
 #
 # Environment: CUDA_HOME (autodetected if unset), MAX_JOBS (default: nproc),
 # INSID3_PIP_DEPS=1 to let pip resolve dependencies (default --no-deps: GPU boxes are often
@@ -65,7 +67,23 @@ declare -a NAMES STATUS SECS NOTES
 FAILED=0
 SKIPPED=0
 
-save_results() { [[ -n "${OUT:-}" && -d "${OUT:-}" ]] && cp -r "$RESULTS/." "$OUT/" 2>/dev/null; return 0; }
+LOG_TAIL_BYTES=$(( 4 * 1024 * 1024 ))
+save_results() {
+  [[ -n "${OUT:-}" && -d "${OUT:-}" ]] || return 0
+  local f stage
+  stage="$(mktemp -d)" || return 0
+  for f in "$OUT_MD" "$RESULTS/gpu_${CARD_SLUG}_e2e.json" "$RESULTS/gpu_${CARD_SLUG}_bench.json"; do
+    [[ -f "$f" ]] && cp "$f" "$OUT/"
+  done
+  mkdir -p "$stage/logs"
+  for f in "$LOGS"/*.log; do
+    [[ -f "$f" ]] && tail -c "$LOG_TAIL_BYTES" "$f" >"$stage/logs/$(basename "$f")"
+  done
+  tar -czf "$OUT/gpu_${CARD_SLUG}_logs.tar.gz.part" -C "$stage" logs \
+    && mv -f "$OUT/gpu_${CARD_SLUG}_logs.tar.gz.part" "$OUT/gpu_${CARD_SLUG}_logs.tar.gz"
+  rm -rf "$stage" "$OUT/gpu_${CARD_SLUG}_logs.tar.gz.part"
+  return 0
+}
 
 # run_step <name> <share> <command...>: runs it if the elapsed time is under <share> % of the
 # budget (else records SKIP), with a timeout of what is left of the budget; logs it, records

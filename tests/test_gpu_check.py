@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,10 @@ import json, os, sys, time
 args = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps([os.environ.get("FAKE_TOOL", "python")] + args) + "\\n")
+if "--json" in args:  # as the bench writes its records
+    open(args[args.index("--json") + 1], "w").write("{}")
+if "FAKE_SPEW_ON" in os.environ and any(os.environ["FAKE_SPEW_ON"] in a for a in args):
+    sys.stdout.write(os.urandom(int(os.environ["FAKE_SPEW_BYTES"])).hex() + "\\nTHE LAST LINE\\n")
 if "FAKE_SLEEP_ON" in os.environ and any(os.environ["FAKE_SLEEP_ON"] in a for a in args):
     time.sleep(float(os.environ["FAKE_SLEEP"]))
 fail = os.environ.get("FAKE_FAIL")
@@ -90,7 +95,7 @@ def rehearsal(tmp_path):
         calls = [json.loads(line) for line in log.read_text().splitlines()]
         table = tree / "benchmarks" / "results" / "gpu_NVIDIA-H200.md"
         return dict(rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, calls=calls,
-                    table=table.read_text() if table.exists() else None,
+                    table=table.read_text() if table.exists() else None, out=out,
                     copied=(out / "gpu_NVIDIA-H200.md").read_text() if (out / "gpu_NVIDIA-H200.md").exists() else None)
 
     return run
@@ -183,3 +188,27 @@ def test_no_sanitizer_is_a_skip_not_a_pass(rehearsal):
     rows = _rows(r["table"])
     assert [rows[s] for s in ("memcheck", "racecheck", "synccheck")] == ["SKIP"] * 3
     assert rows["test_all"] == "PASS" and r["rc"] == 3
+
+
+def _archive(out: Path) -> dict[str, bytes]:
+    with tarfile.open(out / "gpu_NVIDIA-H200_logs.tar.gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_what_reaches_out_fits_the_device_tools_limits(rehearsal):
+    """The device tool brings back at most 8 files of at most 16 MiB, at most 2 folders down,
+    named in letters, digits, '.', '_' and '-': the table, the bench JSONs, the logs in one archive."""
+    r = rehearsal()
+    files = [p for p in r["out"].rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == ["gpu_NVIDIA-H200.md", "gpu_NVIDIA-H200_bench.json",
+                                             "gpu_NVIDIA-H200_e2e.json", "gpu_NVIDIA-H200_logs.tar.gz"]
+    assert all(p.stat().st_size <= 16 << 20 and re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files)
+    assert all(len(p.relative_to(r["out"]).parts) <= 3 for p in files)
+    assert sorted(_archive(r["out"])) == sorted(f"logs/{s}.log" for s in STEPS)
+
+
+def test_a_huge_log_comes_back_as_its_tail(rehearsal):
+    r = rehearsal(FAKE_SPEW_ON="--backbone", FAKE_SPEW_BYTES=str(3 << 20))  # 6 MiB of hex digits
+    log = _archive(r["out"])["logs/bench_e2e.log"]
+    assert len(log) == 4 << 20 and log.endswith(b"THE LAST LINE\n")
+    assert (r["out"] / "gpu_NVIDIA-H200_logs.tar.gz").stat().st_size <= 16 << 20
