@@ -173,11 +173,14 @@ def complement_basis(basis: torch.Tensor) -> torch.Tensor:
     D coordinates: every inner product between debiased features is the same.
 
     For orthonormal columns (the SVD's) Q is an orthonormal basis of the complement of span(B),
-    D = C - r. For any other B (a basis assigned by hand: the published code uses P whatever B
+    D = C - r; with r = C that complement is empty (D = 0: P is 0 but for the rounding of B,
+    whose eigenvalues, a few 1e-6 in float32, are no directions to keep). For any other B (a basis assigned by hand: the published code uses P whatever B
     is), Q holds the eigenvectors of P scaled by |eigenvalue| (Q Qᵀ = P², so |Qᵀx| = |P x| and
     the inner products agree), D the number of non-zero eigenvalues.
     """
     C, r = basis.shape
+    if r >= C and has_orthonormal_columns(basis):
+        return basis.new_zeros((C, 0))
     if r < C and has_orthonormal_columns(basis):
         U = torch.linalg.svd(basis.double(), full_matrices=True)[0]
         return U[:, r:].to(basis.dtype).contiguous()

@@ -585,6 +585,26 @@ def test_any_assigned_positional_basis_debiases_as_published(model, episode):
         core.segment_patches(core.check_reference(old_ref), feats[1])
 
 
+@pytest.mark.parametrize("C", [32, 64, 384])
+def test_a_full_orthonormal_basis_is_refused_whatever_its_rounding(C):
+    """Orthonormal columns spanning all C dimensions leave P = I - B Bᵀ zero but for B's
+    rounding; ours kept the directions of that residue (eigenvalues of a few 1e-6 above the
+    cutoff) for most float32 bases (14 of 20 random ones at C = 64, 20 of 20 at 384), so the
+    documented refusal fired only for some, and the masks came from rounding residue."""
+    model = INSID3(SyntheticEncoder(C, seed=1), image_size=SIZE, svd_components=C // 2, device="cpu")
+    before = model.core.basis.clone()
+    for seed in range(12):
+        q = torch.linalg.qr(torch.randn(C, C, generator=torch.Generator().manual_seed(seed))).Q
+        with pytest.raises(InputError, match="removes the whole embedding"):
+            model.positional_basis = q
+        assert torch.equal(model.core.basis, before)  # the model keeps its own
+    model.positional_basis = q[:, :-1]  # one direction left: accepted, one coordinate
+    assert model.core.complement.shape == (C, 1)
+    with pytest.warns(InputWarning, match="orthonormal"):
+        model.positional_basis = 2 * q  # not orthonormal: P = -3 I, used as published
+    assert model.core.complement.shape == (C, C)
+
+
 def test_image_size_not_a_multiple_of_16_runs_as_published(episode):
     """The published class takes image_size=120 (its backbone reads 7 x 7 patches and the mask
     is upsampled to 120 px); ours raised. Here with a random DINOv3 ViT-S and the synthetic encoder."""
