@@ -52,8 +52,8 @@ def _option(default: Any, help: str, *, choices: tuple | None = None, cli: bool 
     return field(default=default, metadata=meta)
 
 
-TAU_HELP = ("clustering similarity threshold in [0, 1]: clusters merge while their average cosine "
-            "similarity is above tau (the cut is at cosine distance 1 - tau)")
+TAU_HELP = ("clustering similarity threshold, published range [0, 1] (outside it: a warning): clusters "
+            "merge while their average cosine similarity is above tau (the cut is at cosine distance 1 - tau)")
 
 
 @dataclass(frozen=True)

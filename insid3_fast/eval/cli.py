@@ -46,7 +46,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--crf-mask-refinement", dest="mask_refiner", action="store_const", const="crf",
                        help="the published flag: same as --mask-refiner crf")
     run = parser.add_argument_group("run")
-    run.add_argument("--output-dir", default=None, help="output folder (default: output/<dataset>-fold<f>-<k>shot)")
+    run.add_argument("--output-dir", default=None, help="output folder (default: output/<dataset>-fold<f>-<k>shot-seed<s>)")
     run.add_argument("--save-overlays", type=int, default=0, metavar="K", help="save PNG overlays of the first K episodes")
     run.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir instead of resuming")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
