@@ -98,10 +98,14 @@ def round_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def bf16x6_parts(x: torch.Tensor) -> list[torch.Tensor]:
-    """The parts p0, p1, p2 of float32 x: ``p_k = round_bf16(x - p0 - ... - p_{k-1})``."""
+    """The parts p0, p1, p2 of float32 x: ``p_k = round_bf16(x - p0 - ... - p_{k-1})``, except
+    a finite value whose rounding overflows (|x| > 3.3961e38): truncated to bf16's largest
+    finite value of its sign instead, so that finite values keep finite parts (as the kernels)."""
     parts, rest = [], x.float()
     for _ in range(3):
-        parts.append(round_bf16(rest))
+        part = round_bf16(rest)
+        truncated = (rest.contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32)
+        parts.append(torch.where(part.isinf(), truncated, part))  # inf only from an overflow
         rest = rest - parts[-1]
     return parts
 

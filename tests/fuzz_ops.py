@@ -1,7 +1,7 @@
 """Fuzz harness for the native ops: random and adversarial inputs, each batch in a subprocess.
 
-Every op (nn_vote, average_linkage, average_linkage_precomputed, cluster_and_vote,
-grid_average_linkage) is called through its Python wrapper (insid3_fast.ops.*) and raw
+Every op with a CPU kernel (nn_vote, average_linkage, average_linkage_precomputed, cluster_and_vote,
+grid_average_linkage, bf16x6_mm; aggregate_clusters has none: the CPU runs ATen's ops) is called through its Python wrapper (insid3_fast.ops.*) and raw
 (torch.ops.insid3_fast.*) with inputs drawn from: shapes 0, 1, odd and mismatched; non-contiguous,
 transposed and expanded views; wrong dtypes and non-tensors; NaN, inf, huge, tiny (subnormal)
 values; ties everywhere (constant or integer data, duplicated keys, the +-1/sqrt(C) equal-dot
@@ -38,7 +38,8 @@ import sys
 import time
 from fractions import Fraction
 
-OPS = ("nn_vote", "average_linkage", "average_linkage_precomputed", "cluster_and_vote", "grid_average_linkage")
+OPS = ("nn_vote", "average_linkage", "average_linkage_precomputed", "cluster_and_vote", "grid_average_linkage",
+       "bf16x6_mm")
 APIS = ("wrapper", "raw")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -374,9 +375,53 @@ def gen_grid(gen: Gen):
     return Case((f, hh, ww, conn, t), _expect(gen), ",".join(gen.defects))
 
 
+def gen_bf16x6_mm(gen: Gen):
+    torch, rng = gen.torch, gen.rng
+    r = rng.random()
+    if r < 0.02:  # M * P overflows int64 (empty operands: nothing to allocate before the check)
+        return Case((torch.empty(2**40, 0), torch.empty(0, 2**40)), "error", "M*P-overflow")
+    if r < 0.03:  # an output too large to allocate (under the worker's cap), or refused
+        return Case((torch.empty(2**17, 0), torch.empty(0, 2**17)), "any", "huge-out", oom_ok=True)
+    M, K, P = gen.dim(), gen.dim(), gen.dim()
+    kb = K
+    if gen.coin(0.04):
+        kb = K + 1
+        gen.defects.append("inner:K")
+    a = gen.tensor(gen.poison(gen.values((M, K)), "a"), "a")
+    b = gen.tensor(gen.poison(gen.values((kb, P)), "b"), "b")
+    if gen.coin(0.03):
+        a = a.reshape(-1) if isinstance(a, torch.Tensor) else a
+        gen.defects.append("a:ndim")
+    return Case((a, b), _expect(gen), ",".join(gen.defects))
+
+
+def check_mm(out, a, b):
+    """Shape and dtype; NaN rows/columns where an operand's row/column is not finite; elsewhere
+    within a float32 GEMM's error of the float64 product (entries whose |a| |b| could overflow
+    float32 are only checked for shape). Below 2^-126 the parts are bf16 subnormals, multiples of
+    2^-133, and the products float32 subnormals: an absolute error of 2^-133 per operand entry
+    (times the other operand) and 6 K 2^-149."""
+    import torch
+
+    a32, b32 = a.float(), b.float()
+    M, P = a32.shape[0], b32.shape[1]
+    assert out.dtype == torch.float32 and out.shape == (M, P), (out.dtype, out.shape)
+    bad_rows, bad_cols = ~torch.isfinite(a32).all(1), ~torch.isfinite(b32).all(0)
+    assert bool(out[bad_rows].isnan().all()) and bool(out[:, bad_cols].isnan().all()), "non-finite operand, no NaN"
+    good = ~bad_rows[:, None] & ~bad_cols[None, :]
+    a64, b64 = torch.where(torch.isfinite(a32), a32, 0).double(), torch.where(torch.isfinite(b32), b32, 0).double()
+    ref, mag = a64 @ b64, a64.abs() @ b64.abs()
+    check = good & (mag <= 2.0**120)
+    err = (out.double() - ref).abs()
+    K = a32.shape[1]
+    bound = 2.0**-20 * mag + 2.0**-133 * (a64.abs() @ torch.ones_like(b64) + torch.ones_like(a64) @ b64.abs()) \
+        + 6 * K * 2.0**-149
+    assert bool((err[check] <= bound[check]).all()), f"error {float((err - bound)[check].max())} over the bound"
+
+
 GENERATORS = {"nn_vote": gen_nn_vote, "average_linkage": gen_average_linkage,
               "average_linkage_precomputed": gen_precomputed, "cluster_and_vote": gen_cluster_and_vote,
-              "grid_average_linkage": gen_grid}
+              "grid_average_linkage": gen_grid, "bf16x6_mm": gen_bf16x6_mm}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +490,8 @@ def check_result(op: str, api: str, args, out, budget):
         check_labels(out, args[0].shape[0])
     elif op == "grid_average_linkage":
         check_labels(out, args[0].shape[0])
+    elif op == "bf16x6_mm":
+        check_mm(out, *args)
     elif op == "cluster_and_vote":
         labels, votes, argmax = out
         f, t, q, k, m, a = args

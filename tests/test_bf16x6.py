@@ -97,6 +97,30 @@ def test_non_finite_rows_and_columns_are_nan():
     assert torch.equal(out.isnan(), torch_kernels.bf16x6_mm(a, b).isnan())
 
 
+def _beyond_bf16_range():
+    """Finite operands whose first part would round to inf (|x| > 3.3961e38), times zeros and halves."""
+    fmax = torch.finfo(torch.float32).max
+    a = torch.tensor([[fmax, 1.0, 0.0], [-fmax, 0.0, 3.3962e38], [3.39e38, 2.0, 1.0]])
+    b = torch.tensor([[0.0, 0.5], [1.0, 0.0], [0.0, -0.25]])
+    return a, b
+
+
+def test_finite_values_beyond_bf16s_range_keep_finite_parts():
+    """A finite row times a zero column gave NaN: p0 of 3.4e38 rounded to inf, x - p0 = -inf
+    (the fuzz harness's finding; a float32 GEMM gives the finite product)."""
+    a, b = _beyond_bf16_range()
+    parts = torch_kernels.bf16x6_parts(a.reshape(-1))
+    assert all(bool(torch.isfinite(p).all()) for p in parts)
+    total = parts[0].double() + parts[1].double() + parts[2].double()
+    assert ((total - a.reshape(-1).double()).abs() <= 2.0 ** -23 * a.reshape(-1).double().abs()).all()
+    out = ops.bf16x6_mm(a, b)
+    exact = a.double() @ b.double()
+    assert bool(torch.isfinite(out).all())
+    assert ((out.double() - exact).abs() <= 2.0 ** -20 * (a.double().abs() @ b.double().abs())).all()
+    assert torch.equal(out, torch_kernels.bf16x6_mm(a, b))
+    assert torch.equal(out, ops.bf16x6_mm(a, b, kernels="reference"))
+
+
 def test_mm_rejects_bad_shapes():
     with pytest.raises(InputError, match="bf16x6_mm expects"):
         ops.bf16x6_mm(torch.ones(3, 4), torch.ones(5, 2))
@@ -149,6 +173,16 @@ def test_cuda_mm_equals_cpu(backend, M, K, P):
         assert torch.allclose(got.nan_to_num(), expect.nan_to_num(), rtol=0, atol=1e-5 * max(K, 1) ** 0.5)
     # a strided (transposed) view: the kernel reads the strides
     assert torch.equal(backend.bf16x6_mm(backend.dev(a).T.contiguous().T, backend.dev(b)).cpu().isnan(), expect.isnan())
+
+
+def test_cuda_mm_keeps_finite_parts_beyond_bf16s_range(backend):
+    a, b = _beyond_bf16_range()
+    got = backend.bf16x6_mm(backend.dev(a), backend.dev(b)).cpu()
+    assert bool(torch.isfinite(got).all())
+    if backend.name == "emu":
+        assert torch.equal(got, ops.bf16x6_mm(a, b))
+    else:
+        assert torch.allclose(got, ops.bf16x6_mm(a, b), rtol=2.0 ** -20, atol=0)
 
 
 @pytest.mark.parametrize("rows,n", [(512, 600), (7, 150), (1, 9), (64, 129)])

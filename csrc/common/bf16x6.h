@@ -14,7 +14,8 @@
 //
 // Both backends build the same operands bit for bit (integer rounding below); the CPU kernels
 // multiply them as float32 (exact, as bf16 values) with the CPU GEMM, the CUDA kernels as bf16
-// on the tensor cores with float32 output. A non-finite x gives NaN parts (so NaN products).
+// on the tensor cores with float32 output. A non-finite x gives NaN parts (so NaN products); a
+// finite x beyond bf16's range (|x| > 3.3961e38) has p0 truncated, not rounded (split_part_bits).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -64,11 +65,21 @@ INSID3_HD uint16_t round_bf16_bits(float x) {
 
 INSID3_HD float bf16_bits_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
 
+// A part of the split: x rounded to bf16, except a finite x whose rounding overflows (|x| above
+// bf16's largest finite value plus half its ulp, about 3.3961e38): truncated to that largest
+// value of x's sign, so that a finite x has finite parts (rounded, x - p0 = -inf and the parts
+// below NaN: a finite row times zeros gave NaN).
+INSID3_HD uint16_t split_part_bits(float x) {
+  const uint16_t b = round_bf16_bits(x);
+  const bool overflowed = (b & 0x7fffu) == 0x7f80u;  // +-inf; a non-finite x gives NaN (0x7fc0)
+  return overflowed ? static_cast<uint16_t>(float_bits(x) >> 16) : b;
+}
+
 // The three parts p0, p1, p2 of x as bf16 bits (see the top of the file).
 INSID3_HD void split_bf16x3(float x, uint16_t parts[3]) {
   float rest = x;
   for (int k = 0; k < 3; ++k) {
-    parts[k] = round_bf16_bits(rest);
+    parts[k] = split_part_bits(rest);
     rest = rest - bf16_bits_float(parts[k]);  // exact: rest and the part share their leading bits
   }
 }
