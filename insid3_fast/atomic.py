@@ -35,6 +35,7 @@ __all__ = [
     "atomic_write_many",
     "atomic_write_text",
     "check_output_path",
+    "make_output_folder",
     "remove_stale_temporaries",
 ]
 
@@ -73,13 +74,17 @@ def _kind(mode: int) -> str | None:
 
 
 def check_output_path(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = (),
-                      what: str = "output") -> str:
+                      what: str = "output", *, probe: bool = False) -> str:
     """Check that ``path`` can be written atomically without losing data; return it as ``str``.
 
-    Raises InputError when its folder does not exist, when it names one of ``inputs`` (the
-    files the command reads), or when something other than a regular file is there.
+    Raises InputError when the path is empty, when its folder does not exist, when it names one
+    of ``inputs`` (the files the command reads), or when something other than a regular file is
+    there; with ``probe``, also when a file cannot be created in its folder (read-only, /proc,
+    no permission): a command checks that before its work, not after.
     """
     path = os.fspath(path)
+    if not path:
+        raise InputError(f"the {what} path is empty: give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"{what} folder does not exist: '{folder}'")
@@ -91,13 +96,44 @@ def check_output_path(path: str | os.PathLike[str], inputs: Iterable[str | os.Pa
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        return path
-    kind = _kind(mode)
+        mode = None
+    kind = None if mode is None else _kind(mode)
     if kind is not None:
         hint = " (pass the path it points to, if that is what you mean)" if stat.S_ISLNK(mode) else ""
         raise InputError(f"{what} '{path}' is {kind}, not a regular file; insid3-fast writes a new file by "
                          f"renaming over the old one and would replace it{hint}: choose another output path")
+    if probe:
+        _probe_folder(folder, what)
     return path
+
+
+def _probe_folder(folder: str, what: str) -> None:
+    """Create and remove one temporary in ``folder``, as a write would, or raise InputError."""
+    try:
+        tmp, fd = _temporary_for(os.path.join(folder, "write-check"))
+    except OSError as exc:
+        raise InputError(f"cannot write in the {what} folder '{folder}': {exc.strerror or exc}") from None
+    os.close(fd)
+    _unlink_quietly(tmp)
+
+
+def make_output_folder(folder: str | os.PathLike[str], what: str = "output") -> str:
+    """Create ``folder`` (and its parents) if needed and check that files can be written in it.
+
+    Raises InputError naming the folder when it is empty, is a file, cannot be created or
+    cannot be written in.
+    """
+    folder = os.fspath(folder)
+    if not folder:
+        raise InputError(f"the {what} folder is empty: give a folder name")
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise InputError(f"the {what} folder '{folder}' exists and is not a folder: choose another path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the {what} folder '{folder}': {exc.strerror or exc}") from None
+    _probe_folder(folder, what)
+    return folder
 
 
 def _pid_alive(pid: int) -> bool:

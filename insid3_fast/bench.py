@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, check_output_path
 
 STAGES = ("debias", "votes", "clustering", "cluster_and_vote", "aggregation", "upsampling", "episode", "cached_target",
           "batched_targets")
@@ -68,7 +68,17 @@ def build_case(size: int, shots: int, dim: int = 1024, device: str = "cpu", conn
 
 def time_fn(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
     """Median time of ``fn`` in seconds over ``repeats`` runs (``torch.utils.benchmark``: CUDA-synchronised)."""
-    from torch.utils import benchmark
+    import logging
+
+    # torch.utils.benchmark imports cpp_extension, which warns on a CUDA build of torch without a
+    # toolkit ("No CUDA runtime is found"): about a compiler the timer never calls.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(level)
 
     # All threads: the CPU ops overlap clustering and voting (Timer's default is one thread).
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
@@ -145,16 +155,36 @@ def stage_functions(case: Case) -> dict[str, tuple[Callable[[], object], Callabl
     }
 
 
+#: The largest image size the bench takes (4096 px: N = 65536 patches, 32 GiB of distances).
+MAX_BENCH_SIZE = 4096
+
+
+def published_module(checkout: str):
+    """The published ``INSID3`` class of a clone of github.com/visinf/INSID3 (``models/insid3.py``).
+
+    Raises:
+        InputError: ``checkout`` is not such a clone, or it cannot be imported (its error named).
+    """
+    from .errors import InputError
+
+    if not os.path.isfile(os.path.join(checkout, "models", "insid3.py")):
+        raise InputError(f"--published '{checkout}' is not a clone of visinf/INSID3 (no models/insid3.py there)")
+    sys.path.insert(0, checkout)
+    try:
+        from models.insid3 import INSID3 as Published
+    except Exception as exc:  # noqa: BLE001 - any import failure of foreign code, named
+        raise InputError(f"cannot import the published code from '{checkout}': {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path.remove(checkout)
+    return Published
+
+
 def published_episode(case: Case, checkout: str) -> Callable[[], object]:
     """The published implementation's ``predict_mask`` on the case's features (backbone skipped).
 
     ``checkout`` is a clone of github.com/visinf/INSID3 (imported from there, never bundled).
     """
-    sys.path.insert(0, checkout)
-    try:
-        from models.insid3 import INSID3 as Published
-    finally:
-        sys.path.remove(checkout)
+    Published = published_module(checkout)
     d = case.data
     model = Published(d["encoder"], image_size=case.size, svd_components=d["core"].svd_components,
                       resize_to_orig_size=False, device=str(case.device))
@@ -361,10 +391,18 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda requested but no CUDA device is available")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise InputError(f"output folder does not exist: '{os.path.dirname(os.path.abspath(args.json))}'")
-    if min(args.batches) < 1:
-        raise InputError(f"--batches must be at least 1, got {min(args.batches)}")
+    if args.json is not None:  # before the (long) run, as every output of the CLI
+        check_output_path(args.json, what="--json", probe=True)
+    for flag, values, least in (("--batches", args.batches, 1), ("--shots", args.shots, 1),
+                                ("--sizes", args.sizes, 16), ("--repeats", [args.repeats], 1),
+                                ("--dim", [args.dim], 1)):
+        if min(values) < least:
+            raise InputError(f"{flag} must be at least {least}, got {min(values)}")
+    if max(args.sizes) > MAX_BENCH_SIZE:
+        raise InputError(f"--sizes above {MAX_BENCH_SIZE} px are not benchmarked (got {max(args.sizes)}): "
+                         f"the N x N distances alone would need {8 * (max(args.sizes) // 16) ** 4 / 2**30:.0f} GiB")
+    if args.published is not None:
+        published_module(args.published)  # a checkout that cannot be imported fails now, not mid-run
     rows: list[dict] = []
     precisions = args.precision or ["bf16" if args.device == "cuda" else "fp32"]
     # The post-backbone stages once per case; the backbone stages once per precision.

@@ -16,15 +16,20 @@ import sys
 import warnings
 from typing import Sequence
 
-from .atomic import atomic_write, atomic_write_many, atomic_write_text, check_output_path
+from .atomic import atomic_write, atomic_write_many, atomic_write_text, check_output_path, make_output_folder
 from .errors import InputError, Insid3Error
 
 PROG = "insid3-fast"
 
 
-def _check_output(path: str | None, inputs: Sequence[str] = ()) -> None:
-    if path and path != "-":
-        check_output_path(path, inputs)
+def _check_output(path: str | None, inputs: Sequence[str] = (), *, stdout: bool = False,
+                  flag: str = "--output") -> None:
+    """A writable output file (``-``: standard output, where ``stdout``), checked before any work."""
+    if path is None or (stdout and path == "-"):
+        return
+    if path == "-":
+        raise InputError(f"{flag} - (standard output) is not supported for images: give a file path")
+    check_output_path(path, inputs, what=flag, probe=True)
 
 
 def _device(name: str):
@@ -83,10 +88,9 @@ def _segment(args: argparse.Namespace) -> int:
                          f"{len(args.ref_mask)} masks)")
     check_image_size_multiple(args.image_size)
     inputs = [*args.ref_image, *args.ref_mask, args.target]
-    outputs = [args.output] + ([args.overlay] if args.overlay else [])
-    for path in outputs:
-        _check_output(path, inputs)
-    if args.overlay and os.path.abspath(args.overlay) == os.path.abspath(args.output):
+    _check_output(args.output, inputs)
+    _check_output(args.overlay, inputs, flag="--overlay")
+    if args.overlay is not None and os.path.abspath(args.overlay) == os.path.abspath(args.output):
         raise InputError("--overlay and --output name the same file: give each its own path")
     # Validate every input before the (slow) model load.
     _check_reference_files(args)
@@ -99,10 +103,11 @@ def _segment(args: argparse.Namespace) -> int:
     mask = model.segment().cpu().numpy()
 
     writes = [(args.output, lambda fp: Image.fromarray(mask.astype(np.uint8) * 255).save(fp, format="PNG"))]
-    if args.overlay:
+    if args.overlay is not None:
         from .visualize import overlay_mask
 
-        picture = overlay_mask(open_image_file(args.target), mask)
+        # The target as the model read it: EXIF-rotated with --exif-transpose (the mask's frame).
+        picture = overlay_mask(open_image_file(args.target, exif_transpose=args.exif_transpose), mask)
         writes.append((args.overlay, lambda fp: picture.save(fp, format="PNG")))
     # All outputs or none; a failure leaves the files that were there before.
     atomic_write_many(writes, inputs)
@@ -140,7 +145,7 @@ def _match(args: argparse.Namespace) -> int:
 
     check_image_size_multiple(args.image_size)
     inputs = [args.ref_image, args.target, args.keypoints]
-    _check_output(args.output, inputs)
+    _check_output(args.output, inputs, stdout=True)
     kps = _read_keypoints(args.keypoints)
     load_image(args.ref_image, 16)
     load_image(args.target, 16)
@@ -168,13 +173,21 @@ def _list_targets(args: argparse.Namespace) -> list[str]:
     if args.target_dir:
         if not os.path.isdir(args.target_dir):
             raise InputError(f"target folder not found: '{args.target_dir}'")
+        # Files only: a folder named like an image (sub.jpg/) is not a target.
         targets += sorted(os.path.join(args.target_dir, f) for f in os.listdir(args.target_dir)
-                          if f.lower().endswith(IMAGE_SUFFIXES))
+                          if f.lower().endswith(IMAGE_SUFFIXES)
+                          and not os.path.isdir(os.path.join(args.target_dir, f)))
     if not targets:
         raise InputError("no targets: give --target (repeatable) or --target-dir with images")
-    stems = [os.path.splitext(os.path.basename(t))[0] for t in targets]
-    if len(set(stems)) != len(stems):
-        raise InputError("two targets share a file name; their masks would overwrite each other")
+    by_stem: dict[str, list[str]] = {}
+    for t in targets:
+        by_stem.setdefault(os.path.splitext(os.path.basename(t))[0], []).append(t)
+    clashes = [paths for paths in by_stem.values() if len(paths) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(f"'{p}'" for p in paths) for paths in clashes[:3])
+        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+        raise InputError(f"targets share a file name, so their masks (<name>.png) would overwrite each other: "
+                         f"{shown}{more}; rename or remove one of each")
     return targets
 
 
@@ -209,12 +222,14 @@ def _segment_many(args: argparse.Namespace) -> int:
         raise InputError("give one --ref-mask per --ref-image")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not args.output_dir:
+        raise InputError("--output-dir is empty: give a folder name")
     targets = _list_targets(args)
     _check_reference_files(args)
     outputs = {t: os.path.join(args.output_dir, os.path.splitext(os.path.basename(t))[0] + ".png")
                for t in targets}
     _check_output_dir(args, targets, outputs)
-    os.makedirs(args.output_dir, exist_ok=True)
+    make_output_folder(args.output_dir, "--output-dir")
     rank, world = distributed.init_from_env()
     try:
         mine = distributed.shard(targets, rank, world)
@@ -275,7 +290,9 @@ RESIZE_MASK_HELP = ("accept a reference mask whose size differs from its image's
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``insid3-fast``."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Fast INSID3 in-context segmentation with DINOv3.")
+    from .config import ArgumentParser
+
+    parser = ArgumentParser(prog=PROG, description="Fast INSID3 in-context segmentation with DINOv3.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment a target given reference image(s) and mask(s)")

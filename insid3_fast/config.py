@@ -175,6 +175,14 @@ def _argument_type(default: Any, choices: tuple | None):
     return str
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line (``prog: error: ...``), not the
+    usage block followed by the error: the CLI's rule for every expected error. Exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def add_arguments(parser: argparse.ArgumentParser | Any, names: Iterable[str],
                   aliases: Mapping[str, Iterable[str]] | None = None,
                   defaults: Mapping[str, Any] | None = None) -> None:

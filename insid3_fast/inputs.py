@@ -70,6 +70,8 @@ def open_image_file(path: str | os.PathLike, what: str = "image", exif_transpose
     ``exif_transpose``: apply the EXIF orientation tag (the published code ignores it).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{what} '{path}' is a folder, not an image file: give the path of an image")
     if not os.path.isfile(path):
         raise InputFileNotFoundError(f"{what} file not found: '{path}'")
     try:
@@ -94,7 +96,7 @@ def _sixteen_bit_to_8(array: np.ndarray) -> np.ndarray:
     return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
 
 
-def _to_rgb(image: Image.Image, source: object) -> Image.Image:
+def to_rgb(image: Image.Image, source: object = "image") -> Image.Image:
     """``image.convert("RGB")``, except that 16-bit and float greyscale images are scaled, not saturated."""
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         array = np.array(image)
@@ -210,7 +212,7 @@ def load_image(image: ImageLike, size: int, *, exif_transpose: bool = False) -> 
     else:
         raise InputError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, "
                          "numpy array or tensor")
-    image = _to_rgb(image, source)
+    image = to_rgb(image, source)
     orig = (image.height, image.width)
     _check_image_size(*orig, source)
     resized = TF.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR)

@@ -8,10 +8,18 @@ from PIL import Image, ImageFilter
 
 def overlay_mask(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (255, 40, 40),
                  alpha: float = 0.45) -> Image.Image:
-    """The image with the bool (H, W) mask tinted in ``color`` and its outline drawn."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    """The image with the bool (H, W) mask tinted in ``color`` and its outline drawn.
+
+    The image is read as the model reads it (``inputs.to_rgb``: 16-bit and float images
+    scaled to 8 bits, not saturated to white).
+    """
+    from .errors import InputError
+    from .inputs import to_rgb
+
+    base = np.asarray(to_rgb(image), dtype=np.float32)
     if mask.shape != base.shape[:2]:
-        raise ValueError(f"mask {mask.shape} and image {base.shape[:2]} differ in size")
+        raise InputError(f"mask {mask.shape} and image {base.shape[:2]} differ in size: overlay a mask on the "
+                         "image it was predicted for (EXIF-rotated if the model rotated it)")
     out = base.copy()
     out[mask] = (1 - alpha) * base[mask] + alpha * np.asarray(color, dtype=np.float32)
     edge_img = Image.fromarray(mask.astype(np.uint8) * 255)

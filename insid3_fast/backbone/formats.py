@@ -85,7 +85,11 @@ def _load_pth(path: Path) -> dict[str, Tensor]:
         found = _REFUSED_GLOBAL.search(str(exc))
         if found:
             raise refused_pickle_error(path, found.group(1) or found.group(2)) from None
-        raise corrupt_file_error(path, exc) from None
+        # torch's message opens with advice to load with weights_only=False (which runs any code
+        # in the file): only its reason is passed on.
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+        raise corrupt_file_error(path, pickle.UnpicklingError(
+            reason.group(1).strip() if reason else "not a checkpoint torch can read")) from None
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - a text file gives KeyError, a cut zip RuntimeError, ...

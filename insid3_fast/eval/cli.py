@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import add_arguments
+from ..atomic import make_output_folder
+from ..config import ArgumentParser, add_arguments
 from ..errors import InputError, Insid3Error
 from .. import distributed
 from .correspondence import SPair71k, evaluate_correspondence
@@ -114,7 +115,11 @@ def run_eval(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
         raise InputError(f"--num-workers must be >= 0, got {args.num_workers}")
     created = _missing_folders(output_dir) if rank == 0 else []
     if rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
+        try:
+            make_output_folder(output_dir, "--output-dir")
+        except InputError:
+            _remove_if_empty(created)
+            raise
         if args.overwrite:
             clear_run(output_dir, ("results.json", "log.txt"))
             shutil.rmtree(os.path.join(output_dir, "overlays"), ignore_errors=True)
@@ -199,7 +204,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m insid3_fast.eval``: parse, run, print the result table; errors are one line."""
-    parser = argparse.ArgumentParser("insid3-fast eval", description="Evaluate INSID3 on the published benchmarks")
+    parser = ArgumentParser("insid3-fast eval", description="Evaluate INSID3 on the published benchmarks")
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
     try:

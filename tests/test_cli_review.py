@@ -1,0 +1,204 @@
+"""The CLI against a demanding user's awkward inputs (a review's findings, each failing before).
+
+Every expected error is one line on stderr and exit status 2, found before the model runs; a
+picture shows the target as the model read it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_fixtures import MASK, REF, TARGET, cache_dir, run, weights  # noqa: F401 (fixtures)
+from insid3_fast import bench
+from insid3_fast.cli import main
+
+COMMON = ["--image-size", "64", "--device", "cpu", "--svd-components", "16"]
+UNWRITABLE = "/proc/insid3-test"  # a folder nobody can create files in, not even root
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(cache_dir):
+    """Every test writes its positional-basis cache in its own folder."""
+
+
+def segment(weights, output, target=TARGET, extra=()):
+    return ["segment", "--ref-image", REF, "--ref-mask", MASK, "--target", target, "--output", output,
+            "--weights", weights, *COMMON, *extra]
+
+
+def one_error(err: str, pattern: str) -> None:
+    lines = [ln for ln in err.strip().splitlines() if " positional subspace (embedding size " not in ln]
+    assert len(lines) == 1 and lines[0].startswith("insid3-fast: error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the model is built: the error had to come first."""
+    import insid3_fast.cli as cli
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was built before the bad input was refused")
+
+    monkeypatch.setattr(cli, "_build_model", refuse)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("case,over,pattern", [
+    ("stdout", {"--output": "-"}, r"--output - \(standard output\) is not supported"),
+    ("empty output", {"--output": ""}, "--output path is empty"),
+    ("empty overlay", {"--overlay": ""}, "--overlay path is empty"),
+    ("unwritable output folder", {"--output": UNWRITABLE.rsplit("/", 1)[0] + "/m.png"},
+     "cannot write in the --output folder '/proc'"),
+    ("unwritable overlay folder", {"--overlay": "/proc/o.png"}, "cannot write in the --overlay folder '/proc'"),
+    ("a folder as an image", {"--ref-image": "DIR"}, "is a folder, not an image file"),
+])
+def test_segment_refuses_before_the_model(weights, tmp_path, capsys, no_model, case, over, pattern):
+    out = tmp_path / "m.png"
+    args = segment(weights, out)
+    for key, value in over.items():
+        value = str(tmp_path) if value == "DIR" else value
+        if key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args += [key, value]
+    code, _, err = run(args, capsys)
+    assert code == 2, (case, err)
+    one_error(err, pattern)
+    assert not out.exists() and not os.path.exists("-")
+
+
+def test_the_overlay_shows_the_exif_rotated_target(weights, tmp_path, capsys):
+    """--exif-transpose with --overlay raised ValueError (the overlay opened the unrotated target)."""
+    target = tmp_path / "rotated.jpg"
+    picture = Image.open(TARGET).convert("RGB").resize((80, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    picture.save(target, exif=exif)
+    out, overlay = tmp_path / "m.png", tmp_path / "o.png"
+    code, _, err = run(segment(weights, out, target=target, extra=["--exif-transpose", "--overlay", overlay]), capsys)
+    assert code == 0, err
+    assert Image.open(out).size == Image.open(overlay).size == (48, 80)
+
+
+def test_the_overlay_of_a_16_bit_target_is_not_washed_out(weights, tmp_path, capsys):
+    """A 16-bit target was overlaid through convert('RGB'), which saturates: almost all white."""
+    target = tmp_path / "g16.png"
+    grey = (np.asarray(Image.open(TARGET).convert("L").resize((64, 48)), dtype=np.uint16) * 257)
+    Image.fromarray(grey).save(target)
+    assert Image.open(target).mode.startswith("I")
+    out, overlay = tmp_path / "m.png", tmp_path / "o.png"
+    code, _, err = run(segment(weights, out, target=target, extra=["--overlay", overlay]), capsys)
+    assert code == 0, err
+    shown = np.asarray(Image.open(overlay).convert("L"), dtype=np.float64)
+    outside = ~(np.asarray(Image.open(out)) > 0)
+    outside &= np.asarray(Image.open(out).filter(__import__("PIL.ImageFilter").ImageFilter.MaxFilter(3))) == 0
+    assert outside.any()
+    assert np.abs(shown[outside] - grey[outside] / 257.0).max() <= 1.0  # the 8-bit values, untinted
+
+
+def test_segment_many_names_the_clashing_targets_and_skips_folders(weights, tmp_path, capsys, no_model):
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    Image.open(TARGET).save(folder / "a.jpg")
+    Image.open(TARGET).save(folder / "a.png")
+    (folder / "sub.jpg").mkdir()  # a folder named like an image
+    base = ["segment-many", "--ref-image", REF, "--ref-mask", MASK, "--output-dir", tmp_path / "out",
+            "--weights", weights, *COMMON]
+    code, _, err = run(base + ["--target-dir", folder], capsys)
+    assert code == 2
+    one_error(err, r"share a file name.*'.*a\.jpg' and '.*a\.png'")
+    from insid3_fast.cli import _list_targets
+    from types import SimpleNamespace
+
+    (folder / "a.png").unlink()
+    assert _list_targets(SimpleNamespace(target=None, target_dir=str(folder))) == [str(folder / "a.jpg")]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("output_dir,pattern", [
+    ("", "--output-dir is empty"),
+    ("/proc/masks", "cannot create the --output-dir folder '/proc/masks'"),
+])
+def test_segment_many_checks_its_folder_before_the_model(weights, tmp_path, capsys, no_model, output_dir, pattern):
+    code, _, err = run(["segment-many", "--ref-image", REF, "--ref-mask", MASK, "--target", TARGET,
+                        "--output-dir", output_dir, "--weights", weights, *COMMON], capsys)
+    assert code == 2
+    one_error(err, pattern)
+
+
+@pytest.mark.parametrize("flags,pattern", [
+    (["--shots", "0"], "--shots must be at least 1, got 0"),
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--dim", "-5"], "--dim must be at least 1, got -5"),
+    (["--sizes", "8"], "--sizes must be at least 16, got 8"),
+    (["--sizes", "160000"], "--sizes above 4096 px are not benchmarked"),
+    (["--published", "NOPE"], "is not a clone of visinf/INSID3"),
+    (["--json", "DIR"], "--json '.*' is a folder"),
+    (["--json", "/proc/b.json"], "cannot write in the --json folder '/proc'"),
+])
+def test_bench_checks_its_arguments_before_timing(tmp_path, capsys, monkeypatch, flags, pattern):
+    if "/proc" in " ".join(flags) and not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    monkeypatch.setattr(bench, "build_case", lambda *a, **k: pytest.fail("timing started"))
+    flags = [str(tmp_path / "nope") if f == "NOPE" else str(tmp_path) if f == "DIR" else f for f in flags]
+    code, _, err = run(["bench", "--sizes", "64", "--dim", "32", "--repeats", "1", *flags], capsys)
+    assert code == 2, err
+    one_error(err, pattern)
+
+
+def test_published_module_names_an_import_failure(tmp_path):
+    from insid3_fast.errors import InputError
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "insid3.py").write_text("import no_such_module_here\n")
+    with pytest.raises(InputError, match="cannot import the published code .*ModuleNotFoundError"):
+        bench.published_module(str(tmp_path))
+
+
+def test_usage_errors_are_one_line(capsys):
+    """argparse printed its usage block (about 11 lines) before the error."""
+    for argv in (["segment", "--connectivity", "5"], ["bench", "--device", "tpu"], []):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("insid3-fast") and ": error: " in err, err
+
+
+def test_bench_prints_no_cpp_extension_warning(capfd, monkeypatch):
+    """torch.utils.benchmark imports cpp_extension, which warned about a missing CUDA toolkit."""
+    import sys
+
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    for name in [m for m in sys.modules if m.startswith(("torch.utils.benchmark", "torch.utils.cpp_extension"))]:
+        monkeypatch.delitem(sys.modules, name)
+    bench.time_fn(lambda: None, bench.torch.device("cpu"), repeats=1)
+    assert "No CUDA runtime is found" not in capfd.readouterr().err
+
+
+def test_a_garbage_checkpoint_does_not_advise_unsafe_loading(tmp_path):
+    from insid3_fast.backbone import formats
+    from insid3_fast.errors import WeightsError
+
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(WeightsError) as info:
+        formats._load_pth(path)
+    message = str(info.value)
+    assert "truncated or corrupt" in message and "weights_only" not in message, message
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_eval_checks_its_output_folder_first(tmp_path, capsys):
+    """eval --output-dir /proc/x raised FileNotFoundError (exit 1) from os.makedirs."""
+    code, _, err = run(["eval", "--dataset", "isic", "--data-root", tmp_path / "nodata", "--output-dir",
+                        "/proc/insid3-eval", "--no-progress"], capsys)
+    assert code == 2
+    one_error(err, "cannot create the --output-dir folder '/proc/insid3-eval'")
