@@ -344,10 +344,13 @@ _python_showwarning = warnings.showwarning
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """insid3_fast's own warnings as one line (``insid3-fast: warning: ...``); others as Python shows them."""
+    """insid3_fast's own warnings as one line (``insid3-fast: warning: ...``): its InputWarnings and
+    any warning raised from its modules (e.g. a positional-basis cache entry recomputed); others
+    as Python shows them."""
     from .errors import InputWarning
 
-    if issubclass(category, InputWarning):
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    if issubclass(category, InputWarning) or os.path.abspath(str(filename)).startswith(package):
         print(f"{PROG}: warning: {message}", file=sys.stderr)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)

@@ -148,6 +148,10 @@ class Insid3Core(torch.nn.Module):
                                  cache_key=cache_key, cache_dir=cache_dir)
         if basis.shape[1] >= basis.shape[0]:  # an encoder without ``embed_dim``
             basis = basis[:, :resolve_svd_components(rank, basis.shape[0])].contiguous()
+        elif basis.shape[1] < rank:
+            warn_input(f"svd_components = {rank}, but the {config.image_size} px image has only {basis.shape[1]} "
+                       f"patches: the positional subspace has rank {basis.shape[1]} (as in the published code, "
+                       "whose SVD has no more columns); a larger image_size gives the full rank")
         self.basis_version = 0  # counts the bases assigned since (set_basis); references record it
         self.register_buffer("basis", basis)
         self.register_buffer("projector", orthogonal_projector(basis))

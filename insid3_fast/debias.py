@@ -91,9 +91,12 @@ def _read_cache(path: Path, cache_id: str, components: int, channels: int | None
     basis = entry.get("basis")
     if entry.get("key") != cache_id or not isinstance(basis, torch.Tensor) or not isinstance(entry.get("sha256"), str):
         return None, "written for other weights or settings"
-    if basis.dtype != torch.float32 or basis.ndim != 2 or basis.shape[1] != components \
+    # At most ``components`` columns: fewer where the grid has fewer patches than that (the SVD
+    # has no more; the entry's key and checksum say it was written for these settings).
+    if basis.dtype != torch.float32 or basis.ndim != 2 or not 0 < basis.shape[1] <= components \
             or (channels is not None and basis.shape[0] != channels):
-        return None, f"a {basis.dtype} tensor of shape {tuple(basis.shape)}, expected float32 ({channels or 'C'}, {components})"
+        return None, (f"a {basis.dtype} tensor of shape {tuple(basis.shape)}, expected float32 "
+                      f"({channels or 'C'}, at most {components})")
     if not bool(torch.isfinite(basis).all()):
         return None, "non-finite values"
     if _checksum(cache_id, basis) != entry["sha256"]:

@@ -202,3 +202,19 @@ def test_eval_checks_its_output_folder_first(tmp_path, capsys):
                         "/proc/insid3-eval", "--no-progress"], capsys)
     assert code == 2
     one_error(err, "cannot create the --output-dir folder '/proc/insid3-eval'")
+
+
+def test_the_packages_own_warnings_are_one_line(capsys, monkeypatch):
+    """A recomputed cache entry's RuntimeWarning was shown as Python shows it: two lines, a path."""
+    import warnings
+
+    import insid3_fast.core as core
+    from insid3_fast import cli
+
+    cli._show_warning(RuntimeWarning("positional-basis cache entry 'x' was not used"), RuntimeWarning,
+                      core.__file__, 147)
+    assert capsys.readouterr().err == "insid3-fast: warning: positional-basis cache entry 'x' was not used\n"
+    shown = []
+    monkeypatch.setattr(cli, "_python_showwarning", lambda *a, **k: shown.append(a[0]))
+    cli._show_warning(UserWarning("from elsewhere"), UserWarning, warnings.__file__, 1)
+    assert "insid3-fast: warning" not in capsys.readouterr().err and str(shown[0]) == "from elsewhere"

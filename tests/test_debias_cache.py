@@ -82,3 +82,29 @@ def test_an_unreadable_or_foreign_entry_is_recomputed(encoder, tmp_path, payload
         path.write_bytes(payload)
     again, warned = _basis(encoder, tmp_path)
     assert len(warned) == 1 and torch.equal(again, fresh)
+
+
+def test_an_entry_with_fewer_columns_than_asked_is_used(encoder, tmp_path, monkeypatch):
+    """A 64 px image has 16 patches, so the SVD gives at most 16 columns for a requested rank of
+    24 (as in the published code): the entry was written with 16 and refused on every later start
+    ("expected (32, 24)"), each time with a warning and a recomputation."""
+    import insid3_fast.debias as debias
+
+    def basis():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return positional_basis(encoder, SIZE, 24, cache_key=KEY, cache_dir=tmp_path)
+
+    fresh = basis()
+    assert fresh.shape == (32, 16)
+    monkeypatch.setattr(debias, "compute_positional_basis", lambda *a, **k: pytest.fail("recomputed"))
+    assert torch.equal(basis(), fresh)
+
+
+def test_a_rank_cut_by_the_patch_count_is_said(tmp_path):
+    from insid3_fast import INSID3
+    from insid3_fast.errors import InputWarning
+
+    with pytest.warns(InputWarning, match="only 16 patches: the positional subspace has rank 16"):
+        model = INSID3(SyntheticEncoder(embed_dim=64), image_size=64, svd_components=24, device="cpu")
+    assert model.positional_basis.shape == (64, 16)
