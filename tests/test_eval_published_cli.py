@@ -190,3 +190,17 @@ def test_python_m_eval_errors_are_one_line(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("insid3-fast eval: error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("dataset,flags,message", [
+    ("spair", ["--episodes", "0"], "--episodes must be at least 1, got 0"),
+    ("isic", ["--episodes", "-1"], "--episodes must be at least 1, got -1"),
+    ("isic", ["--save-overlays", "-5"], "--save-overlays must be >= 0, got -5"),
+])
+def test_counts_are_checked_for_every_dataset_before_any_folder(tmp_path, dataset, flags, message):
+    """spair with --episodes 0 scored zero pairs (every PCK 0.0, exit 0); --save-overlays -5 passed."""
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=message):
+        run_eval(_args("--dataset", dataset, "--data-root", str(tmp_path / "nodata"), "--output-dir", str(out),
+                       *flags))
+    assert not out.exists()

@@ -113,6 +113,11 @@ def run_eval(args: argparse.Namespace, model: Any = None) -> dict[str, Any]:
     output_dir = default_output_dir(args)
     if getattr(args, "num_workers", 0) < 0:
         raise InputError(f"--num-workers must be >= 0, got {args.num_workers}")
+    # Before any folder is made, for every dataset (spair scored zero pairs with --episodes 0).
+    if args.episodes is not None and args.episodes < 1:
+        raise InputError(f"--episodes must be at least 1, got {args.episodes}")
+    if getattr(args, "save_overlays", 0) < 0:
+        raise InputError(f"--save-overlays must be >= 0, got {args.save_overlays}")
     created = _missing_folders(output_dir) if rank == 0 else []
     if rank == 0:
         try:
@@ -166,8 +171,6 @@ def _run(args: argparse.Namespace, model: Any, rank: int, world: int, device: st
         return evaluate_correspondence(model, dataset, output_dir, num_pairs=args.episodes, config=config,
                                        rank=rank, world_size=world, progress=progress, device=device)
 
-    if args.episodes is not None and args.episodes < 1:
-        raise InputError(f"--episodes must be at least 1, got {args.episodes}")
     dataset = build_dataset(args.dataset, args.data_root, fold=args.fold, shots=args.shots)
     model = model if model is not None else build_model(args, device)
     return evaluate_segmentation(model, dataset, output_dir, num_episodes=args.episodes, seed=args.seed,
