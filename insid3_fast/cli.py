@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -130,6 +131,9 @@ def _read_keypoints(path: str):
     except (OSError, ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
         raise InputError(f"cannot read keypoints file '{path}': {exc}") from None
     points = data.get("keypoints") if isinstance(data, dict) else data
+    if isinstance(points, list) and any(isinstance(v, bool) for p in points if isinstance(p, list) for v in p):
+        raise InputError(f"keypoints file '{path}' holds true/false where coordinates belong: "
+                         "write [x, y] pairs of numbers")
     try:
         kps = torch.tensor(points, dtype=torch.float32)
     except (TypeError, ValueError):
@@ -138,6 +142,12 @@ def _read_keypoints(path: str):
         raise InputError(f"keypoints file '{path}' must hold a non-empty list of [x, y] pairs "
                          "(or {\"keypoints\": [[x, y], ...]})")
     return kps
+
+
+def _json_points(points: list[list[float]]) -> list[list[float | None]]:
+    """Points for JSON: a non-finite coordinate (a keypoint that had NaN/inf) as null, since
+    NaN and Infinity are not JSON (other readers refuse the file)."""
+    return [[v if math.isfinite(v) else None for v in p] for p in points]
 
 
 def _match(args: argparse.Namespace) -> int:
@@ -154,9 +164,9 @@ def _match(args: argparse.Namespace) -> int:
     model.set_target(args.target)
     pred = model.match(kps, use_debiased=not args.original_features).cpu().tolist()
     result = {"reference": args.ref_image, "target": args.target, "debiased": not args.original_features,
-              "source_keypoints": kps.tolist(), "keypoints": pred}
+              "source_keypoints": _json_points(kps.tolist()), "keypoints": _json_points(pred)}
 
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, allow_nan=False)
     if args.output == "-":
         print(text)
     else:

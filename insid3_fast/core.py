@@ -466,11 +466,16 @@ class Insid3Core(torch.nn.Module):
                        "their predictions are NaN")
             if not bool(finite.any()):
                 return out
+        ref_size = ref_size or tuple(ref_image.shape[-2:])
+        tgt_size = tgt_size or tuple(tgt_image.shape[-2:])
+        x, y = kps[:, 0], kps[:, 1]
+        outside = finite & ((x < 0) | (x > ref_size[1]) | (y < 0) | (y > ref_size[0]))
+        if bool(outside.any()):
+            warn_input(f"{int(outside.sum())} of {kps.shape[0]} keypoints lie outside the reference image "
+                       f"({ref_size[1]} x {ref_size[0]} px): each is read at its nearest edge patch, as published")
         feats = self.features(torch.cat([ref_image.to(self.device), tgt_image.to(self.device)]))
         if use_debiased:
             feats = debias(feats, self.projector)
-        ref_size = ref_size or tuple(ref_image.shape[-2:])
-        tgt_size = tgt_size or tuple(tgt_image.shape[-2:])
         out[finite.to(self.device)] = transfer_keypoints(feats[0], feats[1], kps[finite].to(self.device),
                                                          ref_size, tgt_size).to(out.dtype)
         return out

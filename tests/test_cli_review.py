@@ -218,3 +218,42 @@ def test_the_packages_own_warnings_are_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_python_showwarning", lambda *a, **k: shown.append(a[0]))
     cli._show_warning(UserWarning("from elsewhere"), UserWarning, warnings.__file__, 1)
     assert "insid3-fast: warning" not in capsys.readouterr().err and str(shown[0]) == "from elsewhere"
+
+
+def _match(weights, tmp_path, points):
+    import json
+
+    kps = tmp_path / "k.json"
+    kps.write_text(json.dumps(points) if not isinstance(points, str) else points)
+    out = tmp_path / "pred.json"
+    return ["match", "--ref-image", REF, "--target", TARGET, "--keypoints", kps, "--output", out,
+            "--weights", weights, *COMMON], out
+
+
+def test_match_writes_valid_json_for_non_finite_keypoints(weights, tmp_path, capsys):
+    """NaN keypoints gave NaN predictions written as bare NaN tokens: not JSON (other readers refuse it)."""
+    import json
+
+    args, out = _match(weights, tmp_path, "[[10, 12], [NaN, 3], [1e400, 2]]")
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert data["keypoints"][1] == [None, None] and data["keypoints"][2] == [None, None]
+    assert data["source_keypoints"][1] == [None, 3.0]
+    assert all(isinstance(v, float) for v in data["keypoints"][0])
+
+
+def test_match_warns_about_keypoints_outside_the_reference(weights, tmp_path, capsys):
+    """Points outside the image were clamped to the edge patch silently (as published: still so)."""
+    args, out = _match(weights, tmp_path, [[-10, -5], [1e9, 1e9], [5, 5]])
+    code, _, err = run(args, capsys)
+    assert code == 0 and "warning: 2 of 3 keypoints lie outside the reference image" in err
+
+
+def test_match_refuses_booleans_as_coordinates(weights, tmp_path, capsys, no_model):
+    args, _ = _match(weights, tmp_path, [[True, False]])
+    code, _, err = run(args, capsys)
+    assert code == 2
+    one_error(err, "true/false where coordinates belong")
