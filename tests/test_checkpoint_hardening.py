@@ -49,6 +49,17 @@ def test_malformed_tensors_raise_weights_error(meta, tmp_path, case):
         load_dinov3(_save(tmp_path, state))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named(meta, tmp_path, value):
+    """A NaN weight ran on into the positional basis's SVD: 'linalg.svd: failed to converge'."""
+    state = dict(meta)
+    weight = state["blocks.0.attn.proj.weight"].clone()
+    weight[0, 0] = value
+    state["blocks.0.attn.proj.weight"] = weight
+    with pytest.raises(WeightsError, match="'blocks.0.attn.proj.weight' holds NaN or infinite values"):
+        load_dinov3(_save(tmp_path, state))
+
+
 def test_text_file_named_pth(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_text("these are my notes, not weights\n" * 20)

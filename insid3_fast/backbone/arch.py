@@ -160,6 +160,10 @@ def check_tensors(state: Mapping[str, Tensor], arch: Arch) -> None:
         if tensor.numel() and tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
             raise malformed_error(f"tensor '{key}' of shape {tuple(tensor.shape)} is a view of only "
                                   f"{tensor.untyped_storage().nbytes()} bytes (repeated values); refused")
+        # NaN weights ran into the positional basis's SVD ("failed to converge"): named here.
+        if tensor.is_floating_point() and tensor.numel() and not tensor.is_meta \
+                and not bool(torch.isfinite(tensor).all()):
+            raise malformed_error(f"tensor '{key}' holds NaN or infinite values")
 
 
 def _resolve_size(embed_dim: int, swiglu: bool, requested: str | None) -> str:
