@@ -494,7 +494,9 @@ def find_weights(model_size: str, weights: str | os.PathLike | None = None) -> s
     """The checkpoint to load: ``weights``, else ``$INSID3_WEIGHTS``, else ``pretrain/`` (file or folder)."""
     if model_size not in WEIGHT_STEMS:
         raise InputError(f"unknown model size {model_size!r}; choose one of {', '.join(WEIGHT_STEMS)}")
-    candidates = [weights] if weights is not None else [os.environ.get("INSID3_WEIGHTS"), "pretrain"]
+    env = os.environ.get("INSID3_WEIGHTS")
+    candidates = [weights] if weights is not None else [env, "pretrain"]
+    hints = []  # what the folders searched hold instead, for the message
     for cand in filter(None, candidates):
         cand = os.fspath(cand)
         if os.path.isdir(cand) and os.path.isfile(os.path.join(cand, "config.json")):
@@ -503,12 +505,29 @@ def find_weights(model_size: str, weights: str | os.PathLike | None = None) -> s
             found = sorted(glob.glob(os.path.join(cand, WEIGHT_STEMS[model_size] + "*.pth")))
             if found:
                 return found[0]
+            hints += _other_checkpoints(cand, model_size)
         elif os.path.exists(cand) or weights is not None:
             return cand
+    where = f"'{os.fspath(weights)}'" if weights is not None else \
+        (f"$INSID3_WEIGHTS = '{env}' and pretrain/" if env else "$INSID3_WEIGHTS (unset) and pretrain/")
     raise WeightsError(
-        f"no DINOv3 '{model_size}' weights found (looked in {weights or '$INSID3_WEIGHTS and pretrain/'}). "
+        f"no DINOv3 '{model_size}' weights found (looked in {where}){'; ' + '; '.join(hints) if hints else ''}. "
         "The weights are gated by Meta: request access at https://github.com/facebookresearch/dinov3, "
         f"download {WEIGHT_STEMS[model_size]}pretrain_lvd1689m-*.pth into pretrain/, or pass --weights PATH")
+
+
+def _other_checkpoints(folder: str, model_size: str) -> list[str]:
+    """What ``folder`` holds instead of ``model_size``'s file: other sizes' files (with the
+    --model-size that loads them) or a Hugging Face folder's weights without its config.json."""
+    hints = []
+    for size, stem in WEIGHT_STEMS.items():
+        for path in sorted(glob.glob(os.path.join(folder, stem + "*.pth"))):
+            if size != model_size:
+                hints.append(f"it holds '{os.path.basename(path)}', a '{size}' checkpoint: pass --model-size {size} "
+                             f"(or model_size='{size}')")
+    if glob.glob(os.path.join(folder, "*.safetensors")) and not hints:
+        hints.append(f"'{folder}' holds .safetensors weights but no config.json: a Hugging Face folder needs both")
+    return hints
 
 
 def build_insid3(model_size: str | None = _LOAD.model_size, weights: str | os.PathLike | None = _LOAD.weights,

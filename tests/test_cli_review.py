@@ -257,3 +257,22 @@ def test_match_refuses_booleans_as_coordinates(weights, tmp_path, capsys, no_mod
     code, _, err = run(args, capsys)
     assert code == 2
     one_error(err, "true/false where coordinates belong")
+
+
+def test_a_weights_folder_of_another_size_says_which(tmp_path, monkeypatch):
+    """The folder's only checkpoint was a ViT-S: the message said only 'no large weights found'."""
+    from insid3_fast.errors import WeightsError
+    from insid3_fast.model import find_weights
+
+    (tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth").write_bytes(b"")
+    with pytest.raises(WeightsError, match="a 'small' checkpoint: pass --model-size small"):
+        find_weights("large", tmp_path)
+    monkeypatch.setenv("INSID3_WEIGHTS", str(tmp_path / "elsewhere"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match=r"\$INSID3_WEIGHTS = '.*elsewhere' and pretrain/"):
+        find_weights("large")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsError, match="no config.json: a Hugging Face folder needs both"):
+        find_weights("large", hf)
