@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _python_showwarning = warnings.showwarning
+_SHOWN: set[str] = set()  # the package's warnings shown by this command (main() clears it)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -361,7 +362,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     if issubclass(category, InputWarning) or os.path.abspath(str(filename)).startswith(package):
-        print(f"{PROG}: warning: {message}", file=sys.stderr)
+        # Once per command: an input checked before the model loads it again warns again.
+        text = f"{PROG}: warning: {message}"
+        if text not in _SHOWN:
+            _SHOWN.add(text)
+            print(text, file=sys.stderr)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 
@@ -369,6 +374,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a subcommand; expected errors become one line and exit status 2."""
     args = build_parser().parse_args(argv)
+    _SHOWN.clear()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

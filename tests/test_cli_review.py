@@ -276,3 +276,28 @@ def test_a_weights_folder_of_another_size_says_which(tmp_path, monkeypatch):
     (hf / "model.safetensors").write_bytes(b"")
     with pytest.raises(WeightsError, match="no config.json: a Hugging Face folder needs both"):
         find_weights("large", hf)
+
+
+def test_a_warning_is_shown_once_per_command(weights, tmp_path, capsys):
+    """Inputs checked before the model loads them again warned twice (a tiny target, here)."""
+    tiny = tmp_path / "tiny.png"
+    Image.open(TARGET).convert("RGB").resize((1, 1)).save(tiny)  # smaller than a patch: warned
+    import subprocess
+    import sys
+
+    def warned(out):  # as a user runs it: pytest's own warning filters dedupe what Python's do not
+        proc = subprocess.run([sys.executable, "-m", "insid3_fast.cli",
+                               *map(str, segment(weights, tmp_path / out, target=tiny))],
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="default"))
+        assert proc.returncode == 0, proc.stderr
+        return [ln for ln in proc.stderr.splitlines() if ln.startswith("insid3-fast: warning: ")]
+
+    first = warned("m.png")
+    assert first and len(first) == len(set(first)), first
+    from insid3_fast import cli
+
+    cli._SHOWN.add("insid3-fast: warning: stale")
+    args = segment(weights, tmp_path / "m3.png")
+    args[args.index("--ref-image") + 1] = tmp_path / "none.jpg"
+    assert run(args, capsys)[0] == 2  # main() starts each command afresh
+    assert "insid3-fast: warning: stale" not in cli._SHOWN
