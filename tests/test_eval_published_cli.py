@@ -204,3 +204,12 @@ def test_counts_are_checked_for_every_dataset_before_any_folder(tmp_path, datase
         run_eval(_args("--dataset", dataset, "--data-root", str(tmp_path / "nodata"), "--output-dir", str(out),
                        *flags))
     assert not out.exists()
+
+
+def test_missing_data_is_one_line(tmp_path, capsys):
+    """The message listed each missing path on its own line (six lines for COCO)."""
+    code = insid3_main(["eval", "--dataset", "coco", "--data-root", str(tmp_path / "nodata"),
+                        "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("insid3-fast: error: COCO-20i data not found"), err
+    assert "COCO2014/splits/val/fold0.pkl" in err

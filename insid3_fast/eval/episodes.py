@@ -179,12 +179,13 @@ def split_file(dataset: str, path: str) -> Iterator[None]:
 
 
 def require_paths(dataset: str, paths: Sequence[str], howto: str) -> None:
-    """Raise a clear InputError naming the missing paths and how to obtain the data."""
+    """Raise a clear InputError (one line, as every CLI error) naming the missing paths and how
+    to obtain the data."""
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        listing = "\n  ".join(missing)
+        listing = ", ".join(f"'{p}'" for p in missing)
         raise InputError(
-            f"{dataset} data not found; missing:\n  {listing}\n{howto}\n"
+            f"{dataset} data not found (missing: {listing}). {howto.strip()} "
             "See docs/eval.md (and the published docs/data.md) for the full preparation steps."
         )
 
