@@ -15,7 +15,8 @@
 # Logs: benchmarks/results/logs/<step>.log. Where $OUT is set (the device tool's output folder),
 # this run's results go there after every step, so what finished comes back even if the call is
 # cut off: the table, the two bench JSONs and the logs as one archive (the tool brings back at
-# most 8 files of at most 16 MiB each, so each log goes in as its last 4 MiB at most).
+# most 8 files of at most 16 MiB each, so each log goes in as its last 1 MiB at most: ten of
+# them stay under 16 MiB even if nothing compresses).
 #
 # Environment: CUDA_HOME (autodetected if unset), MAX_JOBS (default: nproc),
 # INSID3_PIP_DEPS=1 to let pip resolve dependencies (default --no-deps: GPU boxes are often
@@ -58,6 +59,9 @@ CARD="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1
 CARD="${CARD:-unknown-gpu}"
 CARD_SLUG="$(echo "$CARD" | tr -c 'A-Za-z0-9._-' '-' | sed -e 's/--*/-/g' -e 's/^-//' -e 's/-$//')"
 OUT_MD="$RESULTS/gpu_${CARD_SLUG}.md"
+# This run's files only: logs/ is git-ignored and a warm machine keeps it, so an earlier run's
+# logs, table and JSONs would otherwise come back (and be pasted into the table) as this run's.
+rm -f "$LOGS"/*.log "$OUT_MD" "$RESULTS/gpu_${CARD_SLUG}_e2e.json" "$RESULTS/gpu_${CARD_SLUG}_bench.json"
 
 SAN=""
 if command -v compute-sanitizer >/dev/null 2>&1; then SAN="$(command -v compute-sanitizer)";
@@ -67,7 +71,7 @@ declare -a NAMES STATUS SECS NOTES
 FAILED=0
 SKIPPED=0
 
-LOG_TAIL_BYTES=$(( 4 * 1024 * 1024 ))
+LOG_TAIL_BYTES=$(( 1024 * 1024 ))
 save_results() {
   [[ -n "${OUT:-}" && -d "${OUT:-}" ]] || return 0
   local f stage

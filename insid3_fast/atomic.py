@@ -103,22 +103,27 @@ def check_output_path(path: str | os.PathLike[str], inputs: Iterable[str | os.Pa
         raise InputError(f"{what} '{path}' is {kind}, not a regular file; insid3-fast writes a new file by "
                          f"renaming over the old one and would replace it{hint}: choose another output path")
     if probe:
-        _probe_folder(folder, what)
+        _probe(path, what)
     return path
 
 
-def _probe_folder(folder: str, what: str) -> None:
-    """Create and remove one temporary in ``folder``, as a write would, or raise InputError."""
+def _probe(path: str, what: str) -> None:
+    """Create and remove the temporary a write of ``path`` would create, or raise InputError
+    (the folder is read-only, or the temporary's longer name is too long for it)."""
     try:
-        tmp, fd = _temporary_for(os.path.join(folder, "write-check"))
+        tmp, fd = _temporary_for(path)
     except OSError as exc:
-        raise InputError(f"cannot write in the {what} folder '{folder}': {exc.strerror or exc}") from None
+        folder = os.path.dirname(os.path.abspath(path))
+        raise InputError(f"cannot write '{os.path.basename(path)}' in the {what} folder '{folder}': "
+                         f"{exc.strerror or exc}") from None
     os.close(fd)
     _unlink_quietly(tmp)
 
 
-def make_output_folder(folder: str | os.PathLike[str], what: str = "output") -> str:
-    """Create ``folder`` (and its parents) if needed and check that files can be written in it.
+def make_output_folder(folder: str | os.PathLike[str], what: str = "output",
+                       names: Iterable[str] = ("write-check",)) -> str:
+    """Create ``folder`` (and its parents) if needed and check that files can be written in it:
+    the longest of ``names`` (the files the command will write there; none: no write check).
 
     Raises InputError naming the folder when it is empty, is a file, cannot be created or
     cannot be written in.
@@ -132,7 +137,9 @@ def make_output_folder(folder: str | os.PathLike[str], what: str = "output") -> 
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the {what} folder '{folder}': {exc.strerror or exc}") from None
-    _probe_folder(folder, what)
+    names = sorted(names, key=len)
+    if names:
+        _probe(os.path.join(folder, names[-1]), what)
     return folder
 
 

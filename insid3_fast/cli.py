@@ -239,7 +239,10 @@ def _segment_many(args: argparse.Namespace) -> int:
     outputs = {t: os.path.join(args.output_dir, os.path.splitext(os.path.basename(t))[0] + ".png")
                for t in targets}
     _check_output_dir(args, targets, outputs)
-    make_output_folder(args.output_dir, "--output-dir")
+    # Checked with the longest mask name still to write (none left: a resumed run in a read-only
+    # folder has nothing to write).
+    make_output_folder(args.output_dir, "--output-dir",
+                       [os.path.basename(p) for p in outputs.values() if not os.path.exists(p)])
     rank, world = distributed.init_from_env()
     try:
         mine = distributed.shard(targets, rank, world)

@@ -249,13 +249,19 @@ class Insid3Core(torch.nn.Module):
         basis = basis.detach().to(self.device, self.dtype).contiguous()
         if not bool(torch.isfinite(basis).all()):
             raise InputError("positional_basis holds NaN or inf")
-        if not has_orthonormal_columns(basis):
+        orthonormal = has_orthonormal_columns(basis)
+        if not orthonormal:
             warn_input("positional_basis does not have orthonormal columns (as the SVD's U does): it is used "
                        "as the published code uses it, through P = I - B B^T")
         projector, complement = orthogonal_projector(basis), complement_basis(basis)
         if complement.shape[1] == 0:
             raise InputError("this positional_basis removes the whole embedding (P = I - B B^T is 0): no "
                              "debiased feature would be left")
+        if orthonormal and basis.shape[1] >= C:
+            # The published code runs on what float rounding leaves of P (its result is noise): so do we.
+            warn_input(f"this positional_basis spans all {C} dimensions: P = I - B B^T is zero but for float "
+                       "rounding, and the debiased features (and masks) are that rounding residue, as in the "
+                       "published code; remove fewer directions (r < C)")
         with _BASIS_LOCK:
             self.basis, self.projector, self.complement = basis, projector, complement
             self.basis_version += 1

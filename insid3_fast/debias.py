@@ -93,7 +93,8 @@ def _read_cache(path: Path, cache_id: str, components: int, channels: int | None
         return None, "written for other weights or settings"
     # At most ``components`` columns: fewer where the grid has fewer patches than that (the SVD
     # has no more; the entry's key and checksum say it was written for these settings).
-    if basis.dtype != torch.float32 or basis.ndim != 2 or not 0 < basis.shape[1] <= components \
+    columns_ok = basis.ndim == 2 and (basis.shape[1] == components or 0 < basis.shape[1] < components)
+    if basis.dtype != torch.float32 or not columns_ok \
             or (channels is not None and basis.shape[0] != channels):
         return None, (f"a {basis.dtype} tensor of shape {tuple(basis.shape)}, expected float32 "
                       f"({channels or 'C'}, at most {components})")
@@ -176,14 +177,11 @@ def complement_basis(basis: torch.Tensor) -> torch.Tensor:
     D coordinates: every inner product between debiased features is the same.
 
     For orthonormal columns (the SVD's) Q is an orthonormal basis of the complement of span(B),
-    D = C - r; with r = C that complement is empty (D = 0: P is 0 but for the rounding of B,
-    whose eigenvalues, a few 1e-6 in float32, are no directions to keep). For any other B (a basis assigned by hand: the published code uses P whatever B
+    D = C - r. For any other B (a basis assigned by hand: the published code uses P whatever B
     is), Q holds the eigenvectors of P scaled by |eigenvalue| (Q Qᵀ = P², so |Qᵀx| = |P x| and
     the inner products agree), D the number of non-zero eigenvalues.
     """
     C, r = basis.shape
-    if r >= C and has_orthonormal_columns(basis):
-        return basis.new_zeros((C, 0))
     if r < C and has_orthonormal_columns(basis):
         U = torch.linalg.svd(basis.double(), full_matrices=True)[0]
         return U[:, r:].to(basis.dtype).contiguous()

@@ -54,8 +54,8 @@ def no_model(monkeypatch):
     ("empty output", {"--output": ""}, "--output path is empty"),
     ("empty overlay", {"--overlay": ""}, "--overlay path is empty"),
     ("unwritable output folder", {"--output": UNWRITABLE.rsplit("/", 1)[0] + "/m.png"},
-     "cannot write in the --output folder '/proc'"),
-    ("unwritable overlay folder", {"--overlay": "/proc/o.png"}, "cannot write in the --overlay folder '/proc'"),
+     "cannot write 'm.png' in the --output folder '/proc'"),
+    ("unwritable overlay folder", {"--overlay": "/proc/o.png"}, "cannot write 'o.png' in the --overlay folder '/proc'"),
     ("a folder as an image", {"--ref-image": "DIR"}, "is a folder, not an image file"),
 ])
 def test_segment_refuses_before_the_model(weights, tmp_path, capsys, no_model, case, over, pattern):
@@ -140,7 +140,7 @@ def test_segment_many_checks_its_folder_before_the_model(weights, tmp_path, caps
     (["--sizes", "160000"], "--sizes above 4096 px are not benchmarked"),
     (["--published", "NOPE"], "is not a clone of visinf/INSID3"),
     (["--json", "DIR"], "--json '.*' is a folder"),
-    (["--json", "/proc/b.json"], "cannot write in the --json folder '/proc'"),
+    (["--json", "/proc/b.json"], "cannot write 'b.json' in the --json folder '/proc'"),
 ])
 def test_bench_checks_its_arguments_before_timing(tmp_path, capsys, monkeypatch, flags, pattern):
     if "/proc" in " ".join(flags) and not os.path.isdir("/proc/self"):
@@ -301,3 +301,20 @@ def test_a_warning_is_shown_once_per_command(weights, tmp_path, capsys):
     args[args.index("--ref-image") + 1] = tmp_path / "none.jpg"
     assert run(args, capsys)[0] == 2  # main() starts each command afresh
     assert "insid3-fast: warning: stale" not in cli._SHOWN
+
+
+def test_an_output_name_too_long_for_its_temporary_is_refused_first(weights, tmp_path, capsys, no_model):
+    """The probe used a short name; a 240-character output passed it, then the real temporary
+    (43 characters longer) failed with ENAMETOOLONG after the work."""
+    out = tmp_path / ("a" * 240 + ".png")
+    code, _, err = run(segment(weights, out), capsys)
+    assert code == 2
+    one_error(err, "cannot write 'a+\\.png' in the --output folder .*File name too long")
+
+
+def test_a_finished_run_in_a_read_only_folder_resumes(tmp_path):
+    """Nothing left to write: the folder needs no write check (names=())."""
+    from insid3_fast.atomic import make_output_folder
+
+    assert make_output_folder(str(tmp_path), "--output-dir", []) == str(tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -108,3 +108,11 @@ def test_a_rank_cut_by_the_patch_count_is_said(tmp_path):
     with pytest.warns(InputWarning, match="only 16 patches: the positional subspace has rank 16"):
         model = INSID3(SyntheticEncoder(embed_dim=64), image_size=64, svd_components=24, device="cpu")
     assert model.positional_basis.shape == (64, 16)
+
+
+def test_a_zero_rank_entry_is_used(encoder, tmp_path):
+    """svd_components=0 (no subspace removed) writes a (C, 0) entry, which must be read back silently."""
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert positional_basis(encoder, SIZE, 0, cache_key=KEY, cache_dir=tmp_path).shape == (32, 0)

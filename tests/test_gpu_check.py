@@ -210,5 +210,14 @@ def test_what_reaches_out_fits_the_device_tools_limits(rehearsal):
 def test_a_huge_log_comes_back_as_its_tail(rehearsal):
     r = rehearsal(FAKE_SPEW_ON="--backbone", FAKE_SPEW_BYTES=str(3 << 20))  # 6 MiB of hex digits
     log = _archive(r["out"])["logs/bench_e2e.log"]
-    assert len(log) == 4 << 20 and log.endswith(b"THE LAST LINE\n")
+    assert len(log) == 1 << 20 and log.endswith(b"THE LAST LINE\n")
     assert (r["out"] / "gpu_NVIDIA-H200_logs.tar.gz").stat().st_size <= 16 << 20
+
+
+def test_an_earlier_runs_files_do_not_come_back_as_this_runs(rehearsal):
+    """A warm machine keeps the git-ignored logs/: a second, shorter run sent the first run's logs
+    and bench JSONs back, and pasted its bench output into the new table."""
+    rehearsal()
+    r = rehearsal(GPU_CHECK_BUDGET_S="5", FAKE_SLEEP_ON=".whl", FAKE_SLEEP="3.5")  # the tests skipped
+    assert sorted(_archive(r["out"])) == [f"logs/{s}.log" for s in sorted(STEPS[:3])]
+    assert sorted(p.name for p in r["out"].iterdir()) == ["gpu_NVIDIA-H200.md", "gpu_NVIDIA-H200_logs.tar.gz"]
