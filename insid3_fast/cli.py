@@ -376,7 +376,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a subcommand; expected errors become one line and exit status 2."""
-    args = build_parser().parse_args(argv)
+    try:  # building the parser imports the subcommands' modules (seconds): Ctrl-C there too
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     _SHOWN.clear()
     try:
         with warnings.catch_warnings():

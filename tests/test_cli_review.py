@@ -318,3 +318,16 @@ def test_a_finished_run_in_a_read_only_folder_resumes(tmp_path):
 
     assert make_output_folder(str(tmp_path), "--output-dir", []) == str(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_while_the_parser_is_built_is_one_line(capsys, monkeypatch):
+    """Building the parser imports the bench and eval modules; a Ctrl-C there gave a traceback.
+    (One during `import insid3_fast` itself, torch's import, still does: not handled.)"""
+    from insid3_fast import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["segment"]) == 130
+    assert capsys.readouterr().err == "insid3-fast: interrupted\n"
