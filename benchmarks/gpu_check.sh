@@ -231,6 +231,12 @@ echo
 echo "================================ RESULTS ($CARD) ================================"
 cat "$OUT_MD"
 echo "written to $OUT_MD"
+# The steps once more, last: the device tool returns only the output's last 12,000 characters,
+# which long bench sections above could fill.
+echo "---- steps ----"
+for i in "${!NAMES[@]}"; do
+  printf '%-16s %-14s %5s s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}"
+done
 if [[ $FAILED -ne 0 ]]; then
   echo "!!!!!!!! AT LEAST ONE STEP FAILED (see the table above and $LOGS)" >&2
   exit 1

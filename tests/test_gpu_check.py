@@ -127,6 +127,9 @@ def test_every_step_runs_in_order_and_the_table_reaches_out(rehearsal):
     assert set(_rows(r["table"]).values()) == {"PASS"}
     assert r["copied"] == r["table"]  # what finished comes back through the device tool's $OUT
     assert "NVIDIA H200" in r["table"] and "570.00" in r["table"]
+    # the steps again at the very end of the output, which is all the device tool returns of it
+    tail = r["stdout"][r["stdout"].rindex("---- steps ----"):].splitlines()[1:]
+    assert [line.split()[:2] for line in tail[:len(STEPS)]] == [[s, "PASS"] for s in STEPS]
     build = next(c for c in r["calls"] if c[1:4] == ["-m", "pip", "install"] and "-e" in c)
     assert {"--no-build-isolation", "--no-deps", "-e"} <= set(build)
     sanitizers = [c for c in r["calls"] if c[0] == "compute-sanitizer"]
