@@ -137,9 +137,9 @@ def make_output_folder(folder: str | os.PathLike[str], what: str = "output",
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the {what} folder '{folder}': {exc.strerror or exc}") from None
-    names = sorted(names, key=len)
-    if names:
-        _probe(os.path.join(folder, names[-1]), what)
+    longest = max(names, key=len, default=None)
+    if longest is not None:
+        _probe(os.path.join(folder, longest), what)
     return folder
 
 

@@ -204,9 +204,7 @@ def _list_targets(args: argparse.Namespace) -> list[str]:
 def _check_output_dir(args: argparse.Namespace, targets: Sequence[str],
                       outputs: dict[str, str]) -> None:
     """Refuse an output folder whose masks would overwrite, or be mistaken for, an input."""
-    inputs = [*targets, *args.ref_image, *args.ref_mask]
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise InputError(f"--output-dir '{args.output_dir}' exists and is not a folder")
+    inputs = [*targets, *args.ref_image, *args.ref_mask]  # a file in its place: make_output_folder refuses it
     folders = {os.path.dirname(os.path.abspath(t)) for t in targets}
     if args.target_dir:
         folders.add(os.path.abspath(args.target_dir))

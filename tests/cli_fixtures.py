@@ -1,5 +1,6 @@
 """What the CLI tests share: the bundled example files, a tiny Meta-layout checkpoint, a private
-positional-basis cache, and a call of ``insid3-fast`` that returns (exit code, stdout, stderr).
+positional-basis cache, a call of ``insid3-fast`` that returns (exit code, stdout, stderr), a
+small ``segment`` command line and the check that stderr holds one error line.
 
 Import the fixtures by name into a test module (``from cli_fixtures import weights, cache_dir``).
 """
@@ -34,3 +35,21 @@ def run(args, capsys):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+#: Model options that keep a CLI run small: 64 px, 16 patches, rank 16.
+COMMON = ["--image-size", "64", "--device", "cpu", "--svd-components", "16"]
+
+
+def segment(weights, output, target=TARGET, ref_mask=MASK, extra=()):
+    """The argv of ``insid3-fast segment`` on the example files (``extra`` appended)."""
+    return ["segment", "--ref-image", REF, "--ref-mask", ref_mask, "--target", target, "--output", output,
+            "--weights", weights, *COMMON, *extra]
+
+
+def one_error_line(err: str) -> str:
+    """The one ``insid3-fast: error: ...`` line of ``err`` (the model's informational line about
+    the positional rank may come before it); fails the test otherwise."""
+    lines = [ln for ln in err.strip().splitlines() if " positional subspace (embedding size " not in ln]
+    assert len(lines) == 1 and lines[0].startswith("insid3-fast: error: "), err
+    return lines[0]

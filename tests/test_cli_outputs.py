@@ -12,9 +12,8 @@ import pytest
 from PIL import Image
 
 from insid3_fast import atomic
-from cli_fixtures import MASK, REF, TARGET, cache_dir, run, weights  # noqa: F401 (fixtures)
-
-COMMON = ["--image-size", "64", "--device", "cpu", "--svd-components", "16"]
+from cli_fixtures import (COMMON, MASK, REF, TARGET, cache_dir, one_error_line, run, segment,  # noqa: F401
+                          weights)
 
 
 @pytest.fixture(autouse=True)
@@ -22,20 +21,8 @@ def _private_cache(cache_dir):
     """Every test writes its positional-basis cache in its own folder."""
 
 
-def segment(weights, output, target=TARGET, ref_mask=MASK, extra=()):
-    return ["segment", "--ref-image", REF, "--ref-mask", ref_mask, "--target", target, "--output", output,
-            "--weights", weights, *COMMON, *extra]
-
-
 def temporaries(folder: Path) -> list[Path]:
     return list(folder.glob("*" + atomic.TEMP_SUFFIX))
-
-
-def one_error_line(err: str) -> str:
-    # The model's one informational line (the positional rank) may come before the error.
-    lines = [ln for ln in err.strip().splitlines() if " positional subspace (embedding size " not in ln]
-    assert len(lines) == 1 and lines[0].startswith("insid3-fast: error: "), err
-    return lines[0]
 
 
 def test_output_equal_to_the_target_is_refused(weights, tmp_path, capsys):
