@@ -323,3 +323,63 @@ def test_ctrl_c_while_the_parser_is_built_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["segment"]) == 130
     assert capsys.readouterr().err == "insid3-fast: interrupted\n"
+
+
+def _without_root_file_powers():
+    """A preexec function for a subprocess that obeys file permissions although it runs as root.
+
+    Root ignores a folder's mode through CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH; dropped from
+    the bounding set before exec, they stay dropped in the new program. None when not root.
+    """
+    if os.geteuid() != 0:
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+
+    def drop():
+        for cap in (cap_dac_override, cap_dac_read_search):
+            if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    return drop
+
+
+def test_segment_many_resumes_in_a_read_only_folder(weights, tmp_path):
+    """A finished run's read-only folder: the rerun has nothing to write and exits 0; with a mask
+    left to write it is refused in one line before the model runs (under root, without the
+    capabilities that let root write read-only folders)."""
+    import shutil
+    import subprocess
+    import sys
+
+    demote = _without_root_file_powers()
+    out, cache, targets = (str(tmp_path / n) for n in ("out", "cache", "targets"))
+    os.mkdir(targets)
+    try:
+        shutil.copy(TARGET, os.path.join(targets, "a.jpg"))
+        base = [sys.executable, "-c", "import sys; from insid3_fast.cli import main; sys.exit(main())",
+                "segment-many", "--ref-image", str(REF), "--ref-mask", str(MASK), "--output-dir", out,
+                "--weights", str(weights), *COMMON]
+        env = {**os.environ, "INSID3_CACHE": cache}
+
+        def again(*extra):
+            return subprocess.run(base + list(extra), env=env, capture_output=True, text=True,
+                                  preexec_fn=demote, timeout=300)
+
+        first = again("--target-dir", targets)
+        assert first.returncode == 0, first.stderr
+        os.chmod(out, 0o555)
+        resumed = again("--target-dir", targets)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "0 masks written, 1 already there" in resumed.stdout
+        shutil.copy(TARGET, os.path.join(targets, "b.jpg"))
+        refused = again("--target-dir", targets)
+        assert refused.returncode == 2, refused.stderr
+        line = one_error_line(refused.stderr)
+        assert "--output-dir" in line and "'b.png'" in line, line
+        assert sorted(os.listdir(out)) == ["a.png"]
+    finally:
+        if os.path.isdir(out):
+            os.chmod(out, 0o755)  # for pytest's clean-up of tmp_path
