@@ -180,8 +180,8 @@ class CapturedTarget:
         feats = core.features(self.images, self.config)
         # The ops' host-side finiteness checks are off under capture: a target whose features are
         # not finite (a NaN pixel) is segmented as zeros instead and its mask emptied on the
-        # device, so the kernels only ever see finite input, without a host read. (Eagerly such
-        # a target makes the ops raise, as scikit-learn does in the published code.)
+        # device, so the kernels only ever see finite input, without a host read (``segment``
+        # gives such a target the same empty mask after one host read, as the published code does).
         ok = torch.isfinite(feats).flatten(1).all(dim=1)
         feats = feats.masked_fill(~ok[:, None, None, None], 0.0)
         masks = torch.stack([core.finalize(core.segment_patches(self.ref, feats[b], self.config), None, None,

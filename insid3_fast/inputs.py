@@ -171,7 +171,7 @@ def warn_non_finite(images: torch.Tensor, what: str) -> None:
     bad = int((~torch.isfinite(images)).sum())
     if bad:
         _warn(f"{what} holds {bad} non-finite value(s) (NaN/inf): its features are not finite and the "
-              "mask is meaningless (empty, or an error from the native ops); replace them first, "
+              "mask empty, as in the published code; replace them first, "
               "e.g. with torch.nan_to_num")
 
 

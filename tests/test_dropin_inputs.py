@@ -720,3 +720,29 @@ def test_predict_mask_on_tensors_of_another_size_keeps_their_size(model, episode
     finally:
         model.resize_to_orig_size = keep
     assert got.shape == (big, big)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_a_nan_target_pixel_on_a_dinov3_gives_the_published_empty_mask(tmp_path, episode, backend):
+    """One NaN pixel reaches every DINOv3 feature through the attention: the published code then
+    finds no candidate and returns an empty mask before its clustering (its restatement in
+    insid3_fast.testing.published does the same on these features), where the ops would raise."""
+    from checkpoints import write_meta_checkpoint
+    from insid3_fast import load_dinov3
+    from insid3_fast.testing import published
+
+    encoder = load_dinov3(str(write_meta_checkpoint(tmp_path / "dinov3_vits16_pretrain_lvd1689m-x.pth")))
+    model = INSID3(encoder, image_size=64, svd_components=4, device="cpu", backend=backend)
+    refs, masks, target, _ = episode
+    image = normalised(target, 64).clone()
+    image[0, :, 30, 30] = float("nan")
+    model.set_reference(refs[0], masks[0])
+    with pytest.warns(InputWarning, match="non-finite"):
+        model.set_target(image)
+        got = model.segment()
+    assert got.shape == (64, 64) and not got.any()
+    feats = model.core.features(torch.cat([normalised(refs[0], 64), image]))
+    assert not torch.isfinite(feats[1]).any()
+    ref_mask = published_mask(masks[0], 64)
+    assert not published.segment_patches(feats[:1], ref_mask, feats[1], model.core.projector, tau=0.6,
+                                         merge_threshold=0.2).any()
