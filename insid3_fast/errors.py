@@ -23,7 +23,8 @@ class BackendError(Insid3Error):
 
 
 class StateError(Insid3Error, RuntimeError):
-    """The stateful ``set_reference``/``set_target``/``segment`` API used by two threads at once."""
+    """No longer raised: the stateful API used by two threads raised it until 2026-12-04, where the
+    published class raises nothing (it now warns); kept so that code which catches it still runs."""
 
 
 class InputWarning(UserWarning):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import glob
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -16,7 +16,7 @@ from PIL import Image
 
 from .config import MODEL_SIZES, Insid3Config, LoadConfig
 from .core import Insid3Core, resolve_device
-from .errors import InputError, StateError, WeightsError
+from .errors import InputError, WeightsError
 from .inputs import ImageLike, MaskLike, check_int, load_image, load_mask, to_device, warn_input
 from .pipeline import EncodedReference
 
@@ -61,8 +61,11 @@ class INSID3(torch.nn.Module):
 
     Threads: the stateless calls (``encode_reference``, ``segment_targets``, ``stream``) may share
     one model between threads. The stateful ``set_reference``/``set_target``/``segment``/``match``
-    sequence belongs to one thread at a time: a call from a second thread while another thread's
-    sequence is pending raises ``StateError`` (``reset_state()`` discards the pending sequence).
+    sequence is the model's, as in the published class: any thread may continue it (a web
+    handler's thread hop), and a call that continues a sequence another thread began or went on
+    with gives an ``InputWarning``, since threads that run sequences at the same time mix their
+    references and targets (as the published class does). Each call is atomic: a ``segment()``
+    reads the references and target as they are when it starts.
     """
 
     def __init__(self, encoder: torch.nn.Module, image_size: int = _MODEL.image_size,
@@ -219,20 +222,25 @@ class INSID3(torch.nn.Module):
         self._tgt_image: torch.Tensor | None = None
         self._orig_ref_sizes: list[tuple[int, int]] = []
         self._orig_tgt_size: tuple[int, int] | None = None
-        self._state_owner: int | None = None
+        # The thread of the pending sequence's last call (a weak reference to the Thread object:
+        # thread ids are reused once a thread ends) and whether its thread hop was warned about.
+        self._state_thread: weakref.ref | None = None
+        self._hop_warned = False
 
-    def _claim_state(self, method: str) -> None:
-        """Make the calling thread the owner of the pending state; call with ``_STATE_LOCK`` held."""
-        me = threading.get_ident()
-        owner = self._state_owner
-        if owner is not None and owner != me:
-            raise StateError(
-                f"INSID3.{method}() called from thread {me} while a set_reference/set_target/segment "
-                f"sequence of thread {owner} is pending on this model: the two would mix references and "
-                "targets. The stateful API belongs to one thread at a time: give each thread its own "
-                "model, or share one model through the stateless encode_reference() and "
-                "segment_targets()/stream() (or call reset_state() to discard the other sequence)")
-        self._state_owner = me
+    def _note_state_call(self, method: str) -> None:
+        """Record the calling thread, warning once per sequence when it continues another
+        thread's pending sequence; call with ``_STATE_LOCK`` held."""
+        me = threading.current_thread()
+        pending = bool(self._ref_images) or self._tgt_image is not None
+        last = self._state_thread() if self._state_thread is not None else None
+        if pending and last is not me and not self._hop_warned:
+            self._hop_warned = True
+            warn_input(f"INSID3.{method}() continues a set_reference/set_target sequence that another thread "
+                       "began or went on with: the sequence is the model's, shared by every thread (as in "
+                       "the published code), so threads that run sequences at the same time mix their "
+                       "references and targets; give each thread its own model, or share one through "
+                       "encode_reference() and segment_targets()/stream()")
+        self._state_thread = weakref.ref(me)
 
     # ---- the published stateful API ----
     def set_reference(self, image: ImageLike, mask: MaskLike | None = None) -> None:
@@ -246,7 +254,7 @@ class INSID3(torch.nn.Module):
         # An empty mask is kept, as published (match() does not read it; segment() refuses it).
         mask_tensor = None if mask is None else self._load_mask(image, orig, mask, empty="warn", size=self.image_size)
         with _STATE_LOCK:
-            self._claim_state("set_reference")
+            self._note_state_call("set_reference")
             self._ref_masks.append(mask_tensor)
             self._ref_images.append(tensor)
             self._orig_ref_sizes.append(orig)
@@ -263,31 +271,15 @@ class INSID3(torch.nn.Module):
         """Set the image to segment (or to transfer keypoints to)."""
         tensor, orig = load_image(image, self.core.image_size, exif_transpose=self.exif_transpose)
         with _STATE_LOCK:
-            self._claim_state("set_target")
+            self._note_state_call("set_target")
             self._tgt_image, self._orig_tgt_size = tensor, orig
 
     def _take_state(self, method: str) -> tuple[list, list, torch.Tensor | None, list, tuple[int, int] | None]:
+        """The references and target as they are now (what ``segment``/``match`` then reads)."""
         with _STATE_LOCK:
-            self._claim_state(method)
+            self._note_state_call(method)
             return (list(self._ref_images), list(self._ref_masks), self._tgt_image,
                     list(self._orig_ref_sizes), self._orig_tgt_size)
-
-    @contextlib.contextmanager
-    def _keeping_state_on_error(self) -> Iterator[None]:
-        """On an error the references and target stay (as published), but the calling thread no
-        longer owns them: its sequence has ended, another thread may go on."""
-        try:
-            yield
-        except BaseException:
-            with _STATE_LOCK:
-                if self._state_owner == threading.get_ident():
-                    self._state_owner = None
-            raise
-
-    def _release_state(self) -> None:
-        with _STATE_LOCK:
-            if self._state_owner in (None, threading.get_ident()):
-                self._clear_state()
 
     def segment(self) -> torch.Tensor:
         """Segment the target given the references set so far; a bool (H, W) mask.
@@ -296,12 +288,11 @@ class INSID3(torch.nn.Module):
         code), so a missing piece can still be set and ``segment()`` called again.
         """
         refs, masks, target, _, tgt_size = self._take_state("segment")
-        with self._keeping_state_on_error():
-            if not refs or target is None or any(m is None for m in masks):
-                raise RuntimeError("segment() requires reference image(s), reference mask(s) and a target image")
-            out = tgt_size if self.resize_to_orig_size else None
-            mask = self._predict_mask(torch.cat(refs), torch.cat(masks), target, out)
-        self._release_state()
+        if not refs or target is None or any(m is None for m in masks):
+            raise RuntimeError("segment() requires reference image(s), reference mask(s) and a target image")
+        out = tgt_size if self.resize_to_orig_size else None
+        mask = self._predict_mask(torch.cat(refs), torch.cat(masks), target, out)
+        self.reset_state()  # as published: whatever was set meanwhile, by any thread
         return mask
 
     def match(self, src_kps: torch.Tensor, use_debiased: bool = True) -> torch.Tensor:
@@ -311,11 +302,10 @@ class INSID3(torch.nn.Module):
         Clears the state when it returns, not when it raises (as ``segment``).
         """
         refs, _, target, ref_sizes, tgt_size = self._take_state("match")
-        with self._keeping_state_on_error():
-            if not refs or target is None:
-                raise RuntimeError("match() requires a reference image and a target image")
-            points = self._predict_keypoint(refs[0], src_kps, target, use_debiased, ref_sizes[0], tgt_size)
-        self._release_state()
+        if not refs or target is None:
+            raise RuntimeError("match() requires a reference image and a target image")
+        points = self._predict_keypoint(refs[0], src_kps, target, use_debiased, ref_sizes[0], tgt_size)
+        self.reset_state()
         return points
 
     @torch.no_grad()
@@ -341,7 +331,7 @@ class INSID3(torch.nn.Module):
         Keypoints are in the pixels of the images last given to ``set_reference``/``set_target``
         (the tensors' own sizes when there are none); non-finite keypoints give NaN.
         """
-        ref_size = self._orig_ref_sizes[0] if self._orig_ref_sizes else None
+        ref_size = self._orig_ref_sizes[-1] if self._orig_ref_sizes else None
         return self._predict_keypoint(ref_image, ref_kps, tgt_image, use_debiased, ref_size, self._orig_tgt_size)
 
     def _predict_keypoint(self, ref_image: torch.Tensor, ref_kps: torch.Tensor, tgt_image: torch.Tensor,

@@ -667,9 +667,9 @@ def test_a_published_state_dict_loads(episode):
         model.load_state_dict({"encoder.nope": torch.zeros(1)})
 
 
-def test_a_failed_segment_ends_the_threads_sequence(model, episode):
-    """The state stays after a failed segment() (as published), but the failing thread's
-    sequence is over: another thread may set references then (it got StateError)."""
+def test_a_failed_segment_keeps_the_state_for_any_thread(model, episode):
+    """The state stays after a failed segment() (as published), and any thread may go on with
+    it (with a warning that it continues another thread's sequence)."""
     import threading
 
     refs, masks, target, _ = episode
@@ -683,7 +683,8 @@ def test_a_failed_segment_ends_the_threads_sequence(model, episode):
     thread = threading.Thread(target=fail)
     thread.start()
     thread.join()
-    model.set_target(target)  # from this thread: no StateError, the references are still there
+    with pytest.warns(InputWarning, match="another thread"):
+        model.set_target(target)  # the references are still there
     assert model.segment().shape == np.asarray(target).shape[:2]
 
 
@@ -746,3 +747,21 @@ def test_a_nan_target_pixel_on_a_dinov3_gives_the_published_empty_mask(tmp_path,
     ref_mask = published_mask(masks[0], 64)
     assert not published.segment_patches(feats[:1], ref_mask, feats[1], model.core.projector, tau=0.6,
                                          merge_threshold=0.2).any()
+
+
+def test_predict_keypoint_reads_keypoints_in_the_last_references_pixels(model, episode):
+    """The published predict_keypoint rescales by the size of the image last given to
+    set_reference (its ``_orig_ref_size``); ours took the first's."""
+    refs, _, target, _ = episode
+    small = refs[0].resize((160, 120))
+    kps = torch.tensor([[20.0, 30.0], [150.0, 100.0]])
+    model.reset_state()
+    model.set_reference(refs[0])  # 320 x 240
+    model.set_reference(small)  # 160 x 120: the last
+    model.set_target(target)
+    ref_t, tgt_t = normalised(refs[0], SIZE), normalised(target, SIZE)
+    got = model.predict_keypoint(ref_t, kps, tgt_t)
+    model.reset_state()
+    expected = model.core.match_keypoints(ref_t, kps, tgt_t, False, (120, 160), (240, 320))
+    first = model.core.match_keypoints(ref_t, kps, tgt_t, False, (240, 320), (240, 320))
+    assert torch.equal(got, expected) and not torch.equal(expected, first)
