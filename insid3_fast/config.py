@@ -100,7 +100,7 @@ class Insid3Config:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
         set_("image_size", check_image_size(self.image_size))
         if self.svd_components is not None:
-            set_("svd_components", check_int("svd_components", self.svd_components, minimum=0))
+            set_("svd_components", check_int("svd_components", self.svd_components))  # negative: a slice
         tau, alpha = check_thresholds(self.tau, self.merge_threshold)
         set_("tau", tau)
         set_("merge_threshold", alpha)

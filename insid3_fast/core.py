@@ -430,8 +430,14 @@ class Insid3Core(torch.nn.Module):
         mask is resized to ``out_size`` (None: size x size).
         """
         S = check_image_batch("ref_images", ref_images)
-        if check_image_batch("tgt_image", tgt_image) != 1:
-            raise InputError(f"tgt_image must be one image (1, 3, H, W), got {tuple(tgt_image.shape)}")
+        targets = check_image_batch("tgt_image", tgt_image)
+        if targets != 1:
+            if targets == 0:
+                raise InputError(f"tgt_image must be one image (1, 3, H, W), got {tuple(tgt_image.shape)}")
+            # The published predict_mask reads the first target of the batch (index S) only.
+            warn_input(f"tgt_image holds {targets} images: the first is segmented, as in the published code; "
+                       "segment several targets with segment_targets()")
+            tgt_image = tgt_image[:1]
         if tuple(tgt_image.shape[-2:]) != tuple(ref_images.shape[-2:]):
             raise InputError(f"tgt_image is {tuple(tgt_image.shape[-2:])} px but ref_images are "
                              f"{tuple(ref_images.shape[-2:])}: they go through the backbone as one batch")

@@ -306,9 +306,21 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
 
 
 # ---- arguments ----
+def _as_scalar(value: object) -> object:
+    """A one-element real tensor or numpy array as its Python number (the published class takes
+    ``torch.tensor(16)`` or ``np.array(0.6)`` wherever it takes a number); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return value.item()
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
+        return value.item()
+    return value
+
+
 def check_int(name: str, value: object, minimum: int | None = None) -> int:
-    """``value`` as an int (Python or numpy integers; not bool, float or str), else InputError."""
-    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+    """``value`` as an int (Python or numpy integers, one-element integer tensors and arrays; not
+    bool, float or str), else InputError."""
+    value = _as_scalar(value)
+    if isinstance(value, bool):
         raise InputError(f"{name} must be an integer, got {value!r}")
     try:
         out = operator.index(value)
@@ -323,8 +335,7 @@ def check_real(name: str, value: object, low: float | None = None, high: float |
                infinite: bool = False) -> float:
     """``value`` as a float in [low, high] (ints, floats, numpy scalars, 1-element tensors):
     finite, or with ``infinite`` any but NaN."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
+    value = _as_scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InputError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     out = float(value)
@@ -373,11 +384,20 @@ def resolve_svd_components(requested: object, embed_dim: int | None) -> int:
 
     A rank >= C (the published default of 500 with C = 384, say) would remove the whole
     embedding and leave noise, which the published code does silently: here it falls back to
-    ``default_svd_components(C)`` with an ``InputWarning``.
+    ``default_svd_components(C)`` with an ``InputWarning``. A negative one is read as the published
+    code reads it, as the slice ``U[:, :r]`` of the C singular vectors: C + r of them (none below -C).
     """
     if requested is None:
         return default_svd_components(embed_dim)
-    r = check_int("svd_components", requested, minimum=0)
+    r = check_int("svd_components", requested)
+    if r < 0:
+        if embed_dim is None:
+            raise InputError(f"svd_components={r} is negative and the encoder has no embed_dim to count it "
+                             "back from: give a rank of 0 or more")
+        kept = max(embed_dim + r, 0)
+        _warn(f"svd_components={r} is negative: read as the published code reads it, the slice U[:, :{r}] "
+              f"of the {embed_dim} singular vectors, so {kept} components are removed; give {kept} to say so")
+        r = kept
     if embed_dim is not None and r >= embed_dim:
         fallback = default_svd_components(embed_dim)
         _warn(f"svd_components={r} is not smaller than the embedding size ({embed_dim}): removing that "

@@ -319,7 +319,6 @@ def test_exif_orientation_is_opt_in(tmp_path, episode):
     (dict(image_size=512.0), "image size must be an integer"),
     (dict(image_size="512"), "image size must be an integer"),
     (dict(svd_components=8.5), "svd_components must be an integer"),
-    (dict(svd_components=-1), "svd_components must be >= 0"),
 ])
 def test_wrong_argument_types(kw, match):
     args = dict(image_size=64, svd_components=4, device="cpu")
@@ -765,3 +764,32 @@ def test_predict_keypoint_reads_keypoints_in_the_last_references_pixels(model, e
     expected = model.core.match_keypoints(ref_t, kps, tgt_t, False, (120, 160), (240, 320))
     first = model.core.match_keypoints(ref_t, kps, tgt_t, False, (240, 320), (240, 320))
     assert torch.equal(got, expected) and not torch.equal(expected, first)
+
+
+def test_numbers_as_one_element_arrays_and_tensors_and_a_negative_rank(episode):
+    """The published class takes np.array(0.6) or torch.tensor(16) for a number, and a negative
+    svd_components as the slice U[:, :r]: C + r components."""
+    kw = dict(image_size=SIZE, device="cpu")
+    plain = INSID3(SyntheticEncoder(32, seed=1), svd_components=16, tau=0.6, **kw)
+    arrays = INSID3(SyntheticEncoder(32, seed=1), svd_components=torch.tensor(16), tau=np.array(0.6),
+                    merge_threshold=torch.tensor(0.2), **kw)
+    assert (arrays.svd_components, arrays.tau, arrays.merge_threshold) == (16, 0.6, float(torch.tensor(0.2)))
+    assert torch.equal(arrays.positional_basis, plain.positional_basis)
+    with pytest.warns(InputWarning, match=r"U\[:, :-16\].*16 components"):
+        negative = INSID3(SyntheticEncoder(32, seed=1), svd_components=-16, **kw)
+    assert torch.equal(negative.positional_basis, plain.positional_basis)
+    with pytest.warns(InputWarning, match="0 components"):
+        assert INSID3(SyntheticEncoder(32, seed=1), svd_components=-40, **kw).svd_components == 0
+    with pytest.raises(InputError, match="must be an integer"):
+        INSID3(SyntheticEncoder(32, seed=1), svd_components=torch.tensor(16.0), **kw)
+
+
+def test_predict_mask_with_a_batch_of_targets_segments_the_first(model, episode):
+    refs, masks, target, _ = episode
+    ref_t, tgt_t = normalised(refs[0], SIZE), normalised(target, SIZE)
+    other = normalised(refs[0].transpose(Image.FLIP_LEFT_RIGHT), SIZE)
+    mask = published_mask(masks[0], SIZE)
+    model.reset_state()
+    one = model.predict_mask(ref_t, mask, tgt_t)
+    with pytest.warns(InputWarning, match="holds 2 images: the first is segmented"):
+        assert torch.equal(model.predict_mask(ref_t, mask, torch.cat([tgt_t, other])), one)
