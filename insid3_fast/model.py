@@ -373,6 +373,8 @@ class INSID3(torch.nn.Module):
 
         Images are decoded and resized in a background thread, ``prefetch`` batches ahead, so
         loading overlaps the compute; on CUDA the batch is pinned and copied asynchronously.
+        If ``targets`` itself raises, the masks of the targets it gave come out first, then its
+        exception (an unreadable target is raised in its place, after the earlier masks).
         """
         batch_size = check_int("batch_size", batch_size, minimum=1)
         prefetch = check_int("prefetch", prefetch, minimum=0)
@@ -402,9 +404,21 @@ class INSID3(torch.nn.Module):
                     images = images.pin_memory()
             return images, [orig for _, orig in loaded]
 
+        source_error: list[Exception] = []  # what the targets iterable raised, once the frames it gave are out
+
         def chunks() -> Iterator[list[ImageLike]]:
             chunk: list[ImageLike] = []
-            for target in targets:
+            source = iter(targets)
+            while True:
+                try:
+                    target = next(source)
+                except StopIteration:
+                    break
+                except Exception as error:
+                    # A failing source (a video reader at a corrupt packet) ends the stream after the
+                    # frames it gave, read ahead or not: its error is raised once their masks are out.
+                    source_error.append(error)
+                    break
                 chunk.append(target)
                 if len(chunk) == batch_size:
                     yield chunk
@@ -426,6 +440,8 @@ class INSID3(torch.nn.Module):
                     yield from self._segment_batch(ref, *pending.pop(0)(), config)
             for batch in pending:
                 yield from self._segment_batch(ref, *batch(), config)
+        if source_error:
+            raise source_error.pop()
 
     def capture(self, ref: EncodedReference, batch_size: int = 1) -> CapturedTarget:
         """A call that segments ``batch_size`` targets against ``ref`` by one CUDA-graph replay.

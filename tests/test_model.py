@@ -271,6 +271,35 @@ def test_stream_accepts_tensor_targets():
     assert [m.shape for m in out] == [(t.height, t.width) for t in targets]
 
 
+class CorruptPacket(OSError):
+    pass
+
+
+@pytest.mark.parametrize("good,batch_size,prefetch", [(10, 4, 2), (23, 8, 2), (23, 8, 0), (3, 4, 1), (0, 2, 2)])
+def test_stream_yields_every_frame_read_before_the_source_fails(good, batch_size, prefetch):
+    """A source that raises (a video reader at a corrupt packet): the masks of every frame it gave
+    come out first, in order, whatever the prefetch, then its own exception with its traceback."""
+    encoder = SyntheticEncoder(32)
+    refs, masks, _, _ = make_episode(2, 1)
+    frames = [np.array(make_episode(60 + i % 5, 1)[2]) for i in range(good)]
+    model = INSID3(encoder, image_size=128, svd_components=8, device="cpu")
+    ref = model.encode_reference(refs, masks)
+    error = CorruptPacket("decoder: corrupt packet")
+
+    def video():
+        yield from frames
+        raise error
+
+    got = []
+    with pytest.raises(CorruptPacket) as raised:
+        for mask in model.stream(ref, video(), batch_size=batch_size, prefetch=prefetch):
+            got.append(mask)
+    assert raised.value is error
+    assert raised.traceback[-1].name == "video"  # raised where the source raised it
+    expected = model.segment_targets(ref, frames, batch_size=batch_size)
+    assert len(got) == good and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or not ops.native_available("cuda"),
                     reason="needs a CUDA device and the CUDA kernels")
