@@ -373,8 +373,10 @@ class INSID3(torch.nn.Module):
 
         Images are decoded and resized in a background thread, ``prefetch`` batches ahead, so
         loading overlaps the compute; on CUDA the batch is pinned and copied asynchronously.
-        If ``targets`` itself raises, the masks of the targets it gave come out first, then its
-        exception (an unreadable target is raised in its place, after the earlier masks).
+        Numpy arrays and tensors are copied when taken from ``targets`` (a source may reuse its
+        buffer for the next frame); paths and PIL images are kept as given. If ``targets``
+        itself raises, the masks of the targets it gave come out first, then its exception (an
+        unreadable target is raised in its place, after the earlier masks).
         """
         batch_size = check_int("batch_size", batch_size, minimum=1)
         prefetch = check_int("prefetch", prefetch, minimum=0)
@@ -419,7 +421,7 @@ class INSID3(torch.nn.Module):
                     # frames it gave, read ahead or not: its error is raised once their masks are out.
                     source_error.append(error)
                     break
-                chunk.append(target)
+                chunk.append(_taken(target))
                 if len(chunk) == batch_size:
                     yield chunk
                     chunk = []
@@ -490,6 +492,17 @@ def _published_state_dict(module: torch.nn.Module, state_dict: dict, prefix: str
         state_dict[prefix + "core.encoder." + key] = value
     for name, buffer in module.core.named_buffers(recurse=False):
         state_dict.setdefault(prefix + "core." + name, buffer)
+
+
+def _taken(target: ImageLike) -> ImageLike:
+    """``target`` as ``stream()`` keeps it: a numpy array or tensor copied, anything else as given."""
+    # The target is decoded later, up to (prefetch + 1) batches on: a source that writes each frame
+    # into one buffer (a decoder's ring buffer) would have it overwritten by then.
+    if isinstance(target, np.ndarray):
+        return target.copy()
+    if isinstance(target, torch.Tensor):
+        return target.detach().clone()  # on the caller's thread and stream, which wrote it
+    return target
 
 
 def _as_list(items: object) -> list:

@@ -300,6 +300,31 @@ def test_stream_yields_every_frame_read_before_the_source_fails(good, batch_size
     assert len(got) == good and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_stream_copies_frames_of_a_reused_buffer(kind):
+    """A decoder that writes each frame into one preallocated buffer: stream() copies the frame
+    when it takes it, so each mask is its own frame's, as when the frames are passed one by one."""
+    from torchvision.transforms import functional as TF
+
+    encoder = SyntheticEncoder(32)
+    refs, masks, _, _ = make_episode(2, 1)
+    frames = [np.array(make_episode(60 + i, 1)[2]) for i in range(7)]
+    if kind == "tensor":
+        frames = [TF.normalize(TF.to_tensor(f), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) for f in frames]
+    model = INSID3(encoder, image_size=128, svd_components=8, device="cpu")
+    ref = model.encode_reference(refs, masks)
+    one_by_one = [model.segment_targets(ref, [f])[0] for f in frames]
+    buffer = np.empty_like(frames[0]) if kind == "numpy" else torch.empty_like(frames[0])
+
+    def reader():
+        for frame in frames:
+            buffer[...] = frame
+            yield buffer
+
+    got = list(model.stream(ref, reader(), batch_size=3, prefetch=2))
+    assert len(got) == len(frames) and all(torch.equal(a, b) for a, b in zip(got, one_by_one))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or not ops.native_available("cuda"),
                     reason="needs a CUDA device and the CUDA kernels")
