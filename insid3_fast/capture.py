@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 import torch
 
 from .errors import InputError
-from .inputs import check_int
+from .inputs import check_int, check_out_size
 from .refine import upsample_mask
 
 if TYPE_CHECKING:
@@ -213,11 +213,7 @@ class CapturedTarget:
         if tuple(batch.shape) != self.shape:
             raise InputError(f"this call was captured for images of shape {self.shape} (fixed shapes), got "
                              f"{tuple(images.shape)}: capture another for this shape")
-        if out_size is not None:
-            if not isinstance(out_size, (tuple, list)) or len(out_size) != 2:
-                raise InputError(f"out_size must be (height, width), got {out_size!r}")
-            out_size = (check_int("out_size height", out_size[0], minimum=1),
-                        check_int("out_size width", out_size[1], minimum=1))
+        out_size = check_out_size(out_size)
         # One call at a time: the input and output buffers are the graph's own.
         with self._lock, getattr(self.runner, "ordered", contextlib.nullcontext)():
             self.images.copy_(batch, non_blocking=self.images.is_cuda)  # towards a GPU only (see to_device)

@@ -24,7 +24,7 @@ from . import ops, pipeline
 from .config import BACKENDS, Insid3Config
 from .debias import complement_basis, debias, has_orthonormal_columns, orthogonal_projector, positional_basis
 from .errors import BackendError, InputError
-from .inputs import PATCH_SIZE, resolve_svd_components, to_device, warn_input, warn_non_finite
+from .inputs import PATCH_SIZE, check_out_size, resolve_svd_components, to_device, warn_input, warn_non_finite
 from .keypoints import transfer_keypoints
 from .pipeline import EncodedReference
 
@@ -217,6 +217,10 @@ class Insid3Core(torch.nn.Module):
 
     def reconfigure(self, **options: object) -> None:
         """Change thresholds or refiner (validated); options that shape the buffers cannot change."""
+        unknown = set(options) - {f.name for f in dataclasses.fields(Insid3Config)}
+        if unknown:
+            raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}: the options are the fields of "
+                             "insid3_fast.Insid3Config (tau, merge_threshold, mask_refiner, backend, ...)")
         fixed = {"image_size", "svd_components", "noise", "device", "compile"} & set(options)
         if fixed:
             raise InputError(f"{', '.join(sorted(fixed))} cannot change after construction: build a new model")
@@ -387,12 +391,22 @@ class Insid3Core(torch.nn.Module):
         to half of a target.
         """
         c = self.config if config is None else config
+        if images is not None:
+            check_image_batch("images", images)
+            # With features given, images only set each mask's size (predict_mask takes any size).
+            if features is None and tuple(images.shape[-2:]) != (self.image_size,) * 2:
+                raise InputError(f"images must be at the model size, (B, 3, {self.image_size}, {self.image_size}), "
+                                 f"got {tuple(images.shape)}: resize them first (insid3_fast.inputs.load_image), "
+                                 "or pass paths, PIL images or arrays to segment_targets()")
+        elif features is None:
+            raise InputError("segment() needs the images or their features")
         feats = self.features(images, c) if features is None else features.to(self.device, self.dtype)
         if out_sizes is None:
             out_sizes = [None] * feats.shape[0]
         elif len(out_sizes) != feats.shape[0]:
             raise InputError(f"out_sizes must hold one size (or None) per target: {len(out_sizes)} for "
                              f"{feats.shape[0]} targets")
+        out_sizes = [check_out_size(size, "out_sizes[]") for size in out_sizes]
         # A target whose features hold NaN or inf (a NaN pixel spreads through the attention to
         # every patch) gets an empty mask, as in the published code, where no patch then passes
         # the candidate test and predict_mask returns before its clustering; the ops would raise.

@@ -331,6 +331,15 @@ def check_int(name: str, value: object, minimum: int | None = None) -> int:
     return out
 
 
+def check_out_size(out_size: object, name: str = "out_size") -> tuple[int, int] | None:
+    """None, or ``out_size`` as a (height, width) pair of positive ints, else InputError."""
+    if out_size is None:
+        return None
+    if not isinstance(out_size, (tuple, list)) or len(out_size) != 2:
+        raise InputError(f"{name} must be (height, width) or None, got {out_size!r}")
+    return (check_int(f"{name} height", out_size[0], minimum=1), check_int(f"{name} width", out_size[1], minimum=1))
+
+
 def check_real(name: str, value: object, low: float | None = None, high: float | None = None,
                infinite: bool = False) -> float:
     """``value`` as a float in [low, high] (ints, floats, numpy scalars, 1-element tensors):

@@ -159,6 +159,25 @@ def test_the_core_checks_its_mask_count_and_out_sizes():
     assert [m.shape for m in core.segment(ref, images, [(50, 60), None])] == [(50, 60), (core.image_size,) * 2]
 
 
+@pytest.mark.parametrize("call,pattern", [
+    (lambda core, ref: core.segment(ref, torch.zeros(1, 3, 64, 64)), r"at the model size, \(B, 3, 128, 128\)"),
+    (lambda core, ref: core.segment(ref, torch.zeros(3, 128, 128)), r"\(B, 3, H, W\) tensor"),
+    (lambda core, ref: core.segment(ref, None), "needs the images or their features"),
+    (lambda core, ref: core.segment(ref, torch.zeros(1, 3, 128, 128), [(0, 5)]), "height must be >= 1"),
+    (lambda core, ref: core.segment(ref, torch.zeros(1, 3, 128, 128), [64]), r"\(height, width\) or None"),
+    (lambda core, ref: core.reconfigure(taux=0.5), "unknown option.*taux.*Insid3Config"),
+])
+def test_the_cores_bad_calls_are_input_errors(call, pattern):
+    """A user's mistakes with the core's own API are InputErrors saying what to pass (they
+    failed deep in torch: a reshape, an unpacking, interpolate, a dataclass TypeError)."""
+    core = _model().core
+    images = torch.randn(1, 3, core.image_size, core.image_size)
+    masks = torch.zeros(1, core.image_size, core.image_size, dtype=torch.bool)
+    masks[:, 4:40, 4:40] = True
+    with pytest.raises(InputError, match=pattern):
+        call(core, core.encode_reference(images, masks))
+
+
 def test_a_reference_with_masks_at_another_size_is_accepted_on_the_same_patch_grid():
     """encode_reference takes masks of any size (downsampled to the grid as published): the
     reference fits every model with that patch grid (it was refused by its masks' size)."""
