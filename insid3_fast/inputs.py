@@ -5,11 +5,15 @@ size x size (aspect ratio not kept), [0, 1], ImageNet normalisation. Float tenso
 as already normalised and resized bilinearly. Masks are ``> 0`` resized with nearest to
 size x size, whatever their own size (as the published ``load_mask``).
 
-Where the published code gives a silently wrong image, this module gives the right one and
-says so: 16-bit images (values above 255) are scaled to 8 bits (the published
-``convert("RGB")`` saturates them to white), integer tensors (which the published backbone
-cannot take) are read as 0-255 pixels and normalised, float arrays in [0, 1] with NaN pixels
-are rescaled (NaN pixels become 0); each with an ``InputWarning`` where it is a guess. Kept as published, on purpose: a palette
+Every image the published code reads is read as it reads it, with an ``InputWarning`` where
+that is probably not what was meant: files through ``convert("RGB")`` (which clips 16-bit,
+32-bit and float pixels to 0-255: a 16-bit photo turns white, a float image in [0, 1] black),
+PIL image objects as its transform takes them (a YCbCr, LAB or HSV image's raw bands as
+R, G, B). What it cannot read is read as meant: PIL images of other modes are converted to
+RGB (16-bit and float ones scaled to 8 bits), as are numpy arrays (uint16 scaled by
+255/65535, floats in [0, 1] by 255, NaN pixels read as 0), and integer tensors (which the
+published backbone cannot take) are read as 0-255 pixels and normalised; each with an
+``InputWarning`` where it is a guess. Kept as published, on purpose: a palette
 ("P") mask is read by palette index (index > 0 is foreground), and the EXIF orientation of
 a photo is ignored unless ``exif_transpose=True``.
 """
@@ -106,6 +110,52 @@ def to_rgb(image: Image.Image, source: object = "image") -> Image.Image:
     return image.convert("RGB")
 
 
+# Modes whose three bands the published transform's ToTensor takes as R, G, B without conversion.
+_RAW_THREE_BAND_MODES = ("YCbCr", "LAB", "HSV")
+
+
+def _pil_image_for_transform(image: Image.Image, source: object) -> Image.Image:
+    """A PIL image object as the published ``load_image`` reads it, where it can read it.
+
+    The published code gives the object to its transform as it is: an RGB image is read as
+    RGB, and a YCbCr, LAB or HSV image is resized in its own mode and its raw bands are read
+    as R, G, B (kept in its mode here, with an ``InputWarning``). Every other mode makes the
+    published transform raise; those are converted with ``to_rgb``.
+    """
+    if image.mode in _RAW_THREE_BAND_MODES:
+        warn_input(f"PIL image in {image.mode} mode: its raw {'/'.join(image.getbands())} bands are read as "
+                   "R, G, B, as the published code reads them; pass image.convert('RGB') for its colours")
+        return image
+    return to_rgb(image, source)
+
+
+def _file_image_to_rgb(image: Image.Image, source: object) -> Image.Image:
+    """An opened image file as the published ``Image.open(path).convert("RGB")`` reads it.
+
+    That conversion clips 16-bit, 32-bit and float pixels to 0-255 (white above 255, black
+    below 0; a float image in [0, 1] turns black): the same here, with an ``InputWarning``
+    when it clips.
+    """
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image)
+        finite = array[np.isfinite(array)] if image.mode == "F" else array.ravel()
+        non_finite = array.size - finite.size
+        low, high = (finite.min(), finite.max()) if finite.size else (0, 0)
+        scaled = f"pass Image.open({_describe(source)}) instead to have it scaled to 8 bits"
+        if image.mode == "F" and not non_finite and 0 <= low and 0 < high <= 1:
+            warn_input(f"image file {_describe(source)} holds float pixels in [0, 1]: it is read as the "
+                       "published code reads it (convert('RGB') truncates them to 0 or 1 of 255), nearly "
+                       f"black; {scaled} (by 255)")
+        elif non_finite or low < 0 or high > 255:
+            held = ([f"values in [{low:g}, {high:g}]"] if low < 0 or high > 255 else []) + \
+                   ([f"{non_finite} non-finite value(s) (NaN/inf)"] if non_finite else [])
+            fix = "rescale it to 0-255 first" if image.mode == "F" else f"{scaled} (by 255/65535)"
+            warn_input(f"image file {_describe(source)} ({image.mode}) holds {' and '.join(held)}: it is read "
+                       "as the published code reads it (convert('RGB') clips them to 0-255"
+                       f"{', NaN to 0' if non_finite else ''}); {fix}")
+    return image.convert("RGB")
+
+
 def _array_to_pil(array: np.ndarray, source: object) -> Image.Image:
     if array.dtype.kind not in _NUMERIC_KINDS:
         raise InputError(f"image array {_describe(source)} has dtype {array.dtype}; pass an array of numbers "
@@ -188,8 +238,11 @@ def load_image(image: ImageLike, size: int, *, exif_transpose: bool = False) -> 
     """Load an image as a normalised (1, 3, size, size) float32 tensor and its original (H, W).
 
     Paths, PIL images and arrays are converted to RGB, resized with PIL bilinear and
-    normalised with the ImageNet statistics (16-bit images are scaled to 8 bits first; float
-    arrays in [0, 1] are scaled to 0-255; NaN pixels of arrays become 0, with a warning). A
+    normalised with the ImageNet statistics. Files are converted as the published code does
+    (``convert("RGB")``: 16-bit, 32-bit and float pixels clipped to 0-255, with a warning), and
+    a YCbCr, LAB or HSV image object's raw bands are read as R, G, B, as there (with a warning);
+    16-bit and float image objects and arrays, which the published code cannot read, are scaled
+    to 8 bits (float arrays in [0, 1] by 255; NaN pixels of arrays become 0, with a warning). A
     float tensor (3, H, W) or (1, 3, H, W) is taken as already normalised and resized with
     bilinear interpolation (align_corners=False); an integer tensor is taken as 0-255 pixels
     and normalised (with an ``InputWarning``). ``exif_transpose`` applies the EXIF orientation
@@ -202,17 +255,19 @@ def load_image(image: ImageLike, size: int, *, exif_transpose: bool = False) -> 
         tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
         return tensor, orig
     source = image
+    # A file and the same pixels as an object can differ: each is read as the published code
+    # reads it, and scaled only where it cannot read it (objects of most modes, arrays).
     if isinstance(image, (str, os.PathLike)):
-        image = open_image_file(image, exif_transpose=exif_transpose)
+        image = _file_image_to_rgb(open_image_file(image, exif_transpose=exif_transpose), source)
     elif isinstance(image, np.ndarray):
-        image = _array_to_pil(image, source)
+        image = to_rgb(_array_to_pil(image, source), source)
     elif isinstance(image, Image.Image):
         if exif_transpose:
             image = ImageOps.exif_transpose(image) or image
+        image = _pil_image_for_transform(image, source)
     else:
         raise InputError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, "
                          "numpy array or tensor")
-    image = to_rgb(image, source)
     orig = (image.height, image.width)
     _check_image_size(*orig, source)
     resized = TF.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR)

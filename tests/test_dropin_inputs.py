@@ -6,6 +6,7 @@ warning) before the fix.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -159,7 +160,9 @@ def test_rank_fallback_without_embed_dim():
 
 
 # ---- item 4: silently wrong images ----
-def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
+def test_sixteen_bit_images_are_scaled_and_files_read_as_published(tmp_path):
+    """A 16-bit PIL image or uint16 array (which the published code cannot take) is scaled to 8
+    bits; a 16-bit file is read as published (``convert('RGB')`` saturates it), with a warning."""
     rng = np.random.default_rng(0)
     deep = rng.integers(0, 65536, size=(40, 48), dtype=np.uint16)
     path = tmp_path / "deep.png"
@@ -167,11 +170,13 @@ def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
     assert Image.open(path).mode.startswith("I;16")
     eight = np.round(deep / 257.0).astype(np.uint8)
     expected = load_image(Image.fromarray(eight), 32)[0]
-    assert torch.equal(load_image(path, 32)[0], expected)
+    assert torch.equal(load_image(Image.open(path), 32)[0], expected)
     assert torch.equal(load_image(deep, 32)[0], expected)  # a uint16 array too
-    white = load_image(Image.fromarray(np.full((40, 48), 255, np.uint8)), 32)[0]
-    assert not torch.equal(expected, white)
-    # 8-bit values in a 16-bit file are kept, as the published conversion keeps them.
+    with pytest.warns(InputWarning, match="clips them to 0-255"):
+        saturated = load_image(path, 32)[0]
+    assert torch.equal(saturated, load_image(Image.open(path).convert("RGB"), 32)[0])
+    assert not torch.equal(expected, saturated)
+    # 8-bit values in a 16-bit file are kept, by the published conversion too.
     small = rng.integers(0, 256, size=(40, 48)).astype(np.uint16)
     Image.fromarray(small).save(path)
     assert torch.equal(load_image(path, 32)[0], load_image(Image.fromarray(small.astype(np.uint8)), 32)[0])
@@ -793,3 +798,90 @@ def test_predict_mask_with_a_batch_of_targets_segments_the_first(model, episode)
     one = model.predict_mask(ref_t, mask, tgt_t)
     with pytest.warns(InputWarning, match="holds 2 images: the first is segmented"):
         assert torch.equal(model.predict_mask(ref_t, mask, torch.cat([tgt_t, other])), one)
+
+
+# ---- PIL modes and image files read as the published code reads them ----
+@contextlib.contextmanager
+def silent():
+    """A block in which an ``InputWarning`` is an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        yield
+
+
+def published_image(image: Image.Image, size: int) -> torch.Tensor:
+    """What the published ``load_image`` makes of a PIL image object: its transform on the image as it is."""
+    return TF.normalize(TF.to_tensor(TF.resize(image, [size, size])), IMAGENET_MEAN, IMAGENET_STD)[None]
+
+
+@pytest.mark.parametrize("mode", ["YCbCr", "LAB", "HSV"])
+def test_three_band_pil_images_are_read_band_for_band_with_a_warning(episode, mode):
+    """The published transform's ToTensor takes a YCbCr, LAB or HSV image's raw bands as R, G, B;
+    ours converted the image to RGB first, so its masks differed (the YCbCr reference of the
+    review: 4186 foreground pixels against the published 2763)."""
+    image = episode[0][0].convert(mode)
+    with pytest.warns(InputWarning, match=f"{mode}.*raw.*convert\\('RGB'\\)"):
+        got = load_image(image, 32)[0]
+    assert torch.equal(got, published_image(image, 32))
+    rgb = episode[0][0]
+    with silent():
+        assert torch.equal(load_image(rgb, 32)[0], published_image(rgb, 32))
+
+
+def _grey(episode) -> np.ndarray:
+    return np.asarray(episode[0][0].convert("L").resize((48, 40)))
+
+
+@pytest.mark.parametrize("name, values, warning, object_scaled", [
+    ("deep.png", lambda g: g.astype(np.uint16) * 257, "clips.*0-255", True),       # I;16: saturates to white
+    ("deep.tif", lambda g: g.astype(np.uint16) * 257, "clips.*0-255", True),
+    ("deep32.tif", lambda g: g.astype(np.int32) * 257 - 30000, "clips.*0-255", True),  # I: below 0, above 255
+    ("unit.tif", lambda g: g.astype(np.float32) / 255.0, r"\[0, 1\].*black", True),  # F in [0, 1]: nearly black
+    ("wide.tif", lambda g: g.astype(np.float32) * 4.0 - 100.0, "clips.*0-255", False),
+])
+def test_deep_and_float_files_are_read_as_published_with_a_warning(tmp_path, episode, name, values, warning,
+                                                                   object_scaled):
+    """The published ``Image.open(path).convert('RGB')`` clips 16-bit, 32-bit and float pixels to
+    0-255 (a float image in [0, 1] turns black); ours scaled them, so its masks differed (the
+    [0, 1] TIFF reference of the review: 1112 foreground pixels against the published 0)."""
+    path = tmp_path / name
+    Image.fromarray(values(_grey(episode))).save(path)
+    assert Image.open(path).mode in ("I;16", "I", "F")
+    with pytest.warns(InputWarning, match=f"{name}.*{warning}"):
+        got, orig = load_image(path, 32)
+    assert orig == (40, 48)
+    assert torch.equal(got, published_image(Image.open(path).convert("RGB"), 32))
+    # The opened image (which the published transform cannot take) is scaled to 8 bits, as the
+    # warning suggests; floats outside [0, 1] are clipped either way.
+    scaled = load_image(Image.open(path), 32)[0]
+    assert torch.equal(scaled, got) != object_scaled
+
+
+@pytest.mark.parametrize("name, values", [
+    ("eight.png", lambda g: g.astype(np.uint16)),     # 8-bit values in a 16-bit file
+    ("eight.tif", lambda g: g.astype(np.float32)),    # float pixels that are 0-255 values
+])
+def test_deep_and_float_files_of_8_bit_values_read_silently(tmp_path, episode, name, values):
+    path = tmp_path / name
+    Image.fromarray(values(_grey(episode))).save(path)
+    with silent():
+        got = load_image(path, 32)[0]
+    assert torch.equal(got, published_image(Image.open(path).convert("RGB"), 32))
+    assert torch.equal(got, load_image(Image.fromarray(_grey(episode)), 32)[0])
+
+
+def test_every_file_mode_is_read_as_published(tmp_path, episode):
+    """Files of every mode PNG, TIFF, JPEG, BMP, GIF and WebP hold: the published ``convert('RGB')``."""
+    rgb = episode[0][0].resize((48, 40))
+    for mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = rgb.convert(mode) if mode != "PA" else rgb.convert("P").convert("PA")
+        for ext in ("png", "tif", "jpg", "bmp", "gif", "webp"):
+            path = tmp_path / f"{mode}.{ext}"
+            try:
+                image.save(path)
+            except (OSError, ValueError, KeyError):
+                continue  # a mode this format cannot hold
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", InputWarning)
+                got = load_image(path, 32)[0]
+            assert torch.equal(got, published_image(Image.open(path).convert("RGB"), 32)), (mode, ext)
