@@ -278,9 +278,13 @@ def load_image(image: ImageLike, size: int, *, exif_transpose: bool = False) -> 
 def mask_to_bool_array(mask: MaskLike, *, exif_transpose: bool = False) -> np.ndarray:
     """A mask as a bool (H, W) numpy array: ``value > 0`` (any channel for colour masks).
 
-    A palette ("P") image is read by palette index, as the published code does.
+    A palette ("P") image is read by palette index, as the published code does. Arrays and
+    nested lists are (H, W), (1, H, W) as a mask tensor, or (H, W, C) channels last with C <= 4
+    (any channel); other 3-D arrays, channels-first (C, H, W) ones among them, raise InputError
+    (the published ``load_mask`` refuses every 3-D array).
     """
     source = mask
+    from_pil = False
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu()
         if mask.ndim == 3 and mask.shape[0] == 1:
@@ -295,7 +299,7 @@ def mask_to_bool_array(mask: MaskLike, *, exif_transpose: bool = False) -> np.nd
     elif isinstance(mask, Image.Image) and exif_transpose:
         mask = ImageOps.exif_transpose(mask) or mask
     if isinstance(mask, Image.Image):
-        mask = np.array(mask)
+        mask, from_pil = np.array(mask), True
     elif isinstance(mask, (list, tuple)):  # nested lists of numbers: the published np.array(mask) > 0
         try:
             mask = np.asarray(mask)
@@ -307,10 +311,18 @@ def mask_to_bool_array(mask: MaskLike, *, exif_transpose: bool = False) -> np.nd
                          "numpy array or tensor")
     if mask.dtype.kind not in _NUMERIC_KINDS:
         raise InputError(f"mask {_describe(source)} has dtype {mask.dtype}; pass a bool or numeric array")
+    if mask.ndim == 3 and not from_pil:  # PIL arrays are channels last, even one row high
+        if mask.shape[0] == 1:  # the (1, H, W) of a mask tensor, read as the tensor is
+            mask = mask[0]
+        elif mask.shape[-1] > 4:
+            first = (f"looks channels-first with {mask.shape[0]} channels" if mask.shape[0] <= 4
+                     else "has no channel axis")
+            raise InputError(f"mask {_describe(source)} of shape {mask.shape} {first}; pass an (H, W) mask "
+                             "(or (1, H, W), or (H, W, C) channels last, any channel > 0 being foreground)")
     if mask.ndim == 3:
         mask = (mask > 0).any(axis=-1)
     if mask.ndim != 2:
-        raise InputError(f"mask {_describe(source)} must be (H, W), got shape {mask.shape}")
+        raise InputError(f"mask {_describe(source)} must be (H, W), (1, H, W) or (H, W, C), got shape {mask.shape}")
     return mask > 0
 
 

@@ -885,3 +885,40 @@ def test_every_file_mode_is_read_as_published(tmp_path, episode):
                 warnings.simplefilter("ignore", InputWarning)
                 got = load_image(path, 32)[0]
             assert torch.equal(got, published_image(Image.open(path).convert("RGB"), 32)), (mode, ext)
+
+
+# ---- numpy masks in the tensor's (1, H, W) layout ----
+def test_channels_first_numpy_mask_is_read_like_the_tensor(model, episode):
+    """A (1, H, W) numpy mask (``tensor.numpy()`` of a (1, H, W) mask, a batch slice) was taken
+    as (H, W, C) with C = W and collapsed to a 1 x H strip, with only an aspect-ratio warning;
+    the same (1, H, W) tensor was read right. The published ``load_mask`` refuses every 3-D array."""
+    refs, masks, _, _ = episode
+    m = masks[0]
+    as_tensor = load_mask(torch.from_numpy(m[None]), 64, expected_hw=m.shape, mismatch="warn")
+    for source in (m[None], m[None].astype(np.uint8) * 255, m[None].tolist()):
+        with silent():
+            got = load_mask(source, 64, expected_hw=m.shape, mismatch="warn")
+        assert torch.equal(got, as_tensor)
+    with silent():
+        ref = model.encode_reference(refs, [m[None]])
+    assert torch.equal(ref.masks, model.encode_reference(refs, [torch.from_numpy(m[None])]).masks)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_channels_first_numpy_mask_of_several_channels_is_refused(episode, channels):
+    """Collapsed over its last axis it became a C x H strip; the published code refuses it too."""
+    m = episode[1][0]
+    stacked = np.stack([m] * channels)
+    with pytest.raises(InputError, match=f"channels-first.*{channels}.*\\(H, W\\)"):
+        load_mask(stacked, 64)
+    # Channels last, as PIL gives colour masks, any channel > 0 is foreground.
+    assert torch.equal(load_mask(np.moveaxis(stacked, 0, -1), 64), load_mask(m, 64))
+    row = m[m.any(axis=1)][:1].astype(np.uint8) * 255
+    one_row = Image.fromarray(np.stack([row] * 3, axis=-1))  # a 1 x W RGB mask: (1, W, 3) as an array
+    assert torch.equal(load_mask(one_row, 16), load_mask(row, 16))
+
+
+def test_three_d_numpy_mask_without_a_channel_axis_is_refused(episode):
+    m = episode[1][0]
+    with pytest.raises(InputError, match="\\(H, W\\)"):
+        load_mask(np.stack([m] * 5), 64)
