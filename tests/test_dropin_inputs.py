@@ -365,8 +365,10 @@ def test_predict_mask_shapes_are_checked(model, episode):
         model.predict_mask(images, one_mask, tgt)
     with pytest.raises(InputError, match="tensor"):
         model.predict_mask(refs[0], one_mask, tgt)
-    with pytest.raises(InputError, match="one image"):
+    with pytest.warns(InputWarning, match="the first is segmented"):  # as published
         model.predict_mask(images[:1], one_mask, images)
+    with pytest.raises(InputError, match="one image"):
+        model.predict_mask(images[:1], one_mask, images[:0])
     with pytest.raises(InputError, match="one batch"):
         model.predict_mask(images[:1], one_mask, normalised(target, 128))
     with pytest.raises(InputError, match="keypoints"):
