@@ -82,7 +82,7 @@ def _segment(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .inputs import check_image_size_multiple, load_image, open_image_file
+    from .inputs import check_image_size_multiple, load_image, read_image_file
 
     if len(args.ref_image) != len(args.ref_mask):
         raise InputError(f"give one --ref-mask per --ref-image (got {len(args.ref_image)} images, "
@@ -107,8 +107,9 @@ def _segment(args: argparse.Namespace) -> int:
     if args.overlay is not None:
         from .visualize import overlay_mask
 
-        # The target as the model read it: EXIF-rotated with --exif-transpose (the mask's frame).
-        picture = overlay_mask(open_image_file(args.target, exif_transpose=args.exif_transpose), mask)
+        # The target as the model read it: EXIF-rotated with --exif-transpose (the mask's frame),
+        # a 16-bit or float file clipped to 0-255 as published (its warning was shown).
+        picture = overlay_mask(read_image_file(args.target, exif_transpose=args.exif_transpose), mask)
         writes.append((args.overlay, lambda fp: picture.save(fp, format="PNG")))
     # All outputs or none; a failure leaves the files that were there before.
     atomic_write_many(writes, inputs)

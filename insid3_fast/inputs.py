@@ -156,6 +156,12 @@ def _file_image_to_rgb(image: Image.Image, source: object) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_image_file(path: str | os.PathLike, exif_transpose: bool = False) -> Image.Image:
+    """An image file as the model reads it, in RGB: the published ``convert("RGB")``, which clips
+    16-bit, 32-bit and float pixels to 0-255 (with an ``InputWarning`` when it clips)."""
+    return _file_image_to_rgb(open_image_file(path, exif_transpose=exif_transpose), path)
+
+
 def _array_to_pil(array: np.ndarray, source: object) -> Image.Image:
     if array.dtype.kind not in _NUMERIC_KINDS:
         raise InputError(f"image array {_describe(source)} has dtype {array.dtype}; pass an array of numbers "
@@ -258,7 +264,7 @@ def load_image(image: ImageLike, size: int, *, exif_transpose: bool = False) -> 
     # A file and the same pixels as an object can differ: each is read as the published code
     # reads it, and scaled only where it cannot read it (objects of most modes, arrays).
     if isinstance(image, (str, os.PathLike)):
-        image = _file_image_to_rgb(open_image_file(image, exif_transpose=exif_transpose), source)
+        image = read_image_file(image, exif_transpose=exif_transpose)
     elif isinstance(image, np.ndarray):
         image = to_rgb(_array_to_pil(image, source), source)
     elif isinstance(image, Image.Image):

@@ -10,8 +10,9 @@ def overlay_mask(image: Image.Image, mask: np.ndarray, color: tuple[int, int, in
                  alpha: float = 0.45) -> Image.Image:
     """The image with the bool (H, W) mask tinted in ``color`` and its outline drawn.
 
-    The image is read as the model reads it (``inputs.to_rgb``: 16-bit and float images
-    scaled to 8 bits, not saturated to white).
+    The image is read as the model reads an image object (``inputs.to_rgb``: 16-bit and float
+    images scaled to 8 bits); for a file, give ``inputs.read_image_file(path)``, as the model
+    reads files (clipped to 0-255, as published).
     """
     from .errors import InputError
     from .inputs import to_rgb

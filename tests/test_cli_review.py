@@ -78,8 +78,9 @@ def test_the_overlay_shows_the_exif_rotated_target(weights, tmp_path, capsys):
     assert Image.open(out).size == Image.open(overlay).size == (48, 80)
 
 
-def test_the_overlay_of_a_16_bit_target_is_not_washed_out(weights, tmp_path, capsys):
-    """A 16-bit target was overlaid through convert('RGB'), which saturates: almost all white."""
+def test_the_overlay_of_a_16_bit_target_is_what_the_model_read(weights, tmp_path, capsys):
+    """A 16-bit target file is read as published (convert('RGB') clips it), with a warning, and
+    the overlay shows that image: it showed it scaled while the model read it clipped."""
     target = tmp_path / "g16.png"
     grey = (np.asarray(Image.open(TARGET).convert("L").resize((64, 48)), dtype=np.uint16) * 257)
     Image.fromarray(grey).save(target)
@@ -91,7 +92,9 @@ def test_the_overlay_of_a_16_bit_target_is_not_washed_out(weights, tmp_path, cap
     outside = ~(np.asarray(Image.open(out)) > 0)
     outside &= np.asarray(Image.open(out).filter(ImageFilter.MaxFilter(3))) == 0
     assert outside.any()
-    assert np.abs(shown[outside] - grey[outside] / 257.0).max() <= 1.0  # the 8-bit values, untinted
+    assert "clips them to 0-255" in err
+    clipped = np.asarray(Image.open(target).convert("RGB").convert("L"), dtype=np.float64)
+    assert np.abs(shown[outside] - clipped[outside]).max() <= 1.0  # what the model read, untinted
 
 
 def test_segment_many_names_the_clashing_targets_and_skips_folders(weights, tmp_path, capsys, no_model):
