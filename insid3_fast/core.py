@@ -146,7 +146,11 @@ class Insid3Core(torch.nn.Module):
             self._segment_patches = torch.compile(pipeline.segment_patches, dynamic=False, mode=mode)
         basis = positional_basis(self.encoder, config.image_size, rank, config.noise, device,
                                  cache_key=cache_key, cache_dir=cache_dir)
-        if basis.shape[1] >= basis.shape[0]:  # an encoder without ``embed_dim``
+        if rank < 0:
+            warn_input(f"svd_components={rank} is negative: read as the published code reads it, as the slice "
+                       f"U[:, :{rank}] of the singular vectors, so {basis.shape[1]} components are removed; "
+                       f"give {basis.shape[1]} to say so")
+        elif basis.shape[1] >= basis.shape[0]:  # an encoder without ``embed_dim``
             basis = basis[:, :resolve_svd_components(rank, basis.shape[0])].contiguous()
         elif basis.shape[1] < rank:
             warn_input(f"svd_components = {rank}, but the {config.image_size} px image has only {basis.shape[1]} "

@@ -92,8 +92,10 @@ def _read_cache(path: Path, cache_id: str, components: int, channels: int | None
     if entry.get("key") != cache_id or not isinstance(basis, torch.Tensor) or not isinstance(entry.get("sha256"), str):
         return None, "written for other weights or settings"
     # At most ``components`` columns: fewer where the grid has fewer patches than that (the SVD
-    # has no more; the entry's key and checksum say it was written for these settings).
-    columns_ok = basis.ndim == 2 and (basis.shape[1] == components or 0 < basis.shape[1] < components)
+    # has no more; the entry's key and checksum say it was written for these settings). A
+    # negative rank is the slice U[:, :r]: fewer columns than rows.
+    columns_ok = basis.ndim == 2 and (basis.shape[1] == components or 0 < basis.shape[1] < components
+                                      or (components < 0 and basis.shape[1] < basis.shape[0]))
     if basis.dtype != torch.float32 or not columns_ok \
             or (channels is not None and basis.shape[0] != channels):
         return None, (f"a {basis.dtype} tensor of shape {tuple(basis.shape)}, expected float32 "

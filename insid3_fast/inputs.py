@@ -466,20 +466,15 @@ def resolve_svd_components(requested: object, embed_dim: int | None) -> int:
 
     A rank >= C (the published default of 500 with C = 384, say) would remove the whole
     embedding and leave noise, which the published code does silently: here it falls back to
-    ``default_svd_components(C)`` with an ``InputWarning``. A negative one is read as the published
-    code reads it, as the slice ``U[:, :r]`` of the C singular vectors: C + r of them (none below -C).
+    ``default_svd_components(C)`` with an ``InputWarning``. A negative one is returned as it is:
+    the published code reads it as the slice ``U[:, :r]`` of the K = min(C, patches) singular
+    vectors, and so does ``compute_positional_basis`` (K + r of them, none below -K).
     """
     if requested is None:
         return default_svd_components(embed_dim)
     r = check_int("svd_components", requested)
     if r < 0:
-        if embed_dim is None:
-            raise InputError(f"svd_components={r} is negative and the encoder has no embed_dim to count it "
-                             "back from: give a rank of 0 or more")
-        kept = max(embed_dim + r, 0)
-        _warn(f"svd_components={r} is negative: read as the published code reads it, the slice U[:, :{r}] "
-              f"of the {embed_dim} singular vectors, so {kept} components are removed; give {kept} to say so")
-        r = kept
+        return r
     if embed_dim is not None and r >= embed_dim:
         fallback = default_svd_components(embed_dim)
         _warn(f"svd_components={r} is not smaller than the embedding size ({embed_dim}): removing that "

@@ -791,6 +791,30 @@ def test_numbers_as_one_element_arrays_and_tensors_and_a_negative_rank(episode):
         INSID3(SyntheticEncoder(32, seed=1), svd_components=torch.tensor(16.0), **kw)
 
 
+def test_a_negative_rank_slices_the_singular_vectors_the_svd_has(tmp_path):
+    """U has K = min(C, patches) columns: U[:, :-8] keeps K - 8, also where the grid has fewer
+    patches than C (64 px: 16 patches for C = 64) and for an encoder without ``embed_dim``."""
+    from insid3_fast.debias import compute_positional_basis
+
+    encoder = SyntheticEncoder(64, seed=1)
+    full = compute_positional_basis(encoder, 64, 64)
+    assert full.shape == (64, 16)
+    with pytest.warns(InputWarning, match="8 components are removed"):
+        few = INSID3(SyntheticEncoder(64, seed=1), image_size=64, svd_components=-8, device="cpu")
+    assert torch.equal(few.positional_basis, full[:, :-8])
+    with pytest.warns(InputWarning, match="8 components are removed"):
+        unsized = INSID3(NoWidthEncoder(16), image_size=128, svd_components=-8, device="cpu")
+    assert unsized.positional_basis.shape == (16, 8)
+    for _ in range(2):  # written, then read back (no "was not used ... recomputing" warning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            warnings.simplefilter("ignore", InputWarning)
+            cached = INSID3(SyntheticEncoder(64, seed=1), image_size=64, svd_components=-8, device="cpu",
+                            cache_key="neg", cache_dir=str(tmp_path))
+        assert torch.equal(cached.positional_basis, full[:, :-8])
+    assert len(list(tmp_path.iterdir())) == 1
+
+
 def test_predict_mask_with_a_batch_of_targets_segments_the_first(model, episode):
     refs, masks, target, _ = episode
     ref_t, tgt_t = normalised(refs[0], SIZE), normalised(target, SIZE)
