@@ -102,6 +102,13 @@ class INSID3(torch.nn.Module):
     # The published class keeps its options as plain attributes that code may assign; here each
     # assignment goes to the core, and does what the published class does with it (the positional
     # basis stays the one estimated at construction unless it is itself assigned).
+    def __getstate__(self) -> dict:
+        # The pending sequence's thread is a weak reference, which pickles (torch.save, deepcopy)
+        # cannot hold; a copy has no thread of its own yet.
+        state = dict(super().__getstate__())
+        state["_state_thread"] = None
+        return state
+
     def __setattr__(self, name: str, value: object) -> None:
         if name == "encoder" and "core" in self.__dict__.get("_modules", {}):
             # nn.Module would register a module value as a new submodule, past the property.
@@ -233,7 +240,8 @@ class INSID3(torch.nn.Module):
         me = threading.current_thread()
         pending = bool(self._ref_images) or self._tgt_image is not None
         last = self._state_thread() if self._state_thread is not None else None
-        if pending and last is not me and not self._hop_warned:
+        # (No thread recorded with references pending: a copy or an unpickled model, not a hop.)
+        if pending and self._state_thread is not None and last is not me and not self._hop_warned:
             self._hop_warned = True
             warn_input(f"INSID3.{method}() continues a set_reference/set_target sequence that another thread "
                        "began or went on with: the sequence is the model's, shared by every thread (as in "

@@ -176,8 +176,36 @@ def test_reset_state_from_another_thread_discards_the_sequence():
     refs, masks, target, _ = make_episode(1, 1)
     model.set_reference(refs[0], masks[0])
     run_threads([model.reset_state])
-    run_threads([lambda: model.set_target(target)])  # no longer pending: allowed
+    assert model._ref_images == []
+
+    def fresh_sequence():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", InputWarning)  # nothing pending: not another thread's sequence
+            model.set_target(target)
+
+    run_threads([fresh_sequence])
     model.reset_state()
+
+
+def test_a_model_with_a_pending_sequence_pickles_and_copies():
+    """torch.save and deepcopy of a model between set_reference and segment (its thread is held
+    by a weak reference, which pickles cannot hold): the copy goes on with the sequence."""
+    import copy
+    import io
+
+    model = _model()
+    refs, masks, target, _ = make_episode(1, 1)
+    model.set_reference(refs[0], masks[0])
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", InputWarning)  # a copy is no thread hop
+            twin.set_target(target)
+        assert twin.segment().shape == (target.height, target.width)
+    model.set_target(target)
+    assert model.segment().shape == (target.height, target.width)
 
 
 def test_emulated_voting_from_threads_keeps_the_bf16_reduction_setting():
