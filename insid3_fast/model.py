@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import numbers
 import os
 import threading
 import weakref
@@ -77,6 +78,10 @@ class INSID3(torch.nn.Module):
                  precision: str = _MODEL.precision, matmul_precision: str = _MODEL.matmul_precision,
                  compile: bool | str = _MODEL.compile, exif_transpose: bool = _MODEL.exif_transpose) -> None:
         super().__init__()
+        # Thresholds that are no number at all (None, a string): the published class constructs
+        # with them, and only its clustering or aggregation fails (see _defer_threshold).
+        self._unset_thresholds: dict[str, object] = {}
+        tau, merge_threshold, unset = _numeric_thresholds(tau, merge_threshold)
         config = Insid3Config(image_size=image_size, svd_components=svd_components, tau=tau,
                               merge_threshold=merge_threshold, mask_refiner=mask_refiner,
                               resize_to_orig_size=resize_to_orig_size, device=device, backend=backend,
@@ -86,6 +91,8 @@ class INSID3(torch.nn.Module):
                                cache_key=cache_key if cache_key is not None else getattr(encoder, "weights_fingerprint", None))
         self.register_load_state_dict_pre_hook(_published_state_dict)
         self._mask_size: int | None = None  # an image_size assigned after construction (see the property)
+        for name, value in unset.items():
+            self._defer_threshold(name, value)
         self.reset_state()
 
     @classmethod
@@ -194,20 +201,39 @@ class INSID3(torch.nn.Module):
     @property
     def tau(self) -> float:
         """The clustering similarity threshold (settable; validated)."""
-        return self.core.tau
+        return self._unset_thresholds.get("tau", self.core.tau)
 
     @tau.setter
     def tau(self, value: float) -> None:
-        self.core.reconfigure(tau=value)
+        self._set_threshold("tau", value)
 
     @property
     def merge_threshold(self) -> float:
         """The cluster score threshold alpha (settable; validated)."""
-        return self.core.merge_threshold
+        return self._unset_thresholds.get("merge_threshold", self.core.merge_threshold)
 
     @merge_threshold.setter
     def merge_threshold(self, value: float) -> None:
-        self.core.reconfigure(merge_threshold=value)
+        self._set_threshold("merge_threshold", value)
+
+    def _set_threshold(self, name: str, value: object) -> None:
+        if _not_a_number(value):
+            self._defer_threshold(name, value)
+            return
+        self.core.reconfigure(**{name: value})  # validated: a NaN or a bool is refused here
+        self._unset_thresholds.pop(name, None)
+
+    def _defer_threshold(self, name: str, value: object) -> None:
+        """Keep a threshold that is no number, as the published class does: it constructs, and
+        ``match()`` runs; segmenting raises until a number is assigned (there a TypeError)."""
+        warn_input(f"{name}={value!r} is not a number: the model is built and match() works, as in the published "
+                   f"code, but segmenting raises until a number is assigned (model.{name} = ...)")
+        self._unset_thresholds[name] = value
+
+    def _require_thresholds(self) -> None:
+        """InputError when a threshold is no number (``_defer_threshold``)."""
+        for name, value in self._unset_thresholds.items():
+            raise InputError(f"{name} is {value!r}, not a number: assign one (model.{name} = ...) before segmenting")
 
     @property
     def mask_refiner(self) -> str:
@@ -329,6 +355,7 @@ class INSID3(torch.nn.Module):
 
     def _predict_mask(self, ref_images: torch.Tensor, ref_masks: torch.Tensor, tgt_image: torch.Tensor,
                       out_size: tuple[int, int] | None) -> torch.Tensor:
+        self._require_thresholds()
         return self.core.predict_episode(ref_images, ref_masks, tgt_image, out_size)
 
     @torch.no_grad()
@@ -388,6 +415,7 @@ class INSID3(torch.nn.Module):
         """
         batch_size = check_int("batch_size", batch_size, minimum=1)
         prefetch = check_int("prefetch", prefetch, minimum=0)
+        self._require_thresholds()
         self._check_reference(ref)
         if isinstance(targets, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
             raise InputError(f"targets must be a list or an iterable of images, got one {type(targets).__name__}; "
@@ -461,6 +489,7 @@ class INSID3(torch.nn.Module):
         at the model's image size (``captured(images, out_size=(H, W))`` resizes them after the
         replay). Bilinear refinement only. See ``Insid3Core.capture``.
         """
+        self._require_thresholds()
         return self.core.capture(self._check_reference(ref), check_int("batch_size", batch_size, minimum=1))
 
     def _segment_batch(self, ref: EncodedReference, images: torch.Tensor, sizes: list[tuple[int, int]],
@@ -511,6 +540,21 @@ def _taken(target: ImageLike) -> ImageLike:
     if isinstance(target, torch.Tensor):
         return target.detach().clone()  # on the caller's thread and stream, which wrote it
     return target
+
+
+def _not_a_number(value: object) -> bool:
+    """Is ``value`` no number of any kind (None, a string, ...)? Numbers, tensors and arrays are
+    validated as thresholds; these are kept as the published class keeps them."""
+    return not isinstance(value, (numbers.Number, torch.Tensor, np.ndarray, np.generic))
+
+
+def _numeric_thresholds(tau: object, merge_threshold: object) -> tuple[object, object, dict[str, object]]:
+    """(tau, merge_threshold) for the config, the defaults in place of those that are no number,
+    and those ({name: value}), for ``INSID3._defer_threshold``."""
+    unset = {name: value for name, value in (("tau", tau), ("merge_threshold", merge_threshold))
+             if _not_a_number(value)}
+    return (_MODEL.tau if "tau" in unset else tau,
+            _MODEL.merge_threshold if "merge_threshold" in unset else merge_threshold, unset)
 
 
 def _as_list(items: object) -> list:
@@ -575,6 +619,7 @@ def build_insid3(model_size: str | None = _LOAD.model_size, weights: str | os.Pa
     from .backbone import load_dinov3, weights_fingerprint
 
     load = LoadConfig(model_size=model_size, weights=None if weights is None else os.fspath(weights))
+    tau, merge_threshold, unset = _numeric_thresholds(tau, merge_threshold)
     config = Insid3Config(image_size=image_size, svd_components=svd_components, tau=tau,
                           merge_threshold=merge_threshold, mask_refiner=mask_refiner,
                           resize_to_orig_size=resize_to_orig_size, device=device, backend=backend,
@@ -586,4 +631,6 @@ def build_insid3(model_size: str | None = _LOAD.model_size, weights: str | os.Pa
     model = INSID3.from_config(encoder, dataclasses.replace(config, device=str(device)),
                                cache_key=f"{weights_fingerprint(path)}|{dtype}|{precision}", cache_dir=cache_dir)
     model.requires_grad_(False)
+    for name, value in unset.items():  # kept, as the published class keeps them (see INSID3)
+        setattr(model, name, value)
     return model

@@ -319,8 +319,7 @@ def test_exif_orientation_is_opt_in(tmp_path, episode):
 
 # ---- item 5: wrong argument types get a message ----
 @pytest.mark.parametrize("kw,match", [
-    (dict(tau="0.6"), "tau must be a number"),
-    (dict(merge_threshold=None), "merge_threshold must be a number"),
+    (dict(tau=True), "tau must be a number"),
     (dict(image_size=512.0), "image size must be an integer"),
     (dict(image_size="512"), "image size must be an integer"),
     (dict(svd_components=8.5), "svd_components must be an integer"),
@@ -339,8 +338,8 @@ def test_numpy_scalars_are_accepted():
 
 
 def test_build_insid3_checks_arguments_before_the_weights(tmp_path):
-    with pytest.raises(InputError, match="tau must be a number"):
-        build_insid3("small", weights=tmp_path / "missing.pth", tau="0.6")
+    with pytest.raises(InputError, match="tau must be a finite number"):
+        build_insid3("small", weights=tmp_path / "missing.pth", tau=float("nan"))
     with pytest.raises(InputError, match="image size"):
         build_insid3("small", weights=tmp_path / "missing.pth", image_size=512.0)
 
@@ -948,3 +947,45 @@ def test_three_d_numpy_mask_without_a_channel_axis_is_refused(episode):
     m = episode[1][0]
     with pytest.raises(InputError, match="\\(H, W\\)"):
         load_mask(np.stack([m] * 5), 64)
+
+
+@pytest.mark.parametrize("name,value", [("tau", None), ("tau", "0.6"), ("merge_threshold", None)])
+def test_a_threshold_that_is_no_number_is_kept_until_a_segmentation(episode, name, value):
+    """The published class constructs with tau=None or a string (and takes it by assignment);
+    match() runs, and only its clustering or aggregation fails (a TypeError). Ours: the same,
+    with a warning, and an InputError from every call that segments until a number is set."""
+    refs, masks, target, _ = episode
+    kw = dict(image_size=SIZE, svd_components=16, device="cpu")
+    with pytest.warns(InputWarning, match=f"{name}={value!r} is not a number"):
+        model = INSID3(SyntheticEncoder(32, seed=1), **kw, **{name: value})
+    assert getattr(model, name) == value
+    plain = INSID3(SyntheticEncoder(32, seed=1), **kw)
+    kps = torch.tensor([[40.0, 50.0]])
+    for m in (model, plain):
+        m.set_reference(refs[0])
+        m.set_target(target)
+    assert torch.equal(model.match(kps), plain.match(kps))
+    ref = model.encode_reference(refs[0], masks[0])
+    model.set_reference(refs[0], masks[0])
+    model.set_target(target)
+    for call in (model.segment, lambda: model.segment_targets(ref, [target]), lambda: model.capture(ref)):
+        with pytest.raises(InputError, match=f"{name} is {value!r}, not a number"):
+            call()
+    setattr(model, name, getattr(plain, name))
+    assert torch.equal(model.segment(), plain.segment_targets(plain.encode_reference(refs[0], masks[0]), [target])[0])
+    with pytest.warns(InputWarning, match="not a number"):
+        setattr(model, name, value)  # by assignment too
+    assert getattr(model, name) == value
+
+
+def test_build_insid3_keeps_a_threshold_that_is_no_number(tmp_path):
+    from checkpoints import write_meta_checkpoint
+
+    path = write_meta_checkpoint(tmp_path / "dinov3_vits16_pretrain_lvd1689m-x.pth")
+    with pytest.warns(InputWarning, match="tau=None is not a number"):
+        model = build_insid3(weights=path, image_size=64, svd_components=4, device="cpu", tau=None,
+                             cache_dir=str(tmp_path / "cache"))
+    assert model.tau is None
+    with pytest.raises(InputError, match="tau is None, not a number"):
+        model.predict_mask(torch.zeros(1, 3, 64, 64), torch.ones(1, 64, 64, dtype=torch.bool),
+                           torch.zeros(1, 3, 64, 64))
