@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 import torch
 
 from .errors import InputError
+from . import pipeline
 from .inputs import check_int, check_out_size
 from .refine import upsample_mask
 
@@ -182,7 +183,7 @@ class CapturedTarget:
         # not finite (a NaN pixel) is segmented as zeros instead and its mask emptied on the
         # device, so the kernels only ever see finite input, without a host read (``segment``
         # gives such a target the same empty mask after one host read, as the published code does).
-        ok = torch.isfinite(feats).flatten(1).all(dim=1)
+        ok = pipeline.finite_targets(feats)
         feats = feats.masked_fill(~ok[:, None, None, None], 0.0)
         masks = torch.stack([core.finalize(core.segment_patches(self.ref, feats[b], self.config), None, None,
                                            self.config)

@@ -411,11 +411,8 @@ class Insid3Core(torch.nn.Module):
             raise InputError(f"out_sizes must hold one size (or None) per target: {len(out_sizes)} for "
                              f"{feats.shape[0]} targets")
         out_sizes = [check_out_size(size, "out_sizes[]") for size in out_sizes]
-        # A target whose features hold NaN or inf (a NaN pixel spreads through the attention to
-        # every patch) gets an empty mask, as in the published code, where no patch then passes
-        # the candidate test and predict_mask returns before its clustering; the ops would raise.
         # One host read per batch; the captured call decides the same on the device.
-        finite = torch.isfinite(feats).flatten(1).all(dim=1).tolist()
+        finite = pipeline.finite_targets(feats).tolist()
         for b in (b for b, ok in enumerate(finite) if not ok):
             warn_input(f"target {b} of the batch has non-finite features (NaN/inf): its mask is empty")
         return [self.finalize(self.segment_patches(ref, feats[b], c) if finite[b] else

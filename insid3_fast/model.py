@@ -106,9 +106,6 @@ class INSID3(torch.nn.Module):
         """The options this model runs with."""
         return self.core.config
 
-    # The published class keeps its options as plain attributes that code may assign; here each
-    # assignment goes to the core, and does what the published class does with it (the positional
-    # basis stays the one estimated at construction unless it is itself assigned).
     def __getstate__(self) -> dict:
         # The pending sequence's thread is a weak reference, which pickles (torch.save, deepcopy)
         # cannot hold; a copy has no thread of its own yet.
@@ -116,6 +113,9 @@ class INSID3(torch.nn.Module):
         state["_state_thread"] = None
         return state
 
+    # The published class keeps its options as plain attributes that code may assign; here each
+    # assignment goes to the core, and does what the published class does with it (the positional
+    # basis stays the one estimated at construction unless it is itself assigned).
     def __setattr__(self, name: str, value: object) -> None:
         if name == "encoder" and "core" in self.__dict__.get("_modules", {}):
             # nn.Module would register a module value as a new submodule, past the property.

@@ -165,6 +165,16 @@ def aggregate_clusters(labels: torch.Tensor, candidates: torch.Tensor, feats_deb
 
 
 # ---- the sequence ------------------------------------------------------------------------------
+def finite_targets(feats: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: which targets of (B, C, h, w) features are finite everywhere.
+
+    The others get an empty mask, as in the published code: a NaN pixel spreads through the
+    attention to every patch, so no patch passes the candidate test and its predict_mask returns
+    before its clustering (the ops would raise on such features).
+    """
+    return torch.isfinite(feats).flatten(1).all(dim=1)
+
+
 def segment_patches(ref: EncodedReference, tgt_feat: torch.Tensor, complement: torch.Tensor, *,
                     tau: float, merge_threshold: float, connectivity: int | None = None,
                     kernels: str = "native", bf16x6: bool = False) -> torch.Tensor:
